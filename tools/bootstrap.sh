@@ -1,0 +1,19 @@
+# Sourced by run.sh and test.sh: installs what is missing, and nothing when everything is there.
+# torch comes first and alone: on a CPU-only machine `torch==2.13.0` resolves to a local CPU build, while a plain
+# `torch` requirement would pull several GB of CUDA packages.
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "bootstrap: installing torch" >&2
+  "$PYTHON" -m pip install -q torch==2.13.0
+fi
+missing=()
+for pair in numpy:numpy sentencepiece:sentencepiece triton:triton huggingface_hub:huggingface_hub \
+            matplotlib:matplotlib tqdm:tqdm pytest:pytest; do
+  module=${pair%%:*}
+  package=${pair##*:}
+  "$PYTHON" -c "import $module" 2>/dev/null || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${missing[*]}" >&2
+  "$PYTHON" -m pip install -q "${missing[@]}"
+fi
