@@ -612,15 +612,26 @@ class Rotary(nn.Module):
 ATTENTION_BACKENDS = ("fa3", "fa2", "torch_varlen", "reference")
 
 
+def sdpa_causal(q, k, v):
+    """Causal SDPA on [B, H, T, D] with grouped-query heads. On CPUs SDPA's GQA path falls back to a slow kernel
+    (~5x here), so the key/value heads are repeated instead."""
+    if k.size(1) == q.size(1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if q.device.type == "cpu":
+        repeat = q.size(1) // k.size(1)
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                              is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen):
     """Slow and obvious: a loop over the segments, plain causal SDPA on each."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
-            q_seg, k_seg, v_seg = (t[start:end].transpose(0, 1) for t in (q, k, v))
-            out[start:end] = F.scaled_dot_product_attention(q_seg, k_seg, v_seg, is_causal=True,
-                                                            enable_gqa=q.size(1) != k.size(1)).transpose(0, 1)
+            q_seg, k_seg, v_seg = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+            out[start:end] = sdpa_causal(q_seg, k_seg, v_seg)[0].transpose(0, 1)
     return out
 
 
@@ -688,9 +699,7 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
 def causal_attention(q, k, v, cu_seqlens=None, max_seqlen=0):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
     if cu_seqlens is None:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                             enable_gqa=q.size(2) != k.size(2))
-        return out.transpose(1, 2)
+        return sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     return _varlen_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen).unsqueeze(0)
 
 

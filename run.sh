@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The main job.
+#   With CUDA GPUs: torchrun on all of them, the default (parameter-golf baseline) configuration, on FineWeb sp1024
+#   if data/download_fineweb.py has fetched it, else on the bundled sample.
+#   Without: a tiny configuration on the bundled sample that trains for about 4 minutes on 2 CPU cores and ends with
+#   a val_bpb line and a checkpoint.
+# Any hyperparameter can be overridden from the environment, e.g. `ITERATIONS=100 ./run.sh`.
+set -euo pipefail
+cd "$(dirname "$0")"
+source tools/bootstrap.sh
+
+SAMPLE_DIR=data/datasets/peps_sp1024
+FINEWEB_DIR=data/datasets/fineweb10B_sp1024
+prepare_sample() {
+  if [ ! -f "$SAMPLE_DIR/manifest.json" ]; then
+    echo "run.sh: preparing the bundled sample into $SAMPLE_DIR (once)"
+    "$PYTHON" data/prepare_corpus.py --input data/sample/peps.jsonl.gz --out "$SAMPLE_DIR" --val-docs 60
+  fi
+}
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+
+if [ "$gpus" -gt 0 ]; then
+  if ls "$FINEWEB_DIR"/fineweb_val_*.bin >/dev/null 2>&1; then
+    export DATA_PATH=${DATA_PATH:-$FINEWEB_DIR}
+    export TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/fineweb_1024_bpe.model}
+  else
+    prepare_sample
+    export DATA_PATH=${DATA_PATH:-$SAMPLE_DIR}
+  fi
+  # gradient accumulation makes up for fewer GPUs; the micro-batch count must be a multiple of the GPU count
+  if [ $((8 % gpus)) -ne 0 ]; then export TRAIN_MICRO_BATCHES=${TRAIN_MICRO_BATCHES:-$gpus}; fi
+  exec torchrun --standalone --nproc_per_node="$gpus" train_gpt.py
+fi
+
+prepare_sample
+export DATA_PATH=${DATA_PATH:-$SAMPLE_DIR}
+export RUN_ID=${RUN_ID:-cpu_$(date +%Y%m%d_%H%M%S)}
+export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
+export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-512} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-8192}
+export ITERATIONS=${ITERATIONS:-2000} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-240} WARMDOWN_ITERS=${WARMDOWN_ITERS:-300}
+export WARMUP_STEPS=${WARMUP_STEPS:-0} COMPILE=${COMPILE:-0} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0}
+export TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25} EVAL_BATCH_TOKENS=${EVAL_BATCH_TOKENS:-16384}
+exec "$PYTHON" train_gpt.py

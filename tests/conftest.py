@@ -1,0 +1,40 @@
+"""Shared pytest setup. Runs before any test module imports `kernels`: Triton picks interpreted or compiled kernels at
+import time, so on a machine without CUDA the interpreter must be switched on here, first."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024"
+
+
+def prepare_sample() -> Path:
+    """The bundled sample, prepared once exactly as run.sh does it (cached in data/datasets/, like run.sh's)."""
+    import subprocess
+
+    if not (SAMPLE_DIR / "manifest.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "data" / "prepare_corpus.py"), "--input",
+                        str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "--out", str(SAMPLE_DIR), "--val-docs", "60"],
+                       check=True, capture_output=True)
+    return SAMPLE_DIR
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return prepare_sample()

@@ -1,0 +1,335 @@
+"""train_gpt.py: configuration, document loader, attention isolation, schedule, and real training runs (1 vs 2
+processes, resume, compile warm-up undo, run.sh's CPU path)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import ROOT
+from data.shards import write_shard
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_defaults_are_parameter_golf_baseline():
+    hp = tg.Hyperparameters.from_env({})
+    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.mlp_mult) == (9, 512, 8, 4, 2)
+    assert (hp.vocab_size, hp.train_seq_len, hp.logit_softcap) == (1024, 1024, 30.0)
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"NUM_LAYERS": "-2"}, "NUM_LAYERS"),
+    ({"MODEL_DIM": "abc"}, "MODEL_DIM"),
+    ({"TRAIN_BATCH_TOKENS": "1000", "TRAIN_MICRO_BATCHES": "3"}, "TRAIN_BATCH_TOKENS"),
+    ({"NUM_HEADS": "8", "NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
+    ({"MODEL_DIM": "100", "NUM_HEADS": "8"}, "MODEL_DIM"),
+    ({"FUSED": "bogus_kernel"}, "FUSED"),
+    ({"ATTN_BACKEND": "fa9"}, "ATTN_BACKEND"),
+    ({"EVAL_MODES": "flat,sideways"}, "EVAL_MODES"),
+    ({"COMPILE": "maybe"}, "COMPILE"),
+    ({"MAX_WALLCLOCK_SECONDS": "nan"}, "MAX_WALLCLOCK_SECONDS"),
+    ({"BETA2": "1.5"}, "BETA2"),
+])
+def test_bad_values_name_the_variable(env, variable):
+    with pytest.raises(tg.ConfigError, match=variable):
+        tg.Hyperparameters.from_env(env)
+
+
+def test_bad_value_is_one_line_before_any_work(tmp_path):
+    env = {**os.environ, "NUM_LAYERS": "0", "LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: NUM_LAYERS=0: must be a positive integer"]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_missing_data_is_one_line(tmp_path):
+    env = {**os.environ, "DATA_PATH": str(tmp_path / "nowhere"), "LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tokenizer.model: tokenizer file not found" in lines[0]
+
+
+def test_learning_rate_schedule():
+    hp = tg.Hyperparameters.from_env({"ITERATIONS": "100", "WARMDOWN_ITERS": "20", "MAX_WALLCLOCK_SECONDS": "0",
+                                      "LR_WARMUP_STEPS": "10"})
+    scales = [tg.learning_rate_scale(s, 0.0, hp) for s in range(100)]
+    assert scales[0] == pytest.approx(0.1) and scales[9] == 1.0 and scales[79] == 1.0
+    assert scales[90] == pytest.approx(0.5) and scales[99] == pytest.approx(0.05)
+    # with a wall-clock cap of 10 s and 100 ms steps, the warm-down covers the last 20 steps' worth of time
+    capped = tg.Hyperparameters.from_env({"ITERATIONS": "1000", "WARMDOWN_ITERS": "20", "MAX_WALLCLOCK_SECONDS": "10"})
+    assert tg.learning_rate_scale(50, 5000.0, capped) == 1.0
+    assert tg.learning_rate_scale(90, 9000.0, capped) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# document loader
+
+
+@pytest.fixture
+def synthetic_stream(tmp_path):
+    """37 documents of ragged lengths over three shards; documents cross shard boundaries."""
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[tg.BOS_ID], rng.integers(4, 50, size=int(n))]) for n in rng.integers(1, 90, size=37)]
+    stream = np.concatenate(docs)
+    cuts = [0, len(stream) // 3 + 1, 2 * len(stream) // 3 + 5, len(stream)]
+    for i in range(3):
+        write_shard(str(tmp_path / f"syn_train_{i:06d}.bin"), stream[cuts[i]:cuts[i + 1]])
+    return tg.TokenStream(str(tmp_path / "syn_train_*.bin"), 64), docs
+
+
+def test_token_stream_finds_documents_across_shards(synthetic_stream):
+    stream, docs = synthetic_stream
+    assert stream.num_docs == len(docs)
+    for i, doc in enumerate(docs):
+        np.testing.assert_array_equal(stream.document(i), doc)
+
+
+def test_every_token_once_per_epoch_and_segments_never_span_a_bos(synthetic_stream):
+    stream, docs = synthetic_stream
+    world, micro_batches, seq_len = 2, 4, 16
+    loaders = [tg.DocumentLoader(stream, seq_len, 4 * 50, micro_batches, r, world, seed=7) for r in range(world)]
+    served = []
+    for _ in range(12):  # 12 steps x 200 tokens > 2 epochs of ~1.6k tokens
+        per_rank = [loader.next_step() for loader in loaders]
+        for j in range(micro_batches):  # slice j of the step belongs to rank j % world
+            batch = per_rank[j % world][j // world]
+            served.append(batch.inputs)
+            cu = batch.cu_seqlens
+            assert cu[0] == 0 and cu[-1] == len(batch.inputs) and np.all(np.diff(cu) >= 0)
+            for a, b in zip(cu[:-1], cu[1:]):
+                assert b - a <= seq_len
+                assert not np.any(batch.inputs[a + 1:b] == tg.BOS_ID), "a segment spans a document start"
+            # a document start is always a segment start
+            assert set(np.flatnonzero(batch.inputs == tg.BOS_ID)) <= set(cu.tolist())
+            # the target of a document's last token would be the next BOS: it is ignored
+            next_tokens = np.append(batch.inputs[1:], -1)
+            assert np.all(batch.targets[next_tokens == tg.BOS_ID] == tg.IGNORE_INDEX)
+    served = np.concatenate(served)
+    orders = [loaders[0].epoch_order(e) for e in range(3)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(len(docs)))
+    expected = np.concatenate([docs[i] for order in orders for i in order])
+    np.testing.assert_array_equal(served, expected[:len(served)])  # each epoch: every token exactly once, in order
+    assert not np.array_equal(orders[0], orders[1])
+    np.testing.assert_array_equal(loaders[0].epoch_order(1), loaders[1].epoch_order(1))
+
+
+def test_loader_restart_continues_exactly(synthetic_stream):
+    stream, _ = synthetic_stream
+    loader = tg.DocumentLoader(stream, 16, 4 * 50, 4, 0, 1, seed=3)
+    for _ in range(5):
+        loader.next_step()
+    restarted = tg.DocumentLoader(stream, 16, 4 * 50, 4, 0, 1, seed=3)
+    restarted.load_state_dict(loader.state_dict())
+    for _ in range(6):
+        for a, b in zip(loader.next_step(), restarted.next_step()):
+            np.testing.assert_array_equal(a.inputs, b.inputs)
+            np.testing.assert_array_equal(a.targets, b.targets)
+            np.testing.assert_array_equal(a.cu_seqlens, b.cu_seqlens)
+
+
+def test_doc_shuffle_off_keeps_file_order(synthetic_stream):
+    stream, docs = synthetic_stream
+    loader = tg.DocumentLoader(stream, 16, 4 * 50, 4, 0, 1, seed=3, shuffle=False)
+    np.testing.assert_array_equal(loader.epoch_order(5), np.arange(len(docs)))
+
+
+def test_segment_boundaries_cut_long_documents():
+    cu = tg.segment_boundaries(np.array([0, 3, 40]), 45, 16)
+    assert cu.tolist() == [0, 3, 19, 35, 40, 45]
+    padded = tg.pad_boundaries(cu)
+    assert len(padded) == 64 and padded[:6].tolist() == cu.tolist() and set(padded[6:].tolist()) == {45}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model: documents never see each other
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = tg.ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, **overrides)
+    model = tg.GPT(config)
+    with torch.no_grad():  # zero-initialised projections would make every block the identity: use random weights
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def available_backends():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [name for name in tg.ATTENTION_BACKENDS if tg.load_attention_backend(name, device) is not None]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_document_logits_independent_of_packing(backend):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tg.select_attention_backend(backend, device)
+    try:
+        model = tiny_model().to(device)
+        gen = torch.Generator().manual_seed(1)
+        doc = torch.randint(4, 64, (23,), generator=gen)
+        others = [torch.randint(4, 64, (n,), generator=gen) for n in (7, 30)]
+
+        def logits_of_doc(pieces, index):
+            ids = torch.cat(pieces).to(device)[None]
+            cu = torch.tensor([0] + np.cumsum([len(p) for p in pieces]).tolist(), dtype=torch.int32, device=device)
+            with torch.no_grad():
+                out = model(ids, cu_seqlens=cu, max_seqlen=max(len(p) for p in pieces))[0]
+            start = int(cu[index])
+            return out[start:start + len(doc)].float().cpu()
+
+        alone = logits_of_doc([doc], 0)
+        tol = dict(rtol=1e-4, atol=1e-4) if device.type == "cpu" else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(logits_of_doc([others[0], doc], 1), alone, **tol)
+        torch.testing.assert_close(logits_of_doc([others[1], others[0], doc, others[0]], 2), alone, **tol)
+        with torch.no_grad():  # the batched-rows path (no cu_seqlens) agrees too
+            rows = model(doc.to(device)[None])[0].float().cpu()
+        torch.testing.assert_close(rows, alone, **tol)
+        if backend != "reference":  # every fast backend against the reference
+            tg.select_attention_backend("reference", device)
+            torch.testing.assert_close(logits_of_doc([others[1], doc], 1), alone, **tol)
+    finally:
+        tg.select_attention_backend("reference", torch.device("cpu"))
+
+
+def test_attention_backend_chain_on_cpu():
+    assert tg.select_attention_backend("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND"):
+        tg.select_attention_backend("fa3", torch.device("cpu"))
+
+
+def test_ntk_alpha_one_changes_nothing_and_other_alpha_does():
+    model = tiny_model()
+    ids = torch.randint(4, 64, (1, 40))
+    with torch.no_grad():
+        before = model(ids)
+        model.rotary.set_ntk_alpha(1.0)
+        torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
+        model.rotary.set_ntk_alpha(4.0)
+        assert not torch.allclose(model(ids), before)
+
+
+def test_muon_orthogonalizes():
+    G = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    X = tg.orthogonalize(G, 5)
+    singular_values = torch.linalg.svdvals(X)
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.3  # quintic NS lands in roughly [0.7, 1.2]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# real training runs on the prepared sample (tiny model)
+
+TINY_RUN = {
+    "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64",
+    "TRAIN_BATCH_TOKENS": "1024", "TRAIN_MICRO_BATCHES": "4", "ITERATIONS": "6", "WARMUP_STEPS": "0",
+    "WARMDOWN_ITERS": "3", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1",
+    "VAL_MAX_DOCS": "2", "EVAL_MODES": "flat", "EVAL_BATCH_TOKENS": "4096", "COMPILE": "0", "SEED": "5",
+}
+
+
+def run_training(tmp_path, data_dir, run_id, nproc=1, **overrides):
+    env = {**os.environ, **TINY_RUN, "DATA_PATH": str(data_dir), "RUN_ID": run_id, "LOG_DIR": str(tmp_path / "logs"),
+           "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "OMP_NUM_THREADS": "1", **overrides}
+    if nproc == 1:
+        command = [sys.executable, str(ROOT / "train_gpt.py")]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   str(ROOT / "train_gpt.py")]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "logs" / f"{run_id}.txt").read_text()
+    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step:(\d+)/\d+ train_loss:(\S+)", log, re.M)}
+    return log, losses
+
+
+def final_weights(tmp_path, run_id):
+    return torch.load(tmp_path / "ckpt" / f"{run_id}.pt", weights_only=False)["model"]
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory, sample_data):
+    tmp = tmp_path_factory.mktemp("baseline")
+    log, losses = run_training(tmp, sample_data, "base", CHECKPOINT_EVERY="3")
+    return tmp, log, losses
+
+
+def test_log_starts_with_the_exact_source_and_ends_with_the_final_line(baseline_run):
+    tmp, log, losses = baseline_run
+    source = (ROOT / "train_gpt.py").read_bytes()
+    header = f"#### file train_gpt.py bytes={len(source)} sha256="
+    assert log.startswith(header)
+    body_start = log.index("\n") + 1
+    assert log.encode()[body_start: body_start + len(source)] == source
+    for kernel_file in sorted((ROOT / "kernels").glob("*.py")):
+        assert f"#### file kernels/{kernel_file.name} bytes=" in log
+    assert "hparam seed=5" in log and "attention_backend: reference" in log and "fused_ops: none" in log
+    assert re.search(r"^final_eval mode:flat window:64 stride:64 val_loss:\S+ val_bpb:\S+", log, re.M)
+    assert re.search(r"final val_loss:\S+ val_bpb:\S+ mode:flat steps:6 train_time:\d+ms$", log.strip())
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
+
+
+def test_two_processes_train_the_same_model(baseline_run, sample_data, tmp_path):
+    base_tmp, _, base_losses = baseline_run
+    _, losses = run_training(tmp_path, sample_data, "two", nproc=2)
+    assert losses == pytest.approx(base_losses, abs=2e-4)
+    assert_same_weights(final_weights(tmp_path, "two"), final_weights(base_tmp, "base"), atol=1e-4)
+
+
+def test_resume_gives_the_uninterrupted_run(baseline_run, sample_data, tmp_path):
+    base_tmp, _, base_losses = baseline_run
+    checkpoint = base_tmp / "ckpt" / "base_step3.pt"
+    log, losses = run_training(tmp_path, sample_data, "resumed", RESUME=str(checkpoint))
+    assert "resumed: " in log and sorted(losses) == [4, 5, 6]
+    assert losses == pytest.approx({k: base_losses[k] for k in (4, 5, 6)}, abs=1e-6)
+    assert_same_weights(final_weights(tmp_path, "resumed"), final_weights(base_tmp, "base"), atol=1e-6)
+
+
+def test_compile_warmup_steps_are_undone(baseline_run, sample_data, tmp_path):
+    base_tmp, _, base_losses = baseline_run
+    log, losses = run_training(tmp_path, sample_data, "warm", WARMUP_STEPS="2")
+    assert "compile_warmup steps:2" in log
+    assert losses == pytest.approx(base_losses, abs=1e-6)
+    assert_same_weights(final_weights(tmp_path, "warm"), final_weights(base_tmp, "base"), atol=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_message(sample_data, tmp_path):
+    env = {**os.environ, **TINY_RUN, "DATA_PATH": str(sample_data), "RUN_ID": "nan", "LOG_DIR": str(tmp_path / "logs"),
+           "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MATRIX_LR": "1e30", "TIED_EMBED_LR": "1e30", "SCALAR_LR": "1e30"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1
+    assert re.search(r"error: step \d+: train loss is (nan|inf); stopping", proc.stdout)
+    assert not (tmp_path / "ckpt" / "nan.pt").exists()  # no final checkpoint of a diverged model
+
+
+def test_run_sh_cpu_path_writes_log_and_loadable_checkpoint(tmp_path, sample_data):
+    env = {**os.environ, **TINY_RUN, "RUN_ID": "runsh", "LOG_DIR": str(tmp_path / "logs"),
+           "CHECKPOINT_DIR": str(tmp_path / "ckpt")}
+    env.pop("DATA_PATH", None)  # run.sh's own default: the bundled sample
+    proc = subprocess.run(["bash", str(ROOT / "run.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^final val_loss:\S+ val_bpb:([0-9.]+) ", proc.stdout, re.M)
+    log = (tmp_path / "logs" / "runsh.txt").read_text()
+    assert log.startswith("#### file train_gpt.py") and "#### end train_gpt.py" in log
+    model, state = tg.load_model(str(tmp_path / "ckpt" / "runsh.pt"), "cpu")
+    assert state["tokenizer_sha256"] == tg.sha256_of_file(os.path.join(sample_data, "tokenizer.model"))
+    with torch.no_grad():
+        logits = model(torch.tensor([[tg.BOS_ID, 40, 41]]))
+    assert logits.shape == (1, 3, 1024) and torch.isfinite(logits).all()
