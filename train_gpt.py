@@ -344,15 +344,20 @@ class TokenStream:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the virtual array, as int32 (a copy)."""
-        out = np.empty(stop - start, dtype=np.int32)
-        first = int(np.searchsorted(self.shard_offsets, start, side="right")) - 1
-        written, shard = 0, first
-        while written < len(out):
-            local = start + written - int(self.shard_offsets[shard])
-            piece = self.shards[shard][local: local + len(out) - written]
-            out[written: written + len(piece)] = piece
-            written += len(piece)
-            shard += 1
+        return self.gather(np.array([start]), np.array([stop - start]))
+
+    def gather(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The ranges [start, start + length) of the virtual array, concatenated, as int32, in one vectorised pass
+        (a Python loop over ranges is too slow for short documents)."""
+        ends = np.cumsum(lengths)
+        index = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+        if len(self.shards) == 1:
+            return self.shards[0][index].astype(np.int32)
+        shard_of = np.searchsorted(self.shard_offsets, index, side="right") - 1
+        out = np.empty(len(index), dtype=np.int32)
+        for shard in np.unique(shard_of):
+            mask = shard_of == shard
+            out[mask] = self.shards[shard][index[mask] - self.shard_offsets[shard]]
         return out
 
     def document(self, index: int) -> np.ndarray:
@@ -425,21 +430,18 @@ class DocumentLoader:
         """Tokens [start, stop) of the endless stream and the offsets (within them) where documents start."""
         tokens, doc_offsets, done = [], [], 0
         n = self.stream.num_tokens
-        while start + done < stop:
+        while start + done < stop:  # more than once only when the range runs into the next epoch
             epoch, offset = divmod(start + done, n)
             order, starts = self._epoch(epoch)
             end = min(n, offset + stop - start - done)
             first = int(np.searchsorted(starts, offset, side="right")) - 1
             last = int(np.searchsorted(starts, end, side="left"))
-            for i in range(first, last):
-                doc = int(order[i])
-                lo, hi = max(offset, int(starts[i])), min(end, int(starts[i + 1]))
-                begin = int(self.stream.doc_starts[doc]) + lo - int(starts[i])
-                tokens.append(self.stream.read(begin, begin + hi - lo))
-                if lo == starts[i]:
-                    doc_offsets.append(done + lo - offset)
+            doc_begin, doc_end = starts[first:last], starts[first + 1:last + 1]
+            lo, hi = np.maximum(offset, doc_begin), np.minimum(end, doc_end)
+            tokens.append(self.stream.gather(self.stream.doc_starts[order[first:last]] + lo - doc_begin, hi - lo))
+            doc_offsets.append(done + doc_begin[lo == doc_begin] - offset)
             done += end - offset
-        return np.concatenate(tokens), np.array(doc_offsets, dtype=np.int64)
+        return np.concatenate(tokens), np.concatenate(doc_offsets).astype(np.int64)
 
     def micro_batch(self, start: int) -> MicroBatch:
         tokens, doc_offsets = self.read(start, start + self.micro_tokens + 1)
