@@ -252,6 +252,10 @@ def setup_distributed() -> DistributedEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:
+            # processes on one machine share its cores; oversubscribed OpenMP threads spin and slow everything ~10x
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistributedEnv(rank, world_size, local_rank, device)

@@ -333,3 +333,11 @@ def test_run_sh_cpu_path_writes_log_and_loadable_checkpoint(tmp_path, sample_dat
     with torch.no_grad():
         logits = model(torch.tensor([[tg.BOS_ID, 40, 41]]))
     assert logits.shape == (1, 3, 1024) and torch.isfinite(logits).all()
+
+
+def test_readme_documents_every_hyperparameter():
+    readme = (ROOT / "README.md").read_text()
+    import dataclasses
+
+    missing = [f.name.upper() for f in dataclasses.fields(tg.Hyperparameters) if f"`{f.name.upper()}`" not in readme]
+    assert not missing, f"README.md does not document {missing}"
