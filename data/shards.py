@@ -1,0 +1,185 @@
+"""Writing token shards (the reader, `load_shard`, lives in train_gpt.py).
+
+Shard file: 256 little-endian int32 header ([0] magic 20240520, [1] version 1, [2] number of tokens), then that many
+little-endian uint16 tokens, nothing else. Every file is written to a temporary file in the target directory first and
+renamed into place, so a reader never sees a half-written shard.
+
+Only numpy and the standard library are imported here, so the data tools start fast; the constants are the same as
+train_gpt.py's (tests/test_data.py checks that they agree).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+
+import numpy as np
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+MAX_TOKEN_ID = 65535  # tokens are stored as uint16
+
+
+class ShardError(ValueError):
+    """A shard cannot be written. The message starts with the file it is about."""
+
+
+def _header(num_tokens: int) -> bytes:
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, num_tokens
+    return header.tobytes()
+
+
+def as_uint16_tokens(tokens, path) -> np.ndarray:
+    """`tokens` as a little-endian uint16 array, or ShardError naming `path` if an id is outside [0, 65535]."""
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        array = array.reshape(-1)
+    if array.size == 0:
+        return np.zeros(0, dtype="<u2")
+    if array.dtype.kind not in "iub":
+        raise ShardError(f"{path}: token ids must be integers, got an array of {array.dtype}")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > MAX_TOKEN_ID:
+        bad = low if low < 0 else high
+        position = int(np.argmax(array == bad))
+        raise ShardError(f"{path}: token id {bad} at position {position} is outside [0, {MAX_TOKEN_ID}]"
+                         " (shards store uint16 tokens)")
+    return array.astype("<u2", copy=False)
+
+
+def temp_path_for(path: str) -> str:
+    """A fresh temporary name in the directory of `path` (hidden, so no shard glob matches it)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _open_new(path: str):
+    # O_EXCL: never follow or reuse an existing file; mode 0o666 minus the umask, like a normal open().
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_temp(path, data: bytes) -> str:
+    """Write `data` to a new temporary file next to `path` (not yet renamed); returns the temporary path."""
+    tmp = temp_path_for(str(path))
+    try:
+        with _open_new(tmp) as f:
+            f.write(data)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
+    tmp = write_temp(path, data)
+    try:
+        os.replace(tmp, str(path))
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def write_shard(path, tokens) -> None:
+    """Write one shard holding `tokens` (any integer array-like) atomically.
+
+    Raises ShardError naming `path`, before creating any file, if a token id is outside [0, 65535]."""
+    path = str(path)
+    array = as_uint16_tokens(tokens, path)
+    write_bytes_atomic(path, _header(len(array)) + array.tobytes())
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Streams the documents of one split into `{prefix}_{split}_{index:06d}.bin` files of at most `max_tokens` tokens.
+
+    Documents continue from one shard into the next when they do not fit. Every shard goes to a temporary file;
+    `commit()` renames them all into place, `abort()` removes them. Nothing is left behind in either case."""
+
+    def __init__(self, directory: str, prefix: str, split: str, max_tokens: int):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.directory, self.prefix, self.split, self.max_tokens = directory, prefix, split, max_tokens
+        self.done: list[tuple[str, str, int]] = []  # (temp path, final path, tokens) of finished shards
+        self._file = None
+        self._tmp = self._final = None
+        self._count = 0
+        self.total_tokens = 0
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}_{self.split}_{index:06d}.bin"
+
+    def _open(self) -> None:
+        index = len(self.done)
+        if index > 999_999:
+            raise ShardError(f"{os.path.join(self.directory, self.name(index))}: more than 1,000,000 shards;"
+                             " use a larger --shard-tokens")
+        self._final = os.path.join(self.directory, self.name(index))
+        self._tmp = temp_path_for(self._final)
+        self._file = _open_new(self._tmp)
+        self._file.write(_header(0))
+        self._count = 0
+
+    def _close(self) -> None:
+        self._file.seek(0)
+        self._file.write(_header(self._count))
+        self._file.close()
+        self._file = None
+        self.done.append((self._tmp, self._final, self._count))
+
+    def write(self, tokens) -> None:
+        """Append tokens (one document, or any piece of the stream)."""
+        target = os.path.join(self.directory, self.name(len(self.done)))
+        array = as_uint16_tokens(tokens, target)
+        start = 0
+        while start < len(array):
+            if self._file is None:
+                self._open()
+            take = min(self.max_tokens - self._count, len(array) - start)
+            self._file.write(array[start:start + take].tobytes())
+            self._count += take
+            self.total_tokens += take
+            start += take
+            if self._count == self.max_tokens:
+                self._close()
+
+    def finish(self) -> list[tuple[str, str, int]]:
+        """Close the last shard; returns (temp path, final path, tokens) of every shard, still under temp names."""
+        if self._file is not None:
+            self._close()
+        return self.done
+
+    def commit(self) -> list[str]:
+        """Rename the finished shards into place; returns their final paths."""
+        self.finish()
+        for tmp, final, _ in self.done:
+            os.replace(tmp, final)
+        return [final for _, final, _ in self.done]
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            remove_quietly(self._tmp)
+        for tmp, _, _ in self.done:
+            remove_quietly(tmp)
+        self.done = []

@@ -1,0 +1,615 @@
+"""Data pipeline: shard writing and reading, data/prepare_corpus.py, data/download_fineweb.py (with a fake hub)."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import train_gpt  # noqa: E402
+from data import download_fineweb, prepare_corpus, shards  # noqa: E402
+
+PREPARE = str(ROOT / "data" / "prepare_corpus.py")
+DOWNLOAD = str(ROOT / "data" / "download_fineweb.py")
+OUTPUT_GLOBS = ("*.bin", "manifest.json", "tokenizer.model", ".*.tmp")
+VOCAB = 384  # the test corpus needs 311 pieces for its bytes and characters; the rest are merges
+
+
+def output_files(directory) -> list[str]:
+    return sorted(os.path.basename(p) for pattern in OUTPUT_GLOBS for p in glob.glob(os.path.join(directory, pattern)))
+
+
+def run_cli(script, *args, env=None, cwd=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, env=full_env,
+                          cwd=cwd or ROOT, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A small corpus with the characters that matter: non-ASCII, emoji, CRLF, tabs, runs of spaces, digits.
+
+WORDS = ("the model reads tokens and bytes while a document ends here; "
+         "naïve café déjà vu, 日本語の文章, emoji 🙂🚀, numbers 12345 and 3.14159\t(tabs)  double  spaces "
+         "<s> </s> <unk> <0x41> <|endoftext|>,").split(" ")  # control-piece names and the separator are plain text
+
+
+def make_documents(count: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(count):
+        n = int(rng.integers(5, 90))
+        words = [WORDS[j] for j in rng.integers(0, len(WORDS), n)]
+        text = " ".join(words)
+        if i % 3 == 0:
+            text = text.replace(" and ", "\r\n")
+        if i % 4 == 1:
+            text = "  " + text + "\n\n"
+        if i % 5 == 2:
+            text = f"# Title {i}\n\n" + text
+        docs.append(text)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus_docs() -> list[str]:
+    return make_documents(48, seed=0)
+
+
+def write_jsonl(path, docs, gz=False):
+    lines = "".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs))
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        Path(path).write_text(lines, encoding="utf-8")
+
+
+def write_txt(path, docs):
+    Path(path).write_bytes("\n<|endoftext|>\n".join(docs).encode("utf-8"))
+
+
+def write_dir(path, docs):
+    os.makedirs(path)
+    for i, d in enumerate(docs):
+        Path(path, f"doc_{i:04d}.txt").write_bytes(d.encode("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, corpus_docs):
+    """One prepare_corpus run that trains its tokenizer (small vocabulary, small shards)."""
+    base = tmp_path_factory.mktemp("prepared")
+    src = base / "mixed.jsonl"
+    write_jsonl(src, corpus_docs)
+    out = base / "out"
+    code = prepare_corpus.main(["--input", str(src), "--out", str(out), "--vocab-size", str(VOCAB), "--val-docs", "7",
+                                "--shard-tokens", "97"])
+    assert code == 0
+    return {"input": src, "out": out, "docs": corpus_docs}
+
+
+def read_documents(out, vocab_size=None):
+    """Documents of both splits, read back through train_gpt.TokenStream and split at BOS."""
+    vocab_size = vocab_size or VOCAB
+    result = {}
+    for split in ("val", "train"):
+        stream = train_gpt.TokenStream(train_gpt.split_pattern(str(out), split), vocab_size)
+        result[split] = (stream, [stream.document(i) for i in range(stream.num_docs)])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shard writer and reader
+
+
+def test_constants_agree_with_train_gpt():
+    assert (shards.SHARD_MAGIC, shards.SHARD_VERSION, shards.SHARD_HEADER_INTS) == \
+        (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS)
+    assert prepare_corpus.BOS_ID == train_gpt.BOS_ID
+
+
+@pytest.mark.parametrize("length", [0, 1, 7919])
+def test_write_shard_round_trip(tmp_path, length):
+    rng = np.random.default_rng(length)
+    tokens = rng.integers(0, 65536, length, dtype=np.int64)
+    if length:
+        tokens[0], tokens[-1] = 0, 65535
+    path = tmp_path / f"x_train_{length:06d}.bin"
+    shards.write_shard(path, tokens)
+    assert path.stat().st_size == 1024 + 2 * length
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert list(header[:3]) == [20240520, 1, length] and not header[3:].any()
+    loaded = train_gpt.load_shard(path)
+    assert loaded.dtype == np.uint16 and len(loaded) == length
+    np.testing.assert_array_equal(np.asarray(loaded, dtype=np.int64), tokens)
+    assert output_files(tmp_path) == [path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("bad", [65536, -1])
+def test_write_shard_refuses_out_of_range_ids(tmp_path, bad):
+    path = tmp_path / "x_train_000000.bin"
+    with pytest.raises(shards.ShardError) as info:
+        shards.write_shard(path, [1, 5, bad, 7])
+    message = str(info.value)
+    assert message.startswith(str(path)) and str(bad) in message and "\n" not in message
+    assert output_files(tmp_path) == []
+
+
+def test_write_shard_replaces_atomically(tmp_path):
+    path = tmp_path / "x_val_000000.bin"
+    shards.write_shard(path, [1, 2, 3])
+    shards.write_shard(path, [1, 9])
+    np.testing.assert_array_equal(train_gpt.load_shard(path), [1, 9])
+    assert output_files(tmp_path) == [path.name]
+
+
+def test_shard_writer_splits_documents_across_shards(tmp_path):
+    writer = shards.ShardWriter(str(tmp_path), "c", "train", max_tokens=10)
+    docs = [np.array([1] + list(range(100, 100 + n))) for n in (3, 12, 0, 5)]
+    for d in docs:
+        writer.write(d)
+    paths = writer.commit()
+    assert [os.path.basename(p) for p in paths] == ["c_train_000000.bin", "c_train_000001.bin", "c_train_000002.bin"]
+    assert [len(train_gpt.load_shard(p)) for p in paths] == [10, 10, 4]
+    stream = train_gpt.TokenStream(str(tmp_path / "c_train_*.bin"), 200)
+    assert [list(stream.document(i)) for i in range(stream.num_docs)] == [list(d) for d in docs]
+
+
+def test_shard_writer_abort_leaves_nothing(tmp_path):
+    writer = shards.ShardWriter(str(tmp_path), "c", "train", max_tokens=4)
+    writer.write(np.arange(1, 11))
+    writer.abort()
+    assert os.listdir(tmp_path) == []
+
+
+def _header(magic=20240520, version=1, count=4):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, count
+    return header.tobytes()
+
+
+BAD_SHARDS = {
+    "wrong magic": (_header(magic=20240521) + b"\x01\x00" * 4, "wrong magic number 20240521"),
+    "wrong version": (_header(version=2) + b"\x01\x00" * 4, "unsupported shard version 2"),
+    "truncated body": (_header(count=4) + b"\x01\x00" * 3, "truncated"),
+    "trailing data": (_header(count=4) + b"\x01\x00" * 5, "trailing data"),
+    "empty file": (b"", "empty"),
+    "short header": (_header()[:100], "only 100 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHARDS))
+def test_load_shard_rejects_bad_files(tmp_path, case):
+    data, expected = BAD_SHARDS[case]
+    path = tmp_path / "bad_train_000000.bin"
+    path.write_bytes(data)
+    for read in (lambda: train_gpt.load_shard(path), lambda: train_gpt.TokenStream(str(path), 1024)):
+        with pytest.raises(train_gpt.DataError) as info:
+            read()
+        message = str(info.value)
+        assert message.startswith(str(path) + ": ") and expected in message and "\n" not in message
+    assert download_fineweb.check_shard(str(path)) is not None
+
+
+def test_token_stream_rejects_ids_beyond_vocab(tmp_path):
+    shards.write_shard(tmp_path / "v_train_000000.bin", [1, 5, 6])
+    bad = tmp_path / "v_train_000001.bin"
+    shards.write_shard(bad, [7, 1, 1023, 1024, 3])
+    with pytest.raises(train_gpt.DataError) as info:
+        train_gpt.TokenStream(str(tmp_path / "v_train_*.bin"), 1024)
+    message = str(info.value)
+    assert message.startswith(str(bad) + ": ") and "token id 1024 at position 3" in message and "\n" not in message
+    assert train_gpt.TokenStream(str(tmp_path / "v_train_*.bin"), 1025).num_docs == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prepare_corpus: reading the three input kinds
+
+
+def test_txt_separator_rules(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"A\n<|endoftext|>\nB\r\nsecond line\r\n<|endoftext|>\r\n\n<|endoftext|>\n"
+                     b"x <|endoftext|> stays\n <|endoftext|>\n<|endoftext|>\nlast\n")
+    docs = [t for t, _ in prepare_corpus.iter_documents(str(path), "txt")]
+    assert docs == ["A", "B\r\nsecond line", "x <|endoftext|> stays\n <|endoftext|>", "last\n"]
+    all_docs = [t for t, _ in prepare_corpus.iter_all_documents(str(path), "txt")]
+    assert all_docs.count("") == 1  # the document between two separators, skipped
+
+
+def test_directory_input_order_and_hash(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    for name, text in [("b.txt", "second"), ("a.txt", "first"), ("c.md", "ignored"), (".h.txt", "hidden"),
+                       ("e.txt", "")]:
+        (d / name).write_text(text, encoding="utf-8")
+    (d / "sub").mkdir()
+    (d / "sub" / "0.txt").write_text("nested", encoding="utf-8")
+    assert [t for t, _ in prepare_corpus.iter_documents(str(d), "dir")] == ["first", "second"]
+    import hashlib
+    listing = "".join(f"{hashlib.sha256(t.encode()).hexdigest()}  {n}\n" for n, t in
+                      [("a.txt", "first"), ("b.txt", "second"), ("e.txt", "")])
+    assert prepare_corpus.input_sha256(str(d), "dir") == hashlib.sha256(listing.encode()).hexdigest()
+
+
+def test_default_prefix():
+    assert prepare_corpus.default_prefix("data/sample/peps.jsonl.gz") == "peps"
+    assert prepare_corpus.default_prefix("/x/my corpus.txt") == "my-corpus"
+    assert prepare_corpus.default_prefix("/x/docs/") == "docs"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prepare_corpus: errors. One line `error: <file>: ...` on stderr, exit code 2, nothing written.
+
+
+def _error_cases(tmp: Path, docs: list[str]):
+    (tmp / "no_text.jsonl").write_text(json.dumps({"text": "ok"}) + "\n\n" + json.dumps({"body": "x"}) + "\n",
+                                       encoding="utf-8")
+    (tmp / "empty.jsonl").write_text("\n  \n", encoding="utf-8")
+    (tmp / "empty_docs.txt").write_text("<|endoftext|>\n<|endoftext|>\n", encoding="utf-8")
+    (tmp / "empty_dir").mkdir()
+    write_jsonl(tmp / "three.jsonl", docs[:3])
+    (tmp / "bad_json.jsonl").write_text('{"text": "a"}\n{"text": "b"\n', encoding="utf-8")
+    (tmp / "bad_utf8.txt").write_bytes(b"fine\nline two \xff\xfe\n")
+    (tmp / "surrogate.jsonl").write_text('{"text": "a\\ud800b"}\n', encoding="utf-8")
+    (tmp / "not_a_number.jsonl").write_text('{"text": 5}\n', encoding="utf-8")
+    (tmp / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "abc"}\n' * 50)[:-20])
+    (tmp / "corpus.csv").write_text("a,b\n", encoding="utf-8")
+    (tmp / "not_a_model.model").write_bytes(b"this is not a protobuf")
+    return {
+        # name: (arguments, file the message must name, text it must contain)
+        "jsonl line without text": (["--input", tmp / "no_text.jsonl"], tmp / "no_text.jsonl", 'line 3: no "text"'),
+        "empty jsonl": (["--input", tmp / "empty.jsonl"], tmp / "empty.jsonl", "empty"),
+        "txt of empty documents": (["--input", tmp / "empty_docs.txt"], tmp / "empty_docs.txt", "empty"),
+        "empty directory": (["--input", tmp / "empty_dir"], tmp / "empty_dir", "empty"),
+        "val-docs = documents": (["--input", tmp / "three.jsonl", "--val-docs", "3"], tmp / "three.jsonl",
+                                 "only 3 documents"),
+        "val-docs > documents": (["--input", tmp / "three.jsonl", "--val-docs", "60"], tmp / "three.jsonl",
+                                 "only 3 documents"),
+        "missing tokenizer": (["--input", tmp / "three.jsonl", "--val-docs", "1", "--tokenizer", tmp / "nope.model"],
+                              tmp / "nope.model", "tokenizer file not found"),
+        "tokenizer not a model": (["--input", tmp / "three.jsonl", "--val-docs", "1", "--tokenizer",
+                                   tmp / "not_a_model.model"], tmp / "not_a_model.model", "not a SentencePiece"),
+        "invalid json": (["--input", tmp / "bad_json.jsonl"], tmp / "bad_json.jsonl", "line 2: not valid JSON"),
+        "invalid utf-8": (["--input", tmp / "bad_utf8.txt"], tmp / "bad_utf8.txt", "line 2: not valid UTF-8"),
+        "lone surrogate": (["--input", tmp / "surrogate.jsonl"], tmp / "surrogate.jsonl", "surrogate"),
+        "text not a string": (["--input", tmp / "not_a_number.jsonl"], tmp / "not_a_number.jsonl", "not a string"),
+        "truncated gzip": (["--input", tmp / "broken.jsonl.gz"], tmp / "broken.jsonl.gz", "cannot read"),
+        "unsupported input": (["--input", tmp / "corpus.csv"], tmp / "corpus.csv", "unsupported input"),
+        "missing input": (["--input", tmp / "absent.jsonl"], tmp / "absent.jsonl", "not found"),
+        "vocabulary too large for the corpus": (["--input", tmp / "three.jsonl", "--val-docs", "1", "--vocab-size",
+                                                 "5000"], tmp / "three.jsonl", "tokenizer training failed"),
+    }
+
+
+CLI_ERROR_CASES = ["jsonl line without text", "empty jsonl", "txt of empty documents", "empty directory",
+                   "val-docs = documents", "val-docs > documents", "missing tokenizer", "tokenizer not a model",
+                   "invalid json", "invalid utf-8", "lone surrogate", "text not a string", "truncated gzip",
+                   "unsupported input", "missing input", "vocabulary too large for the corpus"]
+
+
+@pytest.fixture(scope="module")
+def error_inputs(tmp_path_factory, corpus_docs):
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    return tmp, _error_cases(tmp, corpus_docs)
+
+
+@pytest.mark.parametrize("case", CLI_ERROR_CASES)
+def test_prepare_cli_errors(error_inputs, tmp_path, case):
+    _, cases = error_inputs
+    args, named, expected = cases[case]
+    out = tmp_path / "out"
+    result = run_cli(PREPARE, *args, "--out", out)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {named}: "), lines[0]
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or output_files(out) == []
+
+
+def test_prepare_cli_parameter_errors(tmp_path, error_inputs):
+    tmp, _ = error_inputs
+    for extra, expected in [(["--shard-tokens", "0"], "--shard-tokens"), (["--val-docs", "0"], "--val-docs"),
+                            (["--vocab-size", "100"], "--vocab-size"), (["--name", "a/b"], "--name"),
+                            (["--tokenizer", "x.model", "--vocab-size", "300"], "not allowed with")]:
+        result = run_cli(PREPARE, "--input", tmp / "three.jsonl", "--out", tmp_path / "o", *extra)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and expected in result.stderr
+        assert not (tmp_path / "o").exists()
+
+
+def test_prepare_refuses_foreign_shards(tmp_path, error_inputs):
+    tmp, _ = error_inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    shards.write_shard(out / "other_train_000000.bin", [1, 2])
+    result = run_cli(PREPARE, "--input", tmp / "three.jsonl", "--out", out, "--val-docs", "1")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: {out}: already holds other_train_000000.bin")
+    assert sorted(os.listdir(out)) == ["other_train_000000.bin"]
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, prepared, monkeypatch):
+    """An error after shards were started (here: the 30th document) removes every temporary file."""
+    calls = {"n": 0}
+    real_write = shards.ShardWriter.write
+
+    def failing_write(self, tokens):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise OSError(28, "No space left on device", str(tmp_path / "out" / "x"))
+        return real_write(self, tokens)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", failing_write)
+    out = tmp_path / "out"
+    code = prepare_corpus.main(["--input", str(prepared["input"]), "--out", str(out), "--val-docs", "7",
+                                "--tokenizer", str(prepared["out"] / "tokenizer.model"), "--shard-tokens", "50"])
+    assert code == 2 and calls["n"] == 30
+    assert not out.exists()  # created by the run, removed again because it stayed empty
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prepare_corpus: round trip, manifest, determinism
+
+
+def test_round_trip_jsonl_with_trained_tokenizer(prepared):
+    out, docs = prepared["out"], prepared["docs"]
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert sp.vocab_size() == VOCAB and sp.bos_id() == 1
+    read = read_documents(out)
+    decoded = [sp.decode(d[1:].tolist()) for split in ("val", "train") for d in read[split][1]]
+    assert decoded == docs
+    for split in ("val", "train"):
+        stream, split_docs = read[split]
+        assert all(d[0] == 1 and (d[1:] != 1).all() for d in split_docs)  # BOS first, never inside
+    # Documents really cross shard boundaries (97-token shards).
+    stream = read["train"][0]
+    assert len(stream.files) > 3
+    boundaries = set(stream.shard_offsets[1:-1].tolist())
+    assert any(s < b < s + n for s, n in zip(stream.doc_starts, stream.doc_lengths) for b in boundaries)
+
+
+def test_manifest(prepared):
+    out, docs = prepared["out"], prepared["docs"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    text = (out / "manifest.json").read_text()
+    assert text == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    assert manifest["input"]["documents"] == len(docs)
+    assert manifest["input"]["sha256"] == train_gpt.sha256_of_file(str(prepared["input"]))
+    assert manifest["tokenizer"]["sha256"] == train_gpt.sha256_of_file(str(out / "tokenizer.model"))
+    assert manifest["tokenizer"]["vocab_size"] == VOCAB
+    training = manifest["tokenizer"]["training"]
+    assert training["normalization_rule_name"] == "identity" and training["byte_fallback"] is True
+    assert training["add_dummy_prefix"] is False and training["remove_extra_whitespaces"] is False
+    read = read_documents(out)
+    for split, split_docs in (("val", docs[:7]), ("train", docs[7:])):
+        entry = manifest["splits"][split]
+        stream = read[split][0]
+        assert entry["documents"] == len(split_docs) == stream.num_docs
+        assert entry["tokens"] == stream.num_tokens == sum(f["tokens"] for f in entry["files"])
+        assert entry["bytes"] == entry["decoded_bytes"] == sum(len(d.encode()) for d in split_docs)
+        assert entry["documents_not_round_trip"] == 0
+        assert [f["name"] for f in entry["files"]] == [os.path.basename(p) for p in stream.files]
+        for f in entry["files"]:
+            assert f["sha256"] == train_gpt.sha256_of_file(str(out / f["name"]))
+    assert output_files(out) == sorted(["manifest.json", "tokenizer.model"] +
+                                       [f["name"] for s in manifest["splits"].values() for f in s["files"]])
+
+
+@pytest.mark.parametrize("kind", ["txt", "dir", "jsonl.gz"])
+def test_round_trip_other_inputs_with_given_tokenizer(tmp_path, prepared, kind):
+    docs = prepared["docs"]
+    src = {"txt": tmp_path / "c.txt", "dir": tmp_path / "c", "jsonl.gz": tmp_path / "c.jsonl.gz"}[kind]
+    {"txt": write_txt, "dir": write_dir, "jsonl.gz": lambda p, d: write_jsonl(p, d, gz=True)}[kind](src, docs)
+    model = prepared["out"] / "tokenizer.model"
+    out = tmp_path / "out"
+    code = prepare_corpus.main(["--input", str(src), "--out", str(out), "--tokenizer", str(model), "--val-docs", "5",
+                                "--shard-tokens", "61"])
+    assert code == 0
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    read = read_documents(out)
+    assert len(read["val"][1]) == 5
+    assert [sp.decode(d[1:].tolist()) for s in ("val", "train") for d in read[s][1]] == docs
+    assert (out / "tokenizer.model").read_bytes() == model.read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["tokenizer"] == "tokenizer.model" and manifest["tokenizer"]["training"] is None
+    assert manifest["input"]["kind"] == kind and manifest["parameters"]["name"] == "c"
+    tokens = np.concatenate([read["val"][0].read(0, read["val"][0].num_tokens),
+                             read["train"][0].read(0, read["train"][0].num_tokens)])
+    expected = np.concatenate([[1] + sp.encode(d) for d in docs])
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_rerun_replaces_own_shards(tmp_path, prepared):
+    """A second run into the same folder with bigger shards removes the first run's extra shards."""
+    out = tmp_path / "out"
+    model = str(prepared["out"] / "tokenizer.model")
+    args = ["--input", str(prepared["input"]), "--out", str(out), "--tokenizer", model, "--val-docs", "7"]
+    assert prepare_corpus.main(args + ["--shard-tokens", "50"]) == 0
+    assert len(glob.glob(str(out / "mixed_train_*.bin"))) > 5
+    assert prepare_corpus.main(args) == 0
+    assert output_files(out) == ["manifest.json", "mixed_train_000000.bin", "mixed_val_000000.bin",
+                                 "tokenizer.model"]
+
+
+def test_u2581_is_counted_as_not_round_trip(tmp_path, prepared, capsys):
+    src = tmp_path / "odd.jsonl"
+    write_jsonl(src, ["plain text", "a \u2581 b", "more plain text", "x"])
+    out = tmp_path / "out"
+    code = prepare_corpus.main(["--input", str(src), "--out", str(out), "--val-docs", "2", "--tokenizer",
+                                str(prepared["out"] / "tokenizer.model")])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    val = manifest["splits"]["val"]
+    assert val["documents_not_round_trip"] == 1 and val["bytes"] - val["decoded_bytes"] == 2  # U+2581 -> " "
+    assert "warning: 1 of 4 documents do not decode back" in capsys.readouterr().err
+
+
+def test_deterministic_across_processes(tmp_path, corpus_docs):
+    src = tmp_path / "d.txt"
+    write_txt(src, corpus_docs)
+    outs = []
+    for i, seed in enumerate(("1", "2")):
+        out = tmp_path / f"out{i}"
+        result = run_cli(PREPARE, "--input", src, "--out", out, "--vocab-size", "360", "--val-docs", "4",
+                         "--shard-tokens", "500", env={"PYTHONHASHSEED": seed})
+        assert result.returncode == 0, result.stderr
+        outs.append(out)
+    names = sorted(os.listdir(outs[0]))
+    assert names == sorted(os.listdir(outs[1])) and len(names) > 4
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# download_fineweb with a fake hub (a local folder laid out like the dataset repo)
+
+
+@pytest.fixture(scope="module")
+def fake_hub(tmp_path_factory, prepared):
+    root = tmp_path_factory.mktemp("hub")
+    remote = root / "datasets"
+    (remote / "datasets" / "fineweb10B_sp1024").mkdir(parents=True)
+    (remote / "tokenizers").mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [("fineweb_val_000000.bin", 300), ("fineweb_train_000000.bin", 500),
+                    ("fineweb_train_000001.bin", 400), ("fineweb_train_000002.bin", 450)]:
+        tokens = rng.integers(2, VOCAB, n)
+        tokens[::37] = 1
+        shards.write_shard(remote / "datasets" / "fineweb10B_sp1024" / name, tokens)
+    shutil.copyfile(prepared["out"] / "tokenizer.model", remote / "tokenizers" / "fineweb_1024_bpe.model")
+    manifest = {"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "vocab_size": VOCAB,
+                              "stats": {"files_train": 3, "files_val": 1}}],
+                "tokenizers": [{"name": "sp_bpe_1024", "vocab_size": VOCAB,
+                                "model_path": "tokenizers/fineweb_1024_bpe.model",
+                                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}]}
+    (remote / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return root
+
+
+class FakeHub:
+    def __init__(self, root: Path, reachable=True):
+        self.root, self.reachable = root, reachable
+        self.downloads: list[str] = []
+        self.corrupt: set[str] = set()
+
+    def sizes(self, repo_id, revision, paths):
+        assert repo_id == "willdepueoai/parameter-golf"
+        if not self.reachable:
+            raise download_fineweb.HubUnreachable("fake: no network")
+        return {p: (self.root / p).stat().st_size for p in paths if (self.root / p).is_file()}
+
+    def download(self, repo_id, revision, remote_path, destination):
+        if not self.reachable:
+            raise download_fineweb.HubUnreachable("fake: no network")
+        self.downloads.append(remote_path)
+        data = (self.root / remote_path).read_bytes()
+        if remote_path in self.corrupt:
+            data = data[:-2]
+        Path(destination).write_bytes(data)
+
+
+@pytest.fixture
+def hub(fake_hub, monkeypatch):
+    fake = FakeHub(fake_hub)
+    monkeypatch.setattr(download_fineweb, "hub_sizes", fake.sizes)
+    monkeypatch.setattr(download_fineweb, "hub_download", fake.download)
+    return fake
+
+
+SHARD_DIR = "datasets/datasets/fineweb10B_sp1024"
+
+
+def test_download_places_files(tmp_path, hub, fake_hub):
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "2"]) == 0
+    assert hub.downloads == ["datasets/manifest.json", f"{SHARD_DIR}/fineweb_val_000000.bin",
+                             f"{SHARD_DIR}/fineweb_train_000000.bin", f"{SHARD_DIR}/fineweb_train_000001.bin",
+                             "datasets/tokenizers/fineweb_1024_bpe.model"]
+    data_path = tmp_path / "datasets" / "fineweb10B_sp1024"
+    assert sorted(os.listdir(data_path)) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                             "fineweb_val_000000.bin", "tokenizer.model"]
+    assert sorted(os.listdir(tmp_path / "tokenizers")) == ["fineweb_1024_bpe.model"]
+    for name in ("fineweb_val_000000.bin", "fineweb_train_000001.bin"):
+        assert (data_path / name).read_bytes() == (fake_hub / SHARD_DIR / name).read_bytes()
+    model = (fake_hub / "datasets" / "tokenizers" / "fineweb_1024_bpe.model").read_bytes()
+    assert (tmp_path / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == model
+    assert (data_path / "tokenizer.model").read_bytes() == model  # train_gpt's default TOKENIZER_PATH
+    assert json.loads((tmp_path / "datasets" / "manifest.json").read_text())["datasets"][0]["stats"]["files_val"] == 1
+    assert train_gpt.TokenStream(train_gpt.split_pattern(str(data_path), "train"), VOCAB).num_tokens == 900
+    assert not glob.glob(str(tmp_path / "**" / ".*.tmp"), recursive=True)
+
+
+def test_download_skips_complete_files_and_repairs_bad_ones(tmp_path, hub, fake_hub):
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "3"]) == 0
+    hub.downloads.clear()
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "3"]) == 0
+    assert hub.downloads == []  # everything complete: nothing fetched again
+
+    data_path = tmp_path / "datasets" / "fineweb10B_sp1024"
+    truncated = data_path / "fineweb_train_000001.bin"
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    bad_magic = data_path / "fineweb_train_000002.bin"  # right size, wrong header
+    bad_magic.write_bytes(b"\0\0\0\0" + bad_magic.read_bytes()[4:])
+    tokenizer = tmp_path / "tokenizers" / "fineweb_1024_bpe.model"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:1000])
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "3"]) == 0
+    assert hub.downloads == [f"{SHARD_DIR}/fineweb_train_000001.bin", f"{SHARD_DIR}/fineweb_train_000002.bin",
+                             "datasets/tokenizers/fineweb_1024_bpe.model"]
+    for path in (truncated, bad_magic):
+        assert path.read_bytes() == (fake_hub / SHARD_DIR / path.name).read_bytes()
+    assert (data_path / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+
+
+def test_download_rejects_a_bad_download(tmp_path, hub, capsys):
+    hub.corrupt.add(f"{SHARD_DIR}/fineweb_train_000000.bin")
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: willdepueoai/parameter-golf/datasets/datasets/")
+    assert "not usable" in err[0]
+    assert not (tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000000.bin").exists()
+    assert not glob.glob(str(tmp_path / "**" / ".*.tmp"), recursive=True)
+
+
+def test_download_too_many_train_shards(tmp_path, hub, capsys):
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: --train-shards 4: fineweb10B_sp1024 has only 3 training shards on "
+                   "willdepueoai/parameter-golf"]
+
+
+def test_download_offline_with_complete_files_succeeds(tmp_path, hub, capsys):
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "1"]) == 0
+    hub.reachable = False
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "1"]) == 0
+    assert "hub unreachable" in capsys.readouterr().out
+    assert download_fineweb.main(["--out", str(tmp_path), "--train-shards", "2"]) == 2  # one shard missing
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot reach the Hugging Face hub (")
+    assert err[0].endswith("): fake: no network")
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["HF_HUB_OFFLINE", "closed-port"])
+def test_download_unreachable_hub_real_client(tmp_path, env):
+    """The real huggingface_hub client, with no network: one line, exit code 2, nothing written."""
+    out = tmp_path / "out"
+    result = run_cli(DOWNLOAD, "--out", out, "--train-shards", "1", env=dict(env, HF_HOME=str(tmp_path / "hf")))
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Hugging Face hub ("), result.stderr
+    if "HF_ENDPOINT" in env:
+        assert lines[0].startswith("error: cannot reach the Hugging Face hub (http://127.0.0.1:9): ")
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
