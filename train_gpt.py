@@ -510,10 +510,11 @@ def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteTa
         if piece.startswith("\u2581"):
             space[token] = True
             piece = piece[1:]
-        base[token] = len(piece.encode("utf-8"))
+        base[token] = len(piece.replace("\u2581", " ").encode("utf-8"))  # an inner "▁" (e.g. "▁of▁the") is one space
     # Whether the decoder strips the space of a first "▁piece" depends on the tokenizer's normaliser (dummy prefix);
-    # ask the decoder itself rather than parse its protobuf.
-    probe = next((t for t in range(sp.vocab_size()) if space[t] and base[t] > 0), None)
+    # ask the decoder itself, with a piece like "▁the" (not "▁▁"), rather than parse its protobuf.
+    probe = next((t for t in range(sp.vocab_size()) if space[t] and len(sp.id_to_piece(t)) > 1
+                  and sp.id_to_piece(t)[1] != "\u2581"), None)
     strips = probe is not None and not sp.decode([probe]).startswith(" ")
     return ByteTables(base, space, boundary, strips)
 
