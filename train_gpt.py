@@ -591,6 +591,7 @@ def norm_and_rotate_qk(q, k, cos, sin):
         q, k = kernels.rotary_qk(q.flatten(0, 1), k.flatten(0, 1), cos.flatten(0, 1).to(q.dtype),
                                  sin.flatten(0, 1).to(q.dtype))
         return q.unflatten(0, (B, T)), k.unflatten(0, (B, T))
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # keep bf16 activations bf16 (flash attention needs one dtype)
     return apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
 
 
