@@ -56,15 +56,10 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class Hyperparameters:
-    # data
-    data_path: str = "data/datasets/fineweb10B_sp1024"  # folder with *_train_*.bin and *_val_*.bin shards
-    tokenizer_path: str = ""  # SentencePiece model; empty means DATA_PATH/tokenizer.model
+class ModelConfig:
+    """The model's shape: parameter-golf's baseline by default. Saved in every checkpoint."""
+
     vocab_size: int = 1024
-    run_id: str = ""  # names the log and checkpoint files; empty means a timestamp
-    seed: int = 1337
-    doc_shuffle: bool = True  # a fresh permutation of the documents every epoch; 0 keeps the file order (ablations)
-    # model
     num_layers: int = 9
     model_dim: int = 512
     num_heads: int = 8
@@ -74,6 +69,22 @@ class Hyperparameters:
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+
+    @classmethod
+    def from_hyperparameters(cls, hp: ModelConfig) -> ModelConfig:
+        return cls(**{f.name: getattr(hp, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Hyperparameters(ModelConfig):
+    """Everything a run is configured by: the model's shape (above) and the rest (below)."""
+
+    # data
+    data_path: str = "data/datasets/fineweb10B_sp1024"  # folder with *_train_*.bin and *_val_*.bin shards
+    tokenizer_path: str = ""  # SentencePiece model; empty means DATA_PATH/tokenizer.model
+    run_id: str = ""  # names the log and checkpoint files; empty means a timestamp
+    seed: int = 1337
+    doc_shuffle: bool = True  # a fresh permutation of the documents every epoch; 0 keeps the file order (ablations)
     # batch: the global batch is TRAIN_BATCH_TOKENS per step, cut into TRAIN_MICRO_BATCHES equal slices; each process
     # runs TRAIN_MICRO_BATCHES / world_size of them (gradient accumulation), so 1..8 processes train the same model.
     train_seq_len: int = 1024  # longest piece a document is cut into
@@ -553,24 +564,6 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 # and positions restart at 0 in each segment. Every fused kernel has its plain-torch twin right here (FUSED=0).
 
 
-@dataclass
-class ModelConfig:
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: int = 2
-    logit_softcap: float = 30.0
-    rope_base: float = 10000.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-
-    @classmethod
-    def from_hyperparameters(cls, hp: Hyperparameters) -> ModelConfig:
-        return cls(**{f.name: getattr(hp, f.name) for f in dataclasses.fields(cls)})
-
-
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     if "rms_norm" in FUSED_OPS:
         return kernels.rms_norm(x)
@@ -864,19 +857,11 @@ class GPT(nn.Module):
 
 
 def orthogonalize(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """Newton-Schulz quintic iteration: an approximately orthogonal matrix with G's singular vectors (Muon)."""
+    """Newton-Schulz quintic iteration (Muon): an approximately orthogonal matrix with G's singular vectors. The plain
+    iteration is kernels/newton_schulz.py's reference (in bf16 on GPUs), the fused one its Triton twin."""
     if "newton_schulz" in FUSED_OPS:
         return kernels.newton_schulz(G, steps)
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16() if G.is_cuda else G.float()
-    X = X / (X.norm() + 1e-7)
-    transposed = X.size(0) > X.size(1)
-    if transposed:
-        X = X.T
-    for _ in range(steps):
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+    return kernels.REFERENCES["newton_schulz"](G, steps)
 
 
 class Muon(torch.optim.Optimizer):
