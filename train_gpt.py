@@ -22,8 +22,6 @@ import dataclasses
 import glob
 import hashlib
 import inspect
-import io
-import json
 import math
 import os
 import platform

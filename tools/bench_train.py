@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--configs", default="FUSED=0 COMPILE=0;FUSED=0 COMPILE=1;FUSED=1 COMPILE=0;FUSED=1 COMPILE=1",
                         help="semicolon-separated runs, each space-separated KEY=VALUE")
     args = parser.parse_args()
-    print(f"| config | step_avg | tokens/s per process | peak memory | attention | fused ops |")
+    print("| config | step_avg | tokens/s per process | peak memory | attention | fused ops |")
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as workdir:
         for spec in args.configs.split(";"):
