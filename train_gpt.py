@@ -1425,7 +1425,8 @@ def versions_line() -> str:
 
 def gpu_line() -> str:
     if not torch.cuda.is_available():
-        return f"gpus: none (cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        return (f"gpus: none (cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} torch threads per process)")
     try:
         names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                                text=True, timeout=20).stdout.strip().splitlines()
