@@ -1081,16 +1081,15 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     t0 = time.perf_counter()
     while True:
         last_step = step >= stop_at
-        if (hp.val_loss_every and step % hp.val_loss_every == 0 and step > first_step) or last_step:
+        if last_step or (hp.val_loss_every and step % hp.val_loss_every == 0 and step > first_step):
             synchronize(device)
-            train_ms += 1000 * (time.perf_counter() - t0)
+            train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while validating
+            if last_step:
+                break  # the final evaluation below also gives the curve's last point
             result = evaluate(model, val, "flat", hp.train_seq_len, hp.train_seq_len, hp.eval_batch_tokens, env)
-            log(f"step:{step}/{hp.iterations} val_loss:{result.loss:.4f} val_bpb:{result.bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            log(validation_line(step, hp, result, train_ms))
             synchronize(device)
             t0 = time.perf_counter()
-        if last_step:
-            break
 
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         set_learning_rates(optimizers, step, elapsed_ms, hp)
@@ -1126,20 +1125,30 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
             stop_at = step  # the next pass of the loop runs the last validation and ends
 
     # final evaluation, with the timer stopped
-    results = []
-    for mode in hp.eval_modes.split(","):
-        stride = hp.eval_stride if mode == "strided" else hp.eval_window
-        result = evaluate(model, val, mode, hp.eval_window, stride, hp.eval_batch_tokens, env)
-        log(f"final_eval mode:{mode} window:{hp.eval_window} stride:{stride} val_loss:{result.loss:.8f} "
+    strides = {"flat": hp.eval_window, "strided": hp.eval_stride}
+    results = {mode: evaluate(model, val, mode, hp.eval_window, strides[mode], hp.eval_batch_tokens, env)
+               for mode in hp.eval_modes.split(",")}
+    if hp.val_loss_every:  # the last point of the periodic validation curve (flat windows of TRAIN_SEQ_LEN)
+        same = "flat" in results and hp.eval_window == hp.train_seq_len
+        curve = results["flat"] if same else evaluate(model, val, "flat", hp.train_seq_len, hp.train_seq_len,
+                                                       hp.eval_batch_tokens, env)
+        log(validation_line(step, hp, curve, train_ms))
+    for mode, result in results.items():
+        log(f"final_eval mode:{mode} window:{hp.eval_window} stride:{strides[mode]} val_loss:{result.loss:.8f} "
             f"val_bpb:{result.bpb:.8f} docs:{val.num_docs} tokens:{result.total_tokens} bytes:{result.total_bytes} "
             f"eval_time:{1000 * result.seconds:.0f}ms")
-        results.append(result)
+    results = list(results.values())
     path = save_final_checkpoint(model, hp, tokenizer_sha256, step, results[-1], env)
     log(f"checkpoint: {path}")
     log(f"peak_memory: {peak_memory_mib(device):.0f}MiB")
     log(f"final val_loss:{results[-1].loss:.8f} val_bpb:{results[-1].bpb:.8f} mode:{results[-1].mode} steps:{step} "
         f"train_time:{train_ms:.0f}ms")
     return 0
+
+
+def validation_line(step: int, hp: Hyperparameters, result: EvalResult, train_ms: float) -> str:
+    return (f"step:{step}/{hp.iterations} val_loss:{result.loss:.4f} val_bpb:{result.bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
 
 def synchronize(device: torch.device) -> None:

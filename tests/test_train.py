@@ -233,7 +233,7 @@ def test_muon_orthogonalizes():
 TINY_RUN = {
     "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64",
     "TRAIN_BATCH_TOKENS": "1024", "TRAIN_MICRO_BATCHES": "4", "ITERATIONS": "6", "WARMUP_STEPS": "0",
-    "WARMDOWN_ITERS": "3", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1",
+    "WARMDOWN_ITERS": "3", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "3", "TRAIN_LOG_EVERY": "1",
     "VAL_MAX_DOCS": "2", "EVAL_MODES": "flat", "EVAL_BATCH_TOKENS": "4096", "COMPILE": "0", "SEED": "5",
 }
 
@@ -280,7 +280,11 @@ def test_log_starts_with_the_exact_source_and_ends_with_the_final_line(baseline_
     for kernel_file in sorted((ROOT / "kernels").glob("*.py")):
         assert f"#### file kernels/{kernel_file.name} bytes=" in log
     assert "hparam seed=5" in log and "attention_backend: reference" in log and "fused_ops: none" in log
-    assert re.search(r"^final_eval mode:flat window:64 stride:64 val_loss:\S+ val_bpb:\S+", log, re.M)
+    final_flat = re.search(r"^final_eval mode:flat window:64 stride:64 val_loss:\S+ val_bpb:(\S+)", log, re.M)
+    assert final_flat
+    curve = re.findall(r"^step:(\d+)/6 val_loss:\S+ val_bpb:(\S+)", log, re.M)
+    assert [int(s) for s, _ in curve] == [3, 6]  # periodic validation, and the last point taken from the final eval
+    assert float(curve[-1][1]) == pytest.approx(float(final_flat.group(1)), abs=1e-4)
     assert re.search(r"final val_loss:\S+ val_bpb:\S+ mode:flat steps:6 train_time:\d+ms$", log.strip())
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
 
