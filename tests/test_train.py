@@ -362,3 +362,18 @@ def test_bf16_autocast_hands_attention_one_dtype(monkeypatch):
         losses = model(ids, torch.roll(ids, -1, 1), torch.tensor([0, 12, 30], dtype=torch.int32), 30)
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
     assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+
+
+def test_evaluation_skips_the_head_only_where_nothing_is_scored():
+    model = tiny_model()
+    ids = torch.randint(4, 64, (2, 30))
+    targets = torch.roll(ids, -1, 1)
+    targets[:, :17] = tg.IGNORE_INDEX  # context positions, as in a strided or TTT window
+    targets[1, 25] = tg.IGNORE_INDEX
+    with torch.no_grad():
+        model.train()
+        every_position = model(ids, targets)
+        model.eval()
+        scored_only = model(ids, targets)
+    torch.testing.assert_close(scored_only, every_position, rtol=1e-6, atol=1e-6)
+    assert (scored_only[targets == tg.IGNORE_INDEX] == 0).all() and (scored_only[targets != tg.IGNORE_INDEX] > 0).all()
