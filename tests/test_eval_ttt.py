@@ -19,35 +19,15 @@ import sentencepiece as spm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_eval_modes import (SMALL_DOC_LENGTHS, build_small_set, load_val, one_thread_env,  # noqa: E402
+from test_eval_modes import (SMALL_DOC_LENGTHS, build_small_set, load_val, one_thread_env,  # noqa: E402,F401
                              save_checkpoint, subset, tiny_model, write_val_shard)
+from test_eval_modes import model, one_thread, small_dir, val  # noqa: E402,F401  (the same fixtures, one definition)
 
 import eval_ttt  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 CFG = eval_ttt.TTTConfig(window=64, chunk=16, lora_rank=4, lora_lr=0.05, lora_targets=("q", "v", "o", "mlp", "head"),
                          doc_batch=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with one_thread_env():
-        yield
-
-
-@pytest.fixture(scope="module")
-def small_dir(sample_data, tmp_path_factory) -> Path:
-    return build_small_set(sample_data, tmp_path_factory.getbasetemp() / "eval_small")
-
-
-@pytest.fixture(scope="module")
-def val(small_dir) -> tg.ValidationSet:
-    return load_val(small_dir)
-
-
-@pytest.fixture(scope="module")
-def model() -> tg.GPT:
-    return tiny_model()
 
 
 @pytest.fixture(scope="module")
