@@ -1,0 +1,652 @@
+"""
+eval_ttt.py: per-document bits-per-byte evaluation of a train_gpt.py checkpoint, with test-time training (TTT).
+
+Modes (every one of them per document: no scored token ever sees another document):
+  flat     contiguous windows of the concatenated validation documents (train_gpt.evaluate)
+  strided  per document, the first W tokens, then S tokens at a time with the W - S tokens before them
+           (train_gpt.evaluate; its last, shorter window also reaches back W tokens)
+  ttt      per-document LoRA adapters, reset for every document. The document is cut into chunks of C tokens; each chunk
+           is first scored with the current adapters (with up to W tokens of input ending at the chunk's end, like
+           strided), then the adapters take one Adam step on that chunk's loss. So a chunk's score depends only on the
+           tokens before it in its own document.
+
+Usage:
+  python eval_ttt.py --checkpoint checkpoints/run.pt --mode ttt --out results.json --dump-token-losses losses.npy
+  torchrun --nproc_per_node=8 eval_ttt.py --checkpoint ... --mode strided --window 1024 --stride 512
+  python eval_ttt.py --checkpoint ... --mode ttt --sweep chunk=32,64,128,256 --sweep lora-lr=0.003,0.01 --sweep-out DIR
+
+The model, the byte tables, BPB, the windows and the strided scorer all come from train_gpt.py; this file adds the
+batched per-document LoRA TTT loop, the command line, the results file, sweeps and plots.
+
+TTT batching: each process takes its documents (train_gpt.assign_documents), longest first, and runs them in a batch of
+--doc-batch slots, one document per slot: every step scores and trains chunk j_s of the document in slot s, as one
+[slots, <= W] forward and backward. Each slot has its own adapter weights A [slots, r, in] and B [slots, out, r] (B = 0
+at the start, A the same seeded random matrix for every document) and its own Adam moments and step count. When a
+document ends, its slot is reset and refilled with the next document at once (rather than waiting for the batch's
+longest document), so the batch stays full; per-slot Adam step counts make a slot's trajectory the same whether its
+document started together with its batch-mates or not. Rows are padded at their end, where causal attention keeps the
+real tokens blind to the padding, so a document's scores do not depend on its batch-mates (up to float rounding of
+differently shaped matrix products).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA test-time training
+
+# --lora-targets names -> the projection names of train_gpt's LoRA protocol (per block, plus the tied lm_head)
+TARGET_GROUPS = {"q": ("attn.q",), "k": ("attn.k",), "v": ("attn.v",), "o": ("attn.o",), "fc": ("mlp.fc",),
+                 "proj": ("mlp.proj",), "mlp": ("mlp.fc", "mlp.proj"), "attn": ("attn.q", "attn.k", "attn.v", "attn.o"),
+                 "head": ()}
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class TTTConfig:
+    window: int = 256  # tokens of input per scored chunk, the chunk included
+    chunk: int = 64  # tokens scored, then trained on, per step
+    lora_rank: int = 16
+    lora_lr: float = 0.005
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "mlp", "head")
+    doc_batch: int = 16  # documents (slots) per forward/backward
+    seed: int = 0  # of the shared initial A matrices
+    beta1: float = ADAM_BETAS[0]
+    beta2: float = ADAM_BETAS[1]
+    eps: float = ADAM_EPS
+
+
+def parse_targets(spec: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    if spec.strip() == "all":
+        names = ("q", "k", "v", "o", "mlp", "head")
+    unknown = [n for n in names if n not in TARGET_GROUPS]
+    if not names or unknown:
+        raise ValueError(f"unknown LoRA target {unknown[0]!r}" if unknown else "no LoRA target given")
+    return names
+
+
+def lora_shapes(model: tg.GPT, targets) -> dict[str, tuple[int, int]]:
+    """{projection name: (in_features, out_features)} of the projections the adapters cover."""
+    suffixes = {s for t in targets for s in TARGET_GROUPS[t]}
+    shapes = {}
+    for i, block in enumerate(model.blocks):
+        modules = {"attn.q": block.attn.c_q, "attn.k": block.attn.c_k, "attn.v": block.attn.c_v,
+                   "attn.o": block.attn.proj, "mlp.fc": block.mlp.fc, "mlp.proj": block.mlp.proj}
+        for suffix, module in modules.items():
+            if suffix in suffixes:
+                out_features, in_features = module.weight.shape
+                shapes[f"blocks.{i}.{suffix}"] = (in_features, out_features)
+    if "head" in targets:
+        vocab, dim = model.tok_emb.weight.shape
+        shapes["head"] = (dim, vocab)
+    return shapes
+
+
+def initial_lora_a(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """The A matrix every document starts from, [rank, in] per projection (B starts at zero, so the adapted model starts
+    as the model). The same for every document: it depends on the seed and the shapes only."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(rank, fan_in, generator=generator) / math.sqrt(fan_in)
+            for name, (fan_in, _) in sorted(shapes.items())}
+
+
+class BatchedLoRA:
+    """Per-slot LoRA adapters and Adam state for a batch of documents, and the `lora(name, x)` callable of train_gpt's
+    protocol for the slots of the current step.
+
+    delta_s(x) = (x @ A_s^T) @ B_s^T for slot s, A [slots, r, in], B [slots, out, r]. Adam (as torch.optim.Adam, without
+    weight decay) keeps its moments and its step count per slot."""
+
+    def __init__(self, shapes, cfg: TTTConfig, slots: int, device: torch.device):
+        self.cfg, self.slots = cfg, slots
+        self.a0 = {n: a.to(device) for n, a in initial_lora_a(shapes, cfg.lora_rank, cfg.seed).items()}
+        self.params: dict[str, torch.Tensor] = {}
+        for name, (fan_in, fan_out) in shapes.items():
+            self.params[f"{name}.A"] = self.a0[name].expand(slots, -1, -1).clone()
+            self.params[f"{name}.B"] = torch.zeros(slots, fan_out, cfg.lora_rank, device=device)
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        self.steps = torch.zeros(slots, dtype=torch.float64)
+        self.live: dict[str, torch.Tensor] = {}  # the current step's slots' weights, requiring grad
+
+    def reset(self, slot: int) -> None:
+        """A fresh adapter for a new document: A = A0, B = 0, no Adam history."""
+        for key, p in self.params.items():
+            if key.endswith(".A"):
+                p[slot] = self.a0[key[:-2]]
+            else:
+                p[slot].zero_()
+            self.exp_avg[key][slot].zero_()
+            self.exp_avg_sq[key][slot].zero_()
+        self.steps[slot] = 0
+
+    def select(self, slots: torch.Tensor) -> None:
+        """Use the adapters of these slots (in this order) for the next forward: row i of the batch is slot slots[i]."""
+        self.index = slots
+        self.live = {k: p[slots].requires_grad_(True) for k, p in self.params.items()}
+
+    def __call__(self, name: str, x: torch.Tensor):
+        a = self.live.get(f"{name}.A")
+        if a is None:
+            return None
+        b = self.live[f"{name}.B"]
+        shape = x.shape
+        x = x.reshape(a.size(0), -1, shape[-1])  # the head gets its input flattened to [rows * T, dim]
+        delta = torch.bmm(torch.bmm(x, a.transpose(1, 2).to(x.dtype)), b.transpose(1, 2).to(x.dtype))
+        return delta.reshape(*shape[:-1], delta.size(-1))
+
+    def step(self, loss: torch.Tensor, rows: list[int]) -> None:
+        """One Adam step, for the selected slots at positions `rows`, on `loss` (a sum of per-slot losses, so each slot
+        gets the gradient of its own loss only)."""
+        keys = list(self.live)
+        grads = torch.autograd.grad(loss, [self.live[k] for k in keys])
+        cfg = self.cfg
+        rows_t = torch.tensor(rows, device=self.index.device)
+        index, cpu_index = self.index[rows_t], self.index[rows_t].cpu()
+        self.steps[cpu_index] += 1
+        steps = self.steps[cpu_index].to(index.device)
+        bias1 = (1 - cfg.beta1 ** steps).float().view(-1, 1, 1)
+        bias2_sqrt = (1 - cfg.beta2 ** steps).sqrt().float().view(-1, 1, 1)
+        with torch.no_grad():
+            for key, grad in zip(keys, grads):
+                grad = grad[rows_t]
+                m = self.exp_avg[key][index].lerp_(grad, 1 - cfg.beta1)
+                v = self.exp_avg_sq[key][index].mul_(cfg.beta2).addcmul_(grad, grad, value=1 - cfg.beta2)
+                update = (cfg.lora_lr / bias1) * m / (v.sqrt() / bias2_sqrt + cfg.eps)
+                self.params[key][index] = self.live[key].detach()[rows_t] - update
+                self.exp_avg[key][index] = m
+                self.exp_avg_sq[key][index] = v
+        self.live = {}
+
+
+def chunk_window(num_targets: int, chunk_index: int, cfg: TTTConfig) -> tuple[int, int, int]:
+    """(start, end, score_from) of chunk `chunk_index` over a document's prediction positions: inputs start..end-1, the
+    targets of positions score_from..end-1 (the chunk) are scored; start = max(0, end - W)."""
+    score_from = chunk_index * cfg.chunk
+    end = min(score_from + cfg.chunk, num_targets)
+    return max(0, end - cfg.window), end, score_from
+
+
+def ttt_evaluate(model: tg.GPT, val: tg.ValidationSet, cfg: TTTConfig, env: tg.DistributedEnv | None = None,
+                 keep_token_losses: bool = False, progress=None) -> tg.EvalResult:
+    """Score every selected document with chunked LoRA test-time training; documents are shared out over the ranks by
+    train_gpt.assign_documents and the per-document sums all-reduced."""
+    if cfg.chunk > cfg.window:
+        raise tg.ConfigError(f"--chunk {cfg.chunk}: must be <= the window {cfg.window}")
+    rank, world = (env.rank, env.world_size) if env else (0, 1)
+    device = next(model.parameters()).device
+    tg.synchronize(device)
+    start_time = time.perf_counter()
+    counts = val.token_counts
+    mine = tg.assign_documents(counts, world)[rank]
+    queue = [d for d in sorted(mine, key=lambda d: (-int(counts[d]), d)) if counts[d] > 0]  # longest first
+    losses = {d: np.full(int(counts[d]), np.nan) for d in mine}
+    slots = max(1, min(cfg.doc_batch, len(queue)))
+    lora = BatchedLoRA(lora_shapes(model, cfg.lora_targets), cfg, slots, device)
+    slot_doc: list[int | None] = [None] * slots
+    slot_tokens: list[np.ndarray | None] = [None] * slots
+    slot_chunk = [0] * slots
+    was_training = model.training
+    model.eval()
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    last_report, done_docs = time.perf_counter(), 0
+    try:
+        while True:
+            for s in range(slots):  # refill finished slots
+                if slot_doc[s] is None and queue:
+                    slot_doc[s], slot_chunk[s] = queue.pop(0), 0
+                    slot_tokens[s] = val.document(slot_doc[s])
+                    lora.reset(s)
+            active = [s for s in range(slots) if slot_doc[s] is not None]
+            if not active:
+                break
+            rows = [chunk_window(int(counts[slot_doc[s]]), slot_chunk[s], cfg) for s in active]
+            length = max(end - start for start, end, _ in rows)
+            inputs = np.zeros((len(active), length), dtype=np.int64)  # padded at the end of each row
+            targets = np.full((len(active), length), tg.IGNORE_INDEX, dtype=np.int64)
+            for i, (s, (start, end, score_from)) in enumerate(zip(active, rows)):
+                tokens = slot_tokens[s]
+                inputs[i, : end - start] = tokens[start:end]
+                targets[i, score_from - start: end - start] = tokens[score_from + 1: end + 1]
+            lora.select(torch.tensor(active, device=device))
+            with torch.enable_grad(), tg.autocast_context(device):
+                token_losses = model(torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device),
+                                     lora=lora)
+            # the score of each chunk, taken before any training on it
+            scored = token_losses.detach().double().cpu().numpy()
+            train_rows = []
+            for i, (s, (start, end, score_from)) in enumerate(zip(active, rows)):
+                losses[slot_doc[s]][score_from:end] = scored[i, score_from - start: end - start]
+                if end < counts[slot_doc[s]]:
+                    train_rows.append(i)  # no step after a document's last chunk
+            if train_rows:
+                per_row = token_losses.sum(dim=1) / torch.from_numpy(targets != tg.IGNORE_INDEX).sum(1).clamp(min=1).to(
+                    device)
+                lora.step(per_row[train_rows].sum(), train_rows)
+            for s, (start, end, score_from) in zip(active, rows):
+                slot_chunk[s] += 1
+                if end >= counts[slot_doc[s]]:
+                    slot_doc[s] = slot_tokens[s] = None
+                    done_docs += 1
+            if progress and time.perf_counter() - last_report > 60:
+                last_report = time.perf_counter()
+                progress(f"ttt rank:{rank} docs:{done_docs}/{len(mine)} elapsed:{last_report - start_time:.0f}s")
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    doc_nats = torch.zeros(val.num_docs, dtype=torch.float64, device=device)
+    for doc, values in losses.items():
+        assert not np.isnan(values).any(), f"document {doc}: a token was not scored"
+        doc_nats[doc] = float(values.sum())
+    tg.all_reduce_sum(doc_nats)
+    tg.synchronize(device)
+    return tg.EvalResult("ttt", doc_nats.cpu().numpy(), val.token_counts.copy(), val.byte_counts.copy(),
+                         time.perf_counter() - start_time, losses if keep_token_losses else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+class UsageError(Exception):
+    """A bad command-line argument; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+SWEEP_KEYS = {"chunk": int, "lora-rank": int, "lora-lr": float, "lora-targets": str, "window": int, "stride": int,
+              "doc-batch": int, "rope-ntk-alpha": float}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eval_ttt.py", description="Per-document BPB evaluation (flat, strided, LoRA TTT) of a "
+                                                "train_gpt.py checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="a train_gpt.py checkpoint (.pt)")
+    p.add_argument("--data", help="folder with *_val_*.bin shards (default: the checkpoint's DATA_PATH)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; its sha256 must match)")
+    p.add_argument("--mode", choices=("flat", "strided", "ttt"), default="strided")
+    p.add_argument("--window", type=int, help="tokens of input per window or chunk (default: the checkpoint's "
+                                               "EVAL_WINDOW)")
+    p.add_argument("--stride", type=int, help="strided: tokens scored per window after the first (default: window/2)")
+    p.add_argument("--chunk", type=int, help="ttt: tokens scored, then trained on, per step (default: window/4)")
+    p.add_argument("--lora-rank", type=int, default=TTTConfig.lora_rank)
+    p.add_argument("--lora-lr", type=float, default=TTTConfig.lora_lr, help="ttt: Adam learning rate of the adapters")
+    p.add_argument("--lora-targets", default=",".join(TTTConfig.lora_targets),
+                   help="comma-separated: q,k,v,o,fc,proj (mlp = fc,proj; attn = q,k,v,o),head, or all")
+    p.add_argument("--doc-batch", type=int, default=TTTConfig.doc_batch, help="ttt: documents per forward/backward")
+    p.add_argument("--seed", type=int, default=TTTConfig.seed, help="ttt: seed of the adapters' initial A matrices")
+    p.add_argument("--max-docs", type=int, default=0, help="only the first N validation documents (0: all)")
+    p.add_argument("--batch-tokens", type=int, help="flat/strided: tokens per forward (default: the checkpoint's)")
+    p.add_argument("--rope-ntk-alpha", type=float, default=1.0, help="NTK-aware RoPE scaling for long windows")
+    p.add_argument("--attn-backend", default="auto", help="auto | fa3 | fa2 | torch_varlen | reference")
+    p.add_argument("--fused", default="auto", help="train_gpt FUSED setting (kernels; LoRA projections use torch)")
+    p.add_argument("--out", help="write the results JSON here (with --sweep: the list of every configuration's)")
+    p.add_argument("--dump-token-losses", help="write per-token losses (nats, float32 .npy) in the order of `docs`")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help=f"run a grid over {', '.join(SWEEP_KEYS)} (lora-targets alternatives separated by '/')")
+    p.add_argument("--sweep-out", default="results/sweep", help="folder for sweep.csv, sweep.json and the plots")
+    return p
+
+
+def parse_sweep(specs: list[str]) -> list[tuple[str, list]]:
+    grid = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or key not in SWEEP_KEYS:
+            raise UsageError(f"--sweep {spec!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
+        if key in (k for k, _ in grid):
+            raise UsageError(f"--sweep {spec!r}: {key} is swept twice")
+        parts = values.split("/" if key == "lora-targets" else ",")
+        try:
+            parsed = [SWEEP_KEYS[key](v.strip()) for v in parts if v.strip()]
+        except ValueError:
+            raise UsageError(f"--sweep {spec!r}: values must be {SWEEP_KEYS[key].__name__}s") from None
+        if not parsed:
+            raise UsageError(f"--sweep {spec!r}: no values")
+        grid.append((key, parsed))
+    return grid
+
+
+def check_args(args) -> None:
+    """One clear line for each bad value, before any work."""
+    def need(condition, option, problem):
+        if not condition:
+            raise UsageError(f"--{option} {getattr(args, option.replace('-', '_'))}: {problem}")
+
+    need(args.window > 0, "window", "must be a positive integer")
+    need(0 < args.stride <= args.window, "stride", f"must be in 1..window ({args.window})")
+    need(args.chunk > 0, "chunk", "must be a positive integer")
+    need(args.mode != "ttt" or args.chunk <= args.window, "chunk", f"must be <= the window ({args.window})")
+    need(args.lora_rank > 0, "lora-rank", "must be a positive integer")
+    need(args.lora_lr >= 0 and math.isfinite(args.lora_lr), "lora-lr", "must be a finite number >= 0")
+    need(args.doc_batch > 0, "doc-batch", "must be a positive integer")
+    need(args.max_docs >= 0, "max-docs", "must be >= 0 (0: all documents)")
+    need(args.batch_tokens > 0, "batch-tokens", "must be a positive integer")
+    need(args.rope_ntk_alpha > 0 and math.isfinite(args.rope_ntk_alpha), "rope-ntk-alpha", "must be > 0")
+    try:
+        parse_targets(args.lora_targets)
+    except ValueError as e:
+        raise UsageError(f"--lora-targets {args.lora_targets!r}: {e}; known: {', '.join(TARGET_GROUPS)}, all") from None
+
+
+def resolve(path: str) -> str:
+    """A relative path from the checkpoint is relative to where training ran: try here, then the repository root."""
+    if os.path.isabs(path) or os.path.exists(path) or not (ROOT / path).exists():
+        return path
+    return str(ROOT / path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running one configuration, results and outputs
+
+
+def run_config(args, model, val, env, keep_token_losses: bool, progress=None) -> tg.EvalResult:
+    model.rotary.set_ntk_alpha(args.rope_ntk_alpha)
+    try:
+        if args.mode == "ttt":
+            cfg = TTTConfig(window=args.window, chunk=args.chunk, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
+                            lora_targets=parse_targets(args.lora_targets), doc_batch=args.doc_batch, seed=args.seed)
+            return ttt_evaluate(model, val, cfg, env, keep_token_losses, progress=progress)
+        stride = args.stride if args.mode == "strided" else args.window
+        return tg.evaluate(model, val, args.mode, args.window, stride, args.batch_tokens, env, keep_token_losses)
+    finally:
+        model.rotary.set_ntk_alpha(1.0)
+
+
+def config_dict(args, setup: dict) -> dict:
+    ttt = args.mode == "ttt"
+    return {**setup, "mode": args.mode, "window": args.window,
+            "stride": args.stride if args.mode == "strided" else None,
+            "chunk": args.chunk if ttt else None, "lora_rank": args.lora_rank if ttt else None,
+            "lora_lr": args.lora_lr if ttt else None,
+            "lora_targets": ",".join(parse_targets(args.lora_targets)) if ttt else None,
+            "doc_batch": args.doc_batch if ttt else None, "seed": args.seed if ttt else None,
+            "adam_betas": list(ADAM_BETAS) if ttt else None, "adam_eps": ADAM_EPS if ttt else None,
+            "batch_tokens": None if ttt else args.batch_tokens,
+            "rope_ntk_alpha": args.rope_ntk_alpha, "max_docs": args.max_docs}
+
+
+def results_dict(config: dict, result: tg.EvalResult, val: tg.ValidationSet) -> dict:
+    tokens, num_bytes = result.total_tokens, result.total_bytes
+    return {"config": config, "bpb": result.bpb, "loss": result.loss, "tokens": tokens, "bytes": num_bytes,
+            "seconds": result.seconds, "tokens_per_s": tokens / max(result.seconds, 1e-9),
+            "docs": [{"id": int(val.doc_ids[k]), "tokens": int(result.doc_tokens[k]), "bytes": int(result.doc_bytes[k]),
+                      "nats": float(result.doc_nats[k])} for k in range(val.num_docs)]}
+
+
+def gather_token_losses(result: tg.EvalResult, val: tg.ValidationSet, device) -> np.ndarray:
+    """All documents' per-token losses, in document order, on every rank (each rank fills its own documents; summing
+    zeros is exact)."""
+    offsets = np.concatenate([[0], np.cumsum(val.token_counts)]).astype(np.int64)
+    flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
+    for doc, values in result.token_losses.items():
+        flat[offsets[doc]: offsets[doc + 1]] = torch.from_numpy(values).float()
+    if dist.is_available() and dist.is_initialized():
+        flat = tg.all_reduce_sum(flat.to(device)).cpu()
+    return flat.numpy()
+
+
+def summary_line(args, result: tg.EvalResult, val) -> str:
+    if args.mode == "ttt":
+        knobs = (f"window:{args.window} chunk:{args.chunk} lora_rank:{args.lora_rank} lora_lr:{args.lora_lr:g} "
+                 f"lora_targets:{','.join(parse_targets(args.lora_targets))} doc_batch:{args.doc_batch}")
+    elif args.mode == "strided":
+        knobs = f"window:{args.window} stride:{args.stride}"
+    else:
+        knobs = f"window:{args.window}"
+    return (f"eval mode:{args.mode} {knobs} rope_ntk_alpha:{args.rope_ntk_alpha:g} val_loss:{result.loss:.6f} "
+            f"val_bpb:{result.bpb:.6f} docs:{val.num_docs} tokens:{result.total_tokens} bytes:{result.total_bytes} "
+            f"time:{result.seconds:.2f}s tokens_per_s:{result.total_tokens / max(result.seconds, 1e-9):.0f}")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Temporary file in the same folder, then rename: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sweeps
+
+CSV_FIELDS = ("mode", "window", "stride", "chunk", "lora_rank", "lora_lr", "lora_targets", "doc_batch",
+              "rope_ntk_alpha", "bpb", "loss", "tokens", "bytes", "seconds", "tokens_per_s", "reference")
+
+
+def sweep_configs(args, grid) -> list:
+    """The reference (plain strided eval with the base window and stride), then every point of the grid."""
+    reference = copy.copy(args)
+    reference.mode = "strided"
+    configs = [(reference, True)]
+    for values in itertools.product(*(v for _, v in grid)):
+        point = copy.copy(args)
+        for (key, _), value in zip(grid, values):
+            setattr(point, key.replace("-", "_"), value)
+        swept = {k for k, _ in grid}
+        if "window" in swept:  # defaults that follow the window
+            if "stride" not in swept and not args.stride_given:
+                point.stride = max(1, point.window // 2)
+            if "chunk" not in swept and not args.chunk_given:
+                point.chunk = max(1, point.window // 4)
+        configs.append((point, False))
+    return configs
+
+
+def write_sweep(out_dir: str, rows: list[dict], results: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    write_atomic(os.path.join(out_dir, "sweep.csv"), buffer.getvalue().encode())
+    write_atomic(os.path.join(out_dir, "sweep.json"), (json.dumps(results, indent=1) + "\n").encode())
+    plot_sweep(out_dir, rows)
+
+
+SHORT_NAMES = {"mode": "", "window": "W=", "stride": "S=", "chunk": "C=", "lora_rank": "r=", "lora_lr": "lr=",
+               "lora_targets": "", "doc_batch": "B=", "rope_ntk_alpha": "alpha="}
+
+
+def _label(row: dict, keys) -> str:
+    return " ".join(f"{SHORT_NAMES[k]}{row[k]:g}" if isinstance(row[k], float) else f"{SHORT_NAMES[k]}{row[k]}"
+                    for k in keys if row[k] is not None) or row["mode"]
+
+
+def plot_sweep(out_dir: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reference = next(r for r in rows if r["reference"])
+    points = [r for r in rows if not r["reference"]]
+    varying = [k for k in ("mode", "window", "stride", "chunk", "lora_rank", "lora_lr", "lora_targets", "doc_batch",
+                           "rope_ntk_alpha") if len({str(r[k]) for r in points}) > 1]
+    ref_label = f"strided W={reference['window']} S={reference['stride']} (reference)"
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([reference["seconds"]], [reference["bpb"]], marker="s", color="black", label=ref_label, zorder=3)
+    ax.axhline(reference["bpb"], color="black", linestyle="--", linewidth=0.8)
+    for r in points:
+        ax.scatter([r["seconds"]], [r["bpb"]], zorder=3)
+        ax.annotate(_label(r, varying), (r["seconds"], r["bpb"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("evaluation time (s)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("BPB against evaluation time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(_tmp_png(out_dir, "bpb_vs_time.png"))
+    plt.close(fig)
+    os.replace(_tmp_png(out_dir, "bpb_vs_time.png"), os.path.join(out_dir, "bpb_vs_time.png"))
+
+    ttt = [r for r in points if r["mode"] == "ttt"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(reference["bpb"], color="black", linestyle="--", linewidth=1, label=ref_label)
+    others = [k for k in varying if k != "chunk"]
+    groups: dict[str, list[dict]] = {}
+    for r in ttt:
+        groups.setdefault(_label(r, others) if others else "ttt", []).append(r)
+    for label, members in groups.items():
+        members.sort(key=lambda r: r["chunk"])
+        ax.plot([r["chunk"] for r in members], [r["bpb"] for r in members], marker="o", label=label)
+    if ttt:
+        chunks = sorted({r["chunk"] for r in ttt})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(chunks, [str(c) for c in chunks])
+        ax.minorticks_off()
+    ax.set_xlabel("TTT chunk size (tokens)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("BPB against TTT chunk size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(_tmp_png(out_dir, "bpb_vs_chunk.png"))
+    plt.close(fig)
+    os.replace(_tmp_png(out_dir, "bpb_vs_chunk.png"), os.path.join(out_dir, "bpb_vs_chunk.png"))
+
+
+def _tmp_png(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, f".{name}.tmp{os.getpid()}.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None) -> int:
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
+    try:
+        args = build_parser().parse_args(argv)
+        grid = parse_sweep(args.sweep)
+        if grid and args.dump_token_losses:
+            raise UsageError("--dump-token-losses: not with --sweep (run the configuration on its own)")
+        return run(args, grid, tg.setup_distributed())
+    except (UsageError, tg.ConfigError, tg.DataError) as e:
+        if is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, grid, env: tg.DistributedEnv) -> int:
+    def log(line: str) -> None:
+        if env.is_main:
+            print(line, flush=True)
+
+    def progress(line: str) -> None:  # every rank's, to stderr, for long runs
+        print(line, file=sys.stderr, flush=True)
+
+    tg.use_fused_ops(tg.parse_fused_ops(args.fused))
+    backend = tg.select_attention_backend(args.attn_backend, env.device)
+    model, state = tg.load_model(args.checkpoint, env.device)
+    hp = state.get("hyperparameters", {})
+    # defaults from the checkpoint
+    args.stride_given, args.chunk_given = args.stride is not None, args.chunk is not None
+    if args.window is None:
+        args.window = int(hp.get("eval_window") or hp.get("train_seq_len") or 1024)
+    if args.stride is None:
+        args.stride = max(1, args.window // 2)
+    if args.chunk is None:
+        args.chunk = max(1, args.window // 4)
+    if args.batch_tokens is None:
+        args.batch_tokens = int(hp.get("eval_batch_tokens") or 65536)
+    check_args(args)
+    data_path = args.data or resolve(state.get("data_path") or hp.get("data_path", ""))
+    tokenizer_path = args.tokenizer or resolve(state.get("tokenizer_path")
+                                               or os.path.join(data_path, "tokenizer.model"))
+    if not os.path.isfile(tokenizer_path):
+        raise tg.DataError(f"{tokenizer_path}: tokenizer file not found (give --tokenizer)")
+    tokenizer_sha256 = tg.sha256_of_file(tokenizer_path)
+    expected = state.get("tokenizer_sha256")
+    if expected and tokenizer_sha256 != expected:
+        raise tg.DataError(f"{tokenizer_path}: sha256 {tokenizer_sha256[:16]}... differs from the tokenizer the "
+                           f"checkpoint was trained with ({expected[:16]}...)")
+    sp = tg.load_tokenizer(tokenizer_path)
+    vocab_size = model.config.vocab_size
+    tables = tg.build_byte_tables(sp, vocab_size)
+    val = tg.ValidationSet.load(data_path, vocab_size, tables, args.max_docs)
+    setup = {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": tg.sha256_of_file(args.checkpoint),
+             "code_sha256": tg.sha256_of_file(__file__), "tokenizer": os.path.abspath(tokenizer_path),
+             "tokenizer_sha256": tokenizer_sha256, "data": os.path.abspath(data_path), "num_docs": val.num_docs,
+             "world_size": env.world_size, "device": _device_name(env.device), "attention_backend": backend,
+             "fused_ops": sorted(tg.FUSED_OPS), "torch": torch.__version__}
+
+    if not grid:
+        result = run_config(args, model, val, env, keep_token_losses=bool(args.dump_token_losses), progress=progress)
+        out = results_dict(config_dict(args, setup), result, val)
+        losses = gather_token_losses(result, val, env.device) if args.dump_token_losses else None
+        if env.is_main:
+            if args.out:
+                write_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
+            if losses is not None:
+                write_atomic(args.dump_token_losses, npy_bytes(losses.astype(np.float32)))
+        log(summary_line(args, result, val))
+        return 0
+
+    rows, results = [], []
+    for point, is_reference in sweep_configs(args, grid):
+        check_args(point)
+        result = run_config(point, model, val, env, keep_token_losses=False, progress=progress)
+        out = results_dict(config_dict(point, setup), result, val)
+        results.append(out)
+        config = out["config"]
+        rows.append({**{k: config.get(k) for k in CSV_FIELDS if k in config}, "bpb": out["bpb"], "loss": out["loss"],
+                     "tokens": out["tokens"], "bytes": out["bytes"], "seconds": out["seconds"],
+                     "tokens_per_s": out["tokens_per_s"], "reference": is_reference})
+        log(("reference " if is_reference else "") + summary_line(point, result, val))
+    if env.is_main:
+        write_sweep(args.sweep_out, rows, results)
+        if args.out:
+            write_atomic(args.out, (json.dumps(results, indent=1) + "\n").encode())
+        log(f"sweep: {len(rows)} configurations -> {os.path.join(args.sweep_out, 'sweep.csv')}")
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1499 @@
+"""
+train_gpt.py: the record script. Trains a small GPT on packed, shuffled documents and scores it in bits per byte.
+
+Read it top to bottom, in data-flow order:
+  1. hyperparameters (environment variables, validated before any work)
+  2. distributed setup (torchrun: NCCL on CUDA, gloo on CPU; or one plain process)
+  3. data: token shards, the document index, the shuffled varlen document loader, bytes per token
+  4. model: GPT with RMSNorm, rotary q/k, grouped-query varlen attention, relu^2 MLP, U-Net skips, tied embeddings
+  5. optimizers: Muon for matrices (work shared across ranks), Adam for embeddings and scalars
+  6. training loop
+  7. evaluation: per-document flat and strided bits per byte
+  8. checkpoints and logging, and main()
+
+Imports only the standard library, torch, numpy, sentencepiece and `kernels`.
+Run: `python train_gpt.py` (one process) or `torchrun --nproc_per_node=N train_gpt.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import hashlib
+import inspect
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Hyperparameters
+#
+# Every field can be set by the environment variable of the same name in upper case (parameter-golf's names where they
+# exist). Bad values stop the run with one line naming the variable, before any work is done.
+
+
+class ConfigError(ValueError):
+    """A hyperparameter has a value the script cannot run with."""
+
+
+@dataclass
+class ModelConfig:
+    """The model's shape: parameter-golf's baseline by default. Saved in every checkpoint."""
+
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 2
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+
+    @classmethod
+    def from_hyperparameters(cls, hp: ModelConfig) -> ModelConfig:
+        return cls(**{f.name: getattr(hp, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Hyperparameters(ModelConfig):
+    """Everything a run is configured by: the model's shape (above) and the rest (below)."""
+
+    # data
+    data_path: str = "data/datasets/fineweb10B_sp1024"  # folder with *_train_*.bin and *_val_*.bin shards
+    tokenizer_path: str = ""  # SentencePiece model; empty means DATA_PATH/tokenizer.model
+    run_id: str = ""  # names the log and checkpoint files; empty means a timestamp
+    seed: int = 1337
+    doc_shuffle: bool = True  # a fresh permutation of the documents every epoch; 0 keeps the file order (ablations)
+    # batch: the global batch is TRAIN_BATCH_TOKENS per step, cut into TRAIN_MICRO_BATCHES equal slices; each process
+    # runs TRAIN_MICRO_BATCHES / world_size of them (gradient accumulation), so 1..8 processes train the same model.
+    train_seq_len: int = 1024  # longest piece a document is cut into
+    train_batch_tokens: int = 524_288
+    train_micro_batches: int = 8
+    # schedule
+    iterations: int = 20_000
+    warmup_steps: int = 20  # compile warm-up steps; their effect on weights and optimizer state is undone
+    lr_warmup_steps: int = 0  # linear learning-rate warm-up at the start of the timed run
+    warmdown_iters: int = 1200  # linear warm-down to 0 over the last iterations (estimated from the wall clock if capped)
+    max_wallclock_seconds: float = 600.0  # 0 means no cap
+    # optimizers
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0  # 0 means no clipping
+    # evaluation
+    val_loss_every: int = 1000  # 0 means only at the end
+    val_max_docs: int = 0  # 0 means every validation document (periodic and final evaluation)
+    eval_modes: str = "flat,strided"  # final evaluation; the last one named is the run's headline figure
+    eval_window: int = 0  # 0 means TRAIN_SEQ_LEN
+    eval_stride: int = 0  # 0 means EVAL_WINDOW // 2
+    eval_batch_tokens: int = 65_536  # tokens per evaluation forward pass on each process
+    # logging and checkpoints
+    train_log_every: int = 200
+    log_dir: str = "logs"
+    checkpoint_dir: str = "checkpoints"
+    checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0 means none
+    resume: str = ""  # path of a resumable checkpoint to continue from
+    # speed
+    compile: bool = True
+    fused: str = "auto"  # 0 | 1 | auto | comma-separated kernel names (see kernels/__init__.py)
+    attn_backend: str = "auto"  # auto | fa3 | fa2 | torch_varlen | reference
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> Hyperparameters:
+        values = {}
+        for f in dataclasses.fields(cls):
+            name = f.name.upper()
+            if name not in environ:
+                continue
+            raw = environ[name].strip()
+            try:
+                values[f.name] = _parse_env_value(raw, type(f.default))
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r}: expected {type(f.default).__name__}") from None
+        hp = cls(**values)
+        hp.validate()
+        return hp
+
+    def validate(self) -> None:
+        def need(condition: bool, name: str, problem: str) -> None:
+            if not condition:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)!r}: {problem}")
+
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "train_seq_len",
+                     "train_batch_tokens", "train_micro_batches", "muon_backend_steps", "eval_batch_tokens",
+                     "train_log_every"):
+            need(getattr(self, name) > 0, name, "must be a positive integer")
+        for name in ("iterations", "warmup_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every",
+                     "val_max_docs", "eval_window", "eval_stride", "checkpoint_every", "muon_momentum_warmup_steps"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "adam_eps", "rope_base", "tied_embed_init_std"):
+            need(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("max_wallclock_seconds", "grad_clip_norm", "logit_softcap"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        need(self.vocab_size <= 65536, "vocab_size", "shards hold uint16 tokens, so at most 65536")
+        need(self.model_dim % self.num_heads == 0, "model_dim", f"must be divisible by NUM_HEADS={self.num_heads}")
+        need((self.model_dim // self.num_heads) % 2 == 0, "model_dim", "head dimension must be even for rotary")
+        need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"must divide NUM_HEADS={self.num_heads}")
+        need(self.train_batch_tokens % self.train_micro_batches == 0, "train_batch_tokens",
+             f"must be divisible by TRAIN_MICRO_BATCHES={self.train_micro_batches}")
+        modes = self.eval_modes.split(",")
+        need(all(m in ("flat", "strided") for m in modes) and len(modes) > 0, "eval_modes",
+             "must be a comma-separated list of flat, strided")
+        window = self.eval_window or self.train_seq_len
+        need(self.eval_stride <= window, "eval_stride", f"must be <= the evaluation window {window}")
+        need(self.attn_backend in ("auto",) + ATTENTION_BACKENDS, "attn_backend",
+             f"must be auto or one of {', '.join(ATTENTION_BACKENDS)}")
+        parse_fused_ops(self.fused)  # raises ConfigError on an unknown kernel name
+
+    def derived(self) -> None:
+        """Fill in the values whose default depends on others."""
+        if not self.tokenizer_path:
+            self.tokenizer_path = os.path.join(self.data_path, "tokenizer.model")
+        if not self.run_id:
+            self.run_id = time.strftime("%Y%m%d_%H%M%S")
+        if not self.eval_window:
+            self.eval_window = self.train_seq_len
+        if not self.eval_stride:
+            self.eval_stride = max(1, self.eval_window // 2)
+
+
+def _parse_env_value(raw: str, kind: type):
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if kind is int:
+        return int(raw.replace("_", ""))
+    if kind is float:
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError(raw)
+        return value
+    return raw
+
+
+def parse_fused_ops(spec: str) -> frozenset[str]:
+    """FUSED=0: plain torch everywhere; 1: every kernel; auto: the kernels measured faster than torch.compile on an
+    H100 (kernels.DEFAULT_ON); or a comma-separated list of kernel names."""
+    spec = spec.strip().lower()
+    if spec in ("0", "", "none", "off", "false"):
+        return frozenset()
+    if spec in ("1", "all", "on", "true"):
+        return frozenset(kernels.OPS)
+    if spec == "auto":
+        return frozenset(name for name, on in kernels.DEFAULT_ON.items() if on)
+    names = frozenset(s.strip() for s in spec.split(",") if s.strip())
+    unknown = sorted(names - set(kernels.OPS))
+    if unknown:
+        raise ConfigError(f"FUSED={spec!r}: unknown kernel {unknown[0]!r}; known: {', '.join(sorted(kernels.OPS))}")
+    return names
+
+
+# The kernels the model uses in place of plain torch ops (set by main() or tests through use_fused_ops).
+FUSED_OPS: frozenset[str] = frozenset()
+
+
+def use_fused_ops(names) -> None:
+    global FUSED_OPS
+    FUSED_OPS = frozenset(names)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Distributed setup
+
+
+@dataclass
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed() -> DistributedEnv:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train_gpt.py` is one process."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:
+            # processes on one machine share its cores; oversubscribed OpenMP threads spin and slow everything ~10x
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    return DistributedEnv(rank, world_size, local_rank, device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Data
+#
+# Shard file: 256 little-endian int32 header ([0] magic 20240520, [1] version 1, [2] number of tokens), then that many
+# little-endian uint16 tokens, nothing else (the format of modded-nanogpt and parameter-golf). Every document starts with
+# BOS; documents are found by BOS positions and may continue from one shard into the next.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+BOS_ID = 1
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad input data. The message starts with the file it is about."""
+
+
+def load_shard(path) -> np.ndarray:
+    """Memory-map the tokens of one shard after checking magic, version and the exact file size."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise DataError(f"{path}: shard file not found") from None
+    if size < SHARD_HEADER_BYTES:
+        what = "empty" if size == 0 else f"only {size} bytes"
+        raise DataError(f"{path}: file is {what}, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: wrong magic number {header[0]} (a token shard starts with {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (this reader knows version {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        raise DataError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
+                        f" ({'truncated' if size < expected else 'trailing data'})")
+    if num_tokens == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str) -> None:
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path}: token id {int(tokens[position])} at position {position} is >= vocab size {vocab_size}")
+
+
+class TokenStream:
+    """All shards of one split as one virtual, memory-mapped token array, with the index of its documents."""
+
+    def __init__(self, pattern: str, vocab_size: int):
+        self.files = sorted(glob.glob(pattern))
+        if not self.files:
+            raise DataError(f"{pattern}: no shard files match")
+        self.shards = []
+        for path in self.files:
+            tokens = load_shard(path)
+            check_token_ids(tokens, vocab_size, path)
+            self.shards.append(tokens)
+        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.shard_offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.num_tokens = int(self.shard_offsets[-1])
+        if self.num_tokens == 0:
+            raise DataError(f"{pattern}: the shards hold no tokens")
+        first = int(self.shards[np.flatnonzero(lengths)[0]][0])
+        if first != BOS_ID:
+            raise DataError(f"{self.files[0]}: first token is {first}, not BOS ({BOS_ID}); documents must start with BOS")
+        self.doc_starts = np.concatenate(
+            [np.flatnonzero(np.asarray(s) == BOS_ID) + off for s, off in zip(self.shards, self.shard_offsets)]
+        ).astype(np.int64)
+        self.doc_lengths = np.diff(np.append(self.doc_starts, self.num_tokens))
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_starts)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the virtual array, as int32 (a copy)."""
+        return self.gather(np.array([start]), np.array([stop - start]))
+
+    def gather(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The ranges [start, start + length) of the virtual array, concatenated, as int32, in one vectorised pass
+        (a Python loop over ranges is too slow for short documents)."""
+        ends = np.cumsum(lengths)
+        index = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+        if len(self.shards) == 1:
+            return self.shards[0][index].astype(np.int32)
+        shard_of = np.searchsorted(self.shard_offsets, index, side="right") - 1
+        out = np.empty(len(index), dtype=np.int32)
+        for shard in np.unique(shard_of):
+            mask = shard_of == shard
+            out[mask] = self.shards[shard][index[mask] - self.shard_offsets[shard]]
+        return out
+
+    def document(self, index: int) -> np.ndarray:
+        start = int(self.doc_starts[index])
+        return self.read(start, start + int(self.doc_lengths[index]))
+
+
+def split_pattern(data_path: str, split: str) -> str:
+    return os.path.join(data_path, f"*_{split}_*.bin")
+
+
+def segment_boundaries(doc_starts_in_slice: np.ndarray, length: int, max_piece: int) -> np.ndarray:
+    """cu_seqlens for a slice of `length` tokens: a segment starts at 0, at every document start, and every `max_piece`
+    tokens inside a document (long documents are cut into pieces of at most TRAIN_SEQ_LEN)."""
+    starts = np.union1d([0], doc_starts_in_slice).astype(np.int64)
+    ends = np.append(starts[1:], length)
+    pieces = -(-(ends - starts) // max_piece)  # ceil division
+    first_piece = np.cumsum(pieces) - pieces
+    piece_index = np.arange(int(pieces.sum())) - np.repeat(first_piece, pieces)
+    piece_starts = np.repeat(starts, pieces) + piece_index * max_piece
+    return np.append(piece_starts, length).astype(np.int32)
+
+
+def pad_boundaries(cu_seqlens: np.ndarray, minimum: int = 64) -> np.ndarray:
+    """Pad cu_seqlens with zero-length segments to a power-of-two length, so torch.compile sees few distinct shapes."""
+    size = max(minimum, 1 << (len(cu_seqlens) - 1).bit_length())
+    return np.pad(cu_seqlens, (0, size - len(cu_seqlens)), constant_values=cu_seqlens[-1])
+
+
+@dataclass
+class MicroBatch:
+    inputs: np.ndarray  # int32 [L]
+    targets: np.ndarray  # int64 [L]; IGNORE_INDEX where the target would be the next document's BOS
+    cu_seqlens: np.ndarray  # int32, padded with zero-length segments
+
+
+class DocumentLoader:
+    """Shuffled documents, packed back to back, served as fixed-size varlen micro-batches.
+
+    Epoch e is the documents in the order of a permutation drawn from (seed, e), concatenated; the epochs follow one
+    another as one endless stream. Step s covers the next TRAIN_BATCH_TOKENS tokens of that stream, cut into
+    TRAIN_MICRO_BATCHES equal slices; rank r takes slices r, r + world_size, ... Everything depends only on the seed and
+    the stream position, so every rank agrees and a restart from a saved position continues exactly."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, batch_tokens: int, micro_batches: int, rank: int,
+                 world_size: int, seed: int, shuffle: bool = True):
+        if micro_batches % world_size:
+            raise ConfigError(f"TRAIN_MICRO_BATCHES={micro_batches}: must be divisible by the world size {world_size}")
+        self.stream, self.seq_len, self.rank, self.world_size = stream, seq_len, rank, world_size
+        self.micro_tokens = batch_tokens // micro_batches
+        self.micro_batches, self.seed, self.shuffle = micro_batches, seed, shuffle
+        self.position = 0  # tokens of the endless stream consumed so far
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.stream.num_docs)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.stream.num_docs)
+
+    def _epoch(self, epoch: int):
+        """(document order, start of each document in epoch coordinates, with the epoch length appended)."""
+        if epoch not in self._epochs:
+            order = self.epoch_order(epoch)
+            starts = np.concatenate([[0], np.cumsum(self.stream.doc_lengths[order])])
+            self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
+            self._epochs[epoch] = (order, starts)
+        return self._epochs[epoch]
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, stop) of the endless stream and the offsets (within them) where documents start."""
+        tokens, doc_offsets, done = [], [], 0
+        n = self.stream.num_tokens
+        while start + done < stop:  # more than once only when the range runs into the next epoch
+            epoch, offset = divmod(start + done, n)
+            order, starts = self._epoch(epoch)
+            end = min(n, offset + stop - start - done)
+            first = int(np.searchsorted(starts, offset, side="right")) - 1
+            last = int(np.searchsorted(starts, end, side="left"))
+            doc_begin, doc_end = starts[first:last], starts[first + 1:last + 1]
+            lo, hi = np.maximum(offset, doc_begin), np.minimum(end, doc_end)
+            tokens.append(self.stream.gather(self.stream.doc_starts[order[first:last]] + lo - doc_begin, hi - lo))
+            doc_offsets.append(done + doc_begin[lo == doc_begin] - offset)
+            done += end - offset
+        return np.concatenate(tokens), np.concatenate(doc_offsets).astype(np.int64)
+
+    def micro_batch(self, start: int) -> MicroBatch:
+        tokens, doc_offsets = self.read(start, start + self.micro_tokens + 1)
+        inputs, targets = tokens[:-1], tokens[1:].astype(np.int64)
+        targets[targets == BOS_ID] = IGNORE_INDEX  # never predict across a document boundary
+        cu = segment_boundaries(doc_offsets[doc_offsets < self.micro_tokens], self.micro_tokens, self.seq_len)
+        return MicroBatch(inputs, targets, pad_boundaries(cu))
+
+    def next_step(self) -> list[MicroBatch]:
+        """This rank's micro-batches of the next global step."""
+        batches = [self.micro_batch(self.position + j * self.micro_tokens)
+                   for j in range(self.rank, self.micro_batches, self.world_size)]
+        self.position += self.micro_batches * self.micro_tokens
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+# Bytes per token. BPB = (sum of per-token losses in nats) / ln 2 / (bytes those tokens stand for). The bytes of a token
+# come from lookup tables built from the SentencePiece model; together they reproduce len(sp.decode(ids).encode()) for
+# every document exactly (tests/test_bpb.py checks it on every validation document).
+
+
+@dataclass
+class ByteTables:
+    base_bytes: np.ndarray  # int64 [V]: UTF-8 bytes of the piece without its leading "▁"; byte pieces 1; control 0
+    leading_space: np.ndarray  # bool [V]: the piece starts with "▁", which decodes to one space byte
+    is_boundary: np.ndarray  # bool [V]: control and unknown pieces (BOS, EOS, PAD, UNK)
+    strips_first_space: bool  # the decoder drops the "▁" of a text's first piece (tokenizers with a dummy prefix)
+
+    def count(self, prev_ids, ids):
+        """Bytes of each token in `ids`, given the token before it (numpy or torch integer arrays)."""
+        if isinstance(ids, torch.Tensor):
+            base, space, boundary = (torch.as_tensor(t, device=ids.device) for t in
+                                     (self.base_bytes, self.leading_space, self.is_boundary))
+        else:
+            base, space, boundary = self.base_bytes, self.leading_space, self.is_boundary
+        space_counts = space[ids]
+        if self.strips_first_space:
+            space_counts = space_counts & ~boundary[prev_ids]
+        return base[ids] + space_counts
+
+
+def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteTables:
+    if sp.vocab_size() > vocab_size:
+        raise DataError(f"tokenizer has {sp.vocab_size()} pieces, more than VOCAB_SIZE={vocab_size}")
+    base = np.zeros(vocab_size, dtype=np.int64)
+    space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)  # ids past the tokenizer's vocabulary never occur; count them as 0
+    for token in range(sp.vocab_size()):
+        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
+            continue
+        boundary[token] = False
+        if sp.is_byte(token):
+            base[token] = 1
+            continue
+        piece = sp.id_to_piece(token)
+        if piece.startswith("\u2581"):
+            space[token] = True
+            piece = piece[1:]
+        base[token] = len(piece.replace("\u2581", " ").encode("utf-8"))  # an inner "▁" (e.g. "▁of▁the") is one space
+    # Whether the decoder strips the space of a first "▁piece" depends on the tokenizer's normaliser (dummy prefix);
+    # ask the decoder itself, with a piece like "▁the" (not "▁▁"), rather than parse its protobuf.
+    probe = next((t for t in range(sp.vocab_size()) if space[t] and len(sp.id_to_piece(t)) > 1
+                  and sp.id_to_piece(t)[1] != "\u2581"), None)
+    strips = probe is not None and not sp.decode([probe]).startswith(" ")
+    return ByteTables(base, space, boundary, strips)
+
+
+def document_bytes(tables: ByteTables, doc: np.ndarray) -> int:
+    """Bytes of a document (its tokens after the BOS)."""
+    return int(tables.count(doc[:-1], doc[1:]).sum())
+
+
+def bits_per_byte(total_nats: float, total_bytes: int) -> float:
+    return total_nats / math.log(2) / max(total_bytes, 1)
+
+
+def sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: tokenizer file not found (set TOKENIZER_PATH or prepare the data first)")
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except Exception as e:  # sentencepiece raises bare RuntimeError/OSError with long messages
+        raise DataError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Model
+#
+# Input is either a batch of rows [B, T] (each row one causal sequence starting at position 0), or one packed row
+# [1, N] with `cu_seqlens`: segment i is tokens cu_seqlens[i]:cu_seqlens[i+1]; a token attends only inside its segment
+# and positions restart at 0 in each segment. Every fused kernel has its plain-torch twin right here (FUSED=0).
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    if "rms_norm" in FUSED_OPS:
+        return kernels.rms_norm(x)
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the head dimension; x [..., T, H, D], cos/sin [..., T, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def norm_and_rotate_qk(q, k, cos, sin):
+    """RMSNorm over the head dimension, then rotary, for queries and keys."""
+    if "rotary_qk" in FUSED_OPS:
+        B, T = q.shape[:2]
+        q, k = kernels.rotary_qk(q.flatten(0, 1), k.flatten(0, 1), cos.flatten(0, 1).to(q.dtype),
+                                 sin.flatten(0, 1).to(q.dtype))
+        return q.unflatten(0, (B, T)), k.unflatten(0, (B, T))
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # keep bf16 activations bf16 (flash attention needs one dtype)
+    return apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self._inv_freq(1.0), persistent=False)
+
+    def _inv_freq(self, ntk_alpha: float) -> torch.Tensor:
+        # NTK-aware scaling stretches the longest wavelengths most, so windows longer than training stay in range;
+        # alpha 1 is the plain base.
+        base = self.base * ntk_alpha ** (self.head_dim / (self.head_dim - 2))
+        return 1.0 / base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+
+    def set_ntk_alpha(self, alpha: float) -> None:
+        self.inv_freq = self._inv_freq(alpha).to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor):
+        angles = positions.unsqueeze(-1).float() * self.inv_freq
+        return angles.cos(), angles.sin()
+
+
+# Varlen attention backends, fastest first. Each takes packed q [N, Hq, D], k and v [N, Hkv, D], int32 cu_seqlens and an
+# upper bound on segment length, and returns [N, Hq, D] with causal attention inside each segment.
+ATTENTION_BACKENDS = ("fa3", "fa2", "torch_varlen", "reference")
+
+
+def sdpa_causal(q, k, v):
+    """Causal SDPA on [B, H, T, D] with grouped-query heads. On CPUs SDPA's GQA path falls back to a slow kernel
+    (~5x here), so the key/value heads are repeated instead."""
+    if k.size(1) == q.size(1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if q.device.type == "cpu":
+        repeat = q.size(1) // k.size(1)
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                              is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen):
+    """Slow and obvious: a loop over the segments, plain causal SDPA on each."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            q_seg, k_seg, v_seg = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+            out[start:end] = sdpa_causal(q_seg, k_seg, v_seg)[0].transpose(0, 1)
+    return out
+
+
+def _flash_backend(module_name: str):
+    module = __import__(module_name)
+    fn = module.flash_attn_varlen_func
+
+    def attention(q, k, v, cu_seqlens, max_seqlen):
+        out = fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the logsumexp
+
+    return attention
+
+
+def _torch_varlen_backend():
+    from torch.nn.attention.varlen import varlen_attn
+
+    parameters = inspect.signature(varlen_attn).parameters
+    gqa = "enable_gqa" in parameters
+
+    def attention(q, k, v, cu_seqlens, max_seqlen):
+        if not gqa and k.size(1) != q.size(1):
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        extra = {"enable_gqa": True} if gqa and k.size(1) != q.size(1) else {}
+        if "window_size" in parameters:  # torch >= 2.11
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0), **extra)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True, **extra)  # 2.10
+
+    return attention
+
+
+def load_attention_backend(name: str, device: torch.device):
+    """The backend's function, or None if it cannot run here."""
+    if name == "reference":
+        return varlen_attention_reference
+    if device.type != "cuda":
+        return None  # flash kernels and torch's varlen_attn are CUDA-only
+    try:
+        if name == "fa3":
+            return _flash_backend("flash_attn_interface")
+        if name == "fa2":
+            return _flash_backend("flash_attn")
+        if name == "torch_varlen":
+            return _torch_varlen_backend()
+    except (ImportError, AttributeError):
+        return None
+    raise ConfigError(f"ATTN_BACKEND={name!r}: unknown backend")
+
+
+ATTENTION_BACKEND = "reference"
+_varlen_attention = varlen_attention_reference
+
+
+def select_attention_backend(requested: str, device: torch.device) -> str:
+    """Pick the first backend of the chain that loads here (or the one requested) and use it from now on."""
+    global ATTENTION_BACKEND, _varlen_attention
+    for name in (ATTENTION_BACKENDS if requested == "auto" else (requested,)):
+        fn = load_attention_backend(name, device)
+        if fn is not None:
+            ATTENTION_BACKEND, _varlen_attention = name, fn
+            return name
+    raise ConfigError(f"ATTN_BACKEND={requested!r}: not available on {device.type} (not installed or CUDA-only)")
+
+
+def causal_attention(q, k, v, cu_seqlens=None, max_seqlen=0):
+    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
+    if cu_seqlens is None:
+        return sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return _varlen_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen).unsqueeze(0)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in; our Triton kernels are not autocast-aware, so callers cast for them."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class CastedLinear(nn.Linear):
+    """Weights stay fp32 for the optimizer; the matmul runs in the activations' dtype (bf16 under autocast)."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:  # output projections start at zero, so every block starts as the identity
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def with_lora(y, lora, name, x):
+    """Add a test-time LoRA delta (eval_ttt.py) to the output of projection `name`, if the adapter covers it."""
+    if lora is not None:
+        delta = lora(name, x)
+        if delta is not None:
+            return y + delta.to(y.dtype)
+    return y
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.num_heads, self.num_kv_heads = layer, config.num_heads, config.num_kv_heads
+        self.head_dim = config.model_dim // config.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(config.model_dim, config.model_dim)
+        self.c_k = CastedLinear(config.model_dim, kv_dim)
+        self.c_v = CastedLinear(config.model_dim, kv_dim)
+        self.proj = CastedLinear(config.model_dim, config.model_dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))  # sharpness per head
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, lora=None):
+        B, T, _ = x.shape
+        prefix = f"blocks.{self.layer}.attn"
+        q = with_lora(self.c_q(x), lora, f"{prefix}.q", x).view(B, T, self.num_heads, self.head_dim)
+        k = with_lora(self.c_k(x), lora, f"{prefix}.k", x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = with_lora(self.c_v(x), lora, f"{prefix}.v", x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = norm_and_rotate_qk(q, k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = causal_attention(q, k, v, cu_seqlens, max_seqlen).reshape(B, T, -1)
+        return with_lora(self.proj(y), lora, f"{prefix}.o", y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        hidden = config.mlp_mult * config.model_dim
+        self.fc = CastedLinear(config.model_dim, hidden)
+        self.proj = CastedLinear(hidden, config.model_dim, zero_init=True)
+
+    def forward(self, x, lora=None):
+        prefix = f"blocks.{self.layer}.mlp"
+        if "relu2_linear" in FUSED_OPS and lora is None:
+            dtype = matmul_dtype(x)
+            h = kernels.relu2_linear(x.to(dtype), self.fc.weight.to(dtype))
+        else:
+            h = F.relu(with_lora(self.fc(x), lora, f"{prefix}.fc", x)).square()
+        return with_lora(self.proj(h), lora, f"{prefix}.proj", h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config, layer)
+        self.attn_scale = nn.Parameter(torch.ones(config.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(config.model_dim))
+        # each block reads a learned mix of the residual stream and the initial embedding
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(config.model_dim), torch.zeros(config.model_dim))))
+
+    def forward(self, x, x0, cos, sin, cu_seqlens, max_seqlen, lora=None):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, cu_seqlens, max_seqlen, lora)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), lora)
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
+        self.rotary = Rotary(config.model_dim // config.num_heads, config.rope_base)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        # U-Net: the first half of the blocks (encoder) hands its outputs, last first, to the second half (decoder)
+        self.num_encoder_layers = config.num_layers // 2
+        self.num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, config.model_dim))
+
+    def positions(self, input_ids, cu_seqlens):
+        B, T = input_ids.shape
+        if cu_seqlens is None:
+            return torch.arange(T, device=input_ids.device).expand(B, T)
+        index = torch.arange(T, device=input_ids.device)
+        segment = torch.searchsorted(cu_seqlens.to(torch.int64), index, right=True) - 1
+        return (index - cu_seqlens.to(torch.int64)[segment]).unsqueeze(0)
+
+    def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=0, lora=None):
+        cos, sin = self.rotary(self.positions(input_ids, cu_seqlens))
+        x = x0 = rms_norm(self.tok_emb(input_ids))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder_layers and skips:
+                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
+            x = block(x, x0, cos, sin, cu_seqlens, max_seqlen, lora)
+            if i < self.num_encoder_layers:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, x, lora=None):
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))  # tied embeddings
+        logits = with_lora(logits, lora, "head", x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def forward(self, input_ids, target_ids=None, cu_seqlens=None, max_seqlen=0, lora=None):
+        """Logits [B, T, V] without targets; with targets, the per-token losses [B, T] in nats (fp32), 0 where the
+        target is IGNORE_INDEX."""
+        x = self.hidden_states(input_ids, cu_seqlens, max_seqlen, lora)
+        if target_ids is None:
+            return self.logits(x, lora)
+        flat_x, flat_targets = x.flatten(0, 1), target_ids.flatten()
+        cap = self.config.logit_softcap
+        if "linear_softcap_cross_entropy" in FUSED_OPS and lora is None:
+            dtype = matmul_dtype(flat_x)
+            losses = kernels.linear_softcap_cross_entropy(flat_x.to(dtype), self.tok_emb.weight.to(dtype), flat_targets,
+                                                          cap)
+        else:
+            raw = F.linear(flat_x, self.tok_emb.weight.to(x.dtype))
+            raw = with_lora(raw, lora, "head", flat_x)
+            if "softcap_cross_entropy" in FUSED_OPS:
+                losses = kernels.softcap_cross_entropy(raw, flat_targets, cap)
+            else:
+                capped = cap * torch.tanh(raw.float() / cap) if cap > 0 else raw.float()
+                losses = F.cross_entropy(capped, flat_targets, ignore_index=IGNORE_INDEX, reduction="none")
+        return losses.view_as(target_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Optimizers
+
+
+def orthogonalize(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Newton-Schulz quintic iteration (Muon): an approximately orthogonal matrix with G's singular vectors. The plain
+    iteration is kernels/newton_schulz.py's reference (in bf16 on GPUs), the fused one its Triton twin."""
+    if "newton_schulz" in FUSED_OPS:
+        return kernels.newton_schulz(G, steps)
+    return kernels.REFERENCES["newton_schulz"](G, steps)
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose update is orthogonalised. Rank r orthogonalises parameters r, r + world, ...;
+    one all-reduce of a flat buffer then hands every rank every update. Momentum is kept on every rank (it is cheap),
+    so rank 0's state is the whole state for checkpoints."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                if i % world == rank:
+                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    g = orthogonalize(g, group["backend_steps"])
+                    g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS update for tall matrices
+                    updates[offset: offset + p.numel()] = g.flatten()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(updates[offset: offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
+    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2]
+    scalars = [p for n, p in model.blocks.named_parameters() if p.ndim < 2] + [model.skip_weights]
+    fused = next(model.parameters()).is_cuda
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
+    optimizers = [
+        torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": hp.tied_embed_lr, "base_lr": hp.tied_embed_lr}],
+                         **adam),
+        Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps),
+        torch.optim.Adam([{"params": scalars, "lr": hp.scalar_lr, "base_lr": hp.scalar_lr}], **adam),
+    ]
+    optimizers[1].param_groups[0]["base_lr"] = hp.matrix_lr
+    assert sum(len(g["params"]) for o in optimizers for g in o.param_groups) == len(list(model.parameters()))
+    return optimizers
+
+
+def learning_rate_scale(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
+    """Linear warm-up, then constant, then a linear warm-down to 0 over the last WARMDOWN_ITERS steps. With a wall-clock
+    cap the warm-down starts when the time left, at the measured step time, is WARMDOWN_ITERS steps."""
+    scale = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps else 1.0
+    if hp.warmdown_iters <= 0:
+        return scale
+    by_steps = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+    if hp.max_wallclock_seconds > 0 and step > 0:
+        step_ms = elapsed_ms / step
+        remaining_ms = max(hp.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
+        by_steps = min(by_steps, remaining_ms / (hp.warmdown_iters * step_ms))
+    return scale * by_steps
+
+
+def set_learning_rates(optimizers, step: int, elapsed_ms: float, hp: Hyperparameters) -> None:
+    scale = learning_rate_scale(step, elapsed_ms, hp)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+    if hp.muon_momentum_warmup_steps:
+        frac = min(step / hp.muon_momentum_warmup_steps, 1.0)
+        momentum = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+    else:
+        momentum = hp.muon_momentum
+    for group in optimizers[1].param_groups:
+        group["momentum"] = momentum
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Training loop
+
+
+class StopRequested:
+    """Remembers a SIGTERM so the loop can finish its step, write a checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def autocast_context(device: torch.device):
+    # bf16 matmuls on GPUs; plain fp32 on CPUs, where bf16 is slow and tests want tight tolerances
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                      enabled=False)
+
+
+def to_device(batch: MicroBatch, device: torch.device):
+    pin = device.type == "cuda"
+
+    def move(array):
+        tensor = torch.from_numpy(array)
+        return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
+
+    return move(batch.inputs)[None], move(batch.targets)[None], move(batch.cu_seqlens)
+
+
+def forward_backward(model_fn, batches: list[MicroBatch], hp: Hyperparameters, device: torch.device) -> torch.Tensor:
+    """Accumulate this rank's gradients for one step; returns [sum of token losses, number of scored tokens].
+
+    Each micro-batch's loss is divided by the global number of micro-batch tokens, and gradients are summed over
+    ranks, so the update is the same for any number of processes."""
+    micro_tokens = hp.train_batch_tokens // hp.train_micro_batches
+    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    for batch in batches:
+        inputs, targets, cu_seqlens = to_device(batch, device)
+        with autocast_context(device):
+            losses = model_fn(inputs, targets, cu_seqlens, hp.train_seq_len)
+        (losses.sum() / (micro_tokens * hp.train_micro_batches)).backward()
+        totals[0] += losses.detach().sum().double()
+        totals[1] += (targets != IGNORE_INDEX).sum()
+    return totals
+
+
+def all_reduce_gradients(model: nn.Module) -> None:
+    """Sum gradients over ranks in one flat buffer (one collective per step)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad for p in model.parameters()]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def optimizer_step(model: GPT, optimizers, hp: Hyperparameters) -> None:
+    all_reduce_gradients(model)
+    if hp.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=False)
+
+
+def compile_warmup(model, model_fn, optimizers, loader, hp, device, log) -> None:
+    """Run WARMUP_STEPS real steps so torch.compile and the kernels' autotuning happen before the clock starts, then
+    put the weights, the optimizer state and the loader back as they were."""
+    if hp.warmup_steps == 0:
+        return
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loader_state = loader.state_dict()
+    start = time.perf_counter()
+    for _ in range(hp.warmup_steps):
+        forward_backward(model_fn, loader.next_step(), hp, device)
+        optimizer_step(model, optimizers, hp)
+    model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, optimizer_states):
+        opt.load_state_dict(state)
+    loader.load_state_dict(loader_state)
+    model.zero_grad(set_to_none=False)
+    log(f"compile_warmup steps:{hp.warmup_steps} time:{1000 * (time.perf_counter() - start):.0f}ms (not counted)")
+
+
+def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
+    """The whole run: data, model, optimizers, the timed loop, final evaluation and checkpoint. Returns an exit code."""
+    device = env.device
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
+    random.seed(hp.seed)
+
+    sp = load_tokenizer(hp.tokenizer_path)
+    tokenizer_sha256 = sha256_of_file(hp.tokenizer_path)
+    tables = build_byte_tables(sp, hp.vocab_size)
+    train_stream = TokenStream(split_pattern(hp.data_path, "train"), hp.vocab_size)
+    val = ValidationSet.load(hp.data_path, hp.vocab_size, tables, hp.val_max_docs)
+    log(f"tokenizer: {hp.tokenizer_path} sha256:{tokenizer_sha256} pieces:{sp.vocab_size()}")
+    log(f"train_data: shards:{len(train_stream.files)} documents:{train_stream.num_docs} tokens:{train_stream.num_tokens}")
+    log(f"val_data: documents:{val.num_docs} tokens:{int(val.token_counts.sum())} bytes:{int(val.byte_counts.sum())}")
+
+    loader = DocumentLoader(train_stream, hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches, env.rank,
+                            env.world_size, hp.seed, hp.doc_shuffle)
+    model = GPT(ModelConfig.from_hyperparameters(hp)).to(device)
+    optimizers = build_optimizers(model, hp)
+    num_params = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{num_params} world_size:{env.world_size} grad_accum:{hp.train_micro_batches // env.world_size} "
+        f"micro_batch_tokens:{loader.micro_tokens}")
+
+    step, train_ms = 0, 0.0
+    if hp.resume:
+        state = load_checkpoint(hp.resume, device)
+        if "optimizers" not in state:
+            raise DataError(f"{hp.resume}: not a resumable checkpoint (no optimizer state); use CHECKPOINT_EVERY")
+        model.load_state_dict(state["model"])
+        for opt, opt_state in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        loader.load_state_dict(state["loader"])
+        step, train_ms = state["step"], state["train_time_ms"]
+        restore_rng_states(state["rng"])
+        log(f"resumed: {hp.resume} step:{step} train_time:{train_ms:.0f}ms")
+
+    model_fn = torch.compile(model, dynamic=False) if hp.compile else model
+    compile_warmup(model, model_fn, optimizers, loader, hp, device, log)
+
+    stop_signal = StopRequested()
+    stop_signal.install()
+    last_checkpoint = hp.resume or None
+    stop_at, first_step, first_ms = hp.iterations, step, train_ms
+    synchronize(device)
+    t0 = time.perf_counter()
+    while True:
+        last_step = step >= stop_at
+        if last_step or (hp.val_loss_every and step % hp.val_loss_every == 0 and step > first_step):
+            synchronize(device)
+            train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while validating
+            if last_step:
+                break  # the final evaluation below also gives the curve's last point
+            result = evaluate(model, val, "flat", hp.train_seq_len, hp.train_seq_len, hp.eval_batch_tokens, env)
+            log(validation_line(step, hp, result, train_ms))
+            synchronize(device)
+            t0 = time.perf_counter()
+
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        set_learning_rates(optimizers, step, elapsed_ms, hp)
+        totals = forward_backward(model_fn, loader.next_step(), hp, device)
+        optimizer_step(model, optimizers, hp)
+        step += 1
+
+        # One small all-reduce per step carries the loss and the reasons to stop, so every rank agrees on them.
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        time_up = hp.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * hp.max_wallclock_seconds
+        flags = torch.cat([totals, torch.tensor([float(stop_signal.requested), float(time_up)], device=device,
+                                                dtype=torch.float64)])
+        loss_sum, loss_count, sigterm, time_up = all_reduce_sum(flags).tolist()
+        train_loss = loss_sum / max(loss_count, 1)
+        if not math.isfinite(train_loss):
+            log(f"error: step {step}: train loss is {train_loss}; stopping. Last good checkpoint: {last_checkpoint}")
+            return 1
+        if step % hp.train_log_every == 0 or step <= 10:
+            elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            tokens_per_s = (step - first_step) * hp.train_batch_tokens / max((elapsed_ms - first_ms) / 1000, 1e-9)
+            log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{elapsed_ms / step:.2f}ms tokens_per_s:{tokens_per_s:.0f}")
+        if (hp.checkpoint_every and step % hp.checkpoint_every == 0) or sigterm:
+            elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            last_checkpoint = save_resumable_checkpoint(model, optimizers, loader, step, elapsed_ms, hp, tokenizer_sha256,
+                                                        env)
+            log(f"checkpoint: {last_checkpoint} (resumable, step {step})")
+        if sigterm:
+            log(f"stopped by SIGTERM at step {step}; resume with RESUME={last_checkpoint}")
+            return 143
+        if time_up and step < stop_at:
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+            stop_at = step  # the next pass of the loop runs the last validation and ends
+
+    # final evaluation, with the timer stopped
+    strides = {"flat": hp.eval_window, "strided": hp.eval_stride}
+    results = {mode: evaluate(model, val, mode, hp.eval_window, strides[mode], hp.eval_batch_tokens, env)
+               for mode in hp.eval_modes.split(",")}
+    if hp.val_loss_every:  # the last point of the periodic validation curve (flat windows of TRAIN_SEQ_LEN)
+        same = "flat" in results and hp.eval_window == hp.train_seq_len
+        curve = results["flat"] if same else evaluate(model, val, "flat", hp.train_seq_len, hp.train_seq_len,
+                                                       hp.eval_batch_tokens, env)
+        log(validation_line(step, hp, curve, train_ms))
+    for mode, result in results.items():
+        log(f"final_eval mode:{mode} window:{hp.eval_window} stride:{strides[mode]} val_loss:{result.loss:.8f} "
+            f"val_bpb:{result.bpb:.8f} docs:{val.num_docs} tokens:{result.total_tokens} bytes:{result.total_bytes} "
+            f"eval_time:{1000 * result.seconds:.0f}ms")
+    results = list(results.values())
+    path = save_final_checkpoint(model, hp, tokenizer_sha256, step, results[-1], env)
+    log(f"checkpoint: {path}")
+    log(f"peak_memory: {peak_memory_mib(device):.0f}MiB")
+    log(f"final val_loss:{results[-1].loss:.8f} val_bpb:{results[-1].bpb:.8f} mode:{results[-1].mode} steps:{step} "
+        f"train_time:{train_ms:.0f}ms")
+    return 0
+
+
+def validation_line(step: int, hp: Hyperparameters, result: EvalResult, train_ms: float) -> str:
+    return (f"step:{step}/{hp.iterations} val_loss:{result.loss:.4f} val_bpb:{result.bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; this is the process RSS
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. Evaluation
+#
+# Every score is per document: a scored token only ever sees earlier tokens of its own document. Both modes turn the
+# documents into windows (doc, start, end, score_from): inputs are the document's tokens start..end-1, and the targets of
+# positions score_from..end-1 are scored. Windows of many documents are packed into one varlen forward pass.
+#   flat:    the validation documents concatenated and cut into contiguous windows of W tokens (older leaderboards);
+#            a window boundary cuts a document's context.
+#   strided: per document, the first W tokens, then S tokens at a time, each with the W - S tokens before it as context.
+
+
+@dataclass
+class ValidationSet:
+    stream: TokenStream
+    doc_ids: np.ndarray  # indices into the validation split, in order
+    token_counts: np.ndarray  # scored tokens per document (all but the BOS)
+    byte_counts: np.ndarray  # bytes those tokens stand for
+
+    @classmethod
+    def load(cls, data_path: str, vocab_size: int, tables: ByteTables, max_docs: int = 0) -> ValidationSet:
+        stream = TokenStream(split_pattern(data_path, "val"), vocab_size)
+        doc_ids = np.arange(stream.num_docs if not max_docs else min(max_docs, stream.num_docs))
+        byte_counts = np.array([document_bytes(tables, stream.document(i)) for i in doc_ids], dtype=np.int64)
+        return cls(stream, doc_ids, stream.doc_lengths[doc_ids] - 1, byte_counts)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_ids)
+
+    def document(self, k: int) -> np.ndarray:
+        """Tokens of the k-th selected document, BOS first."""
+        return self.stream.document(int(self.doc_ids[k]))
+
+
+def strided_windows(num_targets: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, score_from) over a document's prediction positions 0..num_targets-1."""
+    end = min(window, num_targets)
+    windows = [(0, end, 0)]
+    while end < num_targets:
+        new_end = min(end + stride, num_targets)
+        windows.append((max(0, new_end - window), new_end, end))
+        end = new_end
+    return windows
+
+
+def flat_windows(token_counts: np.ndarray, window: int) -> list[tuple[int, int, int, int]]:
+    """(doc, start, end, score_from) pieces of the concatenated documents cut every `window` tokens."""
+    items, position = [], 0
+    for doc, count in enumerate(token_counts.tolist()):
+        start = 0
+        while start < count:
+            end = min(count, start + window - (position + start) % window)
+            items.append((doc, start, end, start))
+            start = end
+        position += count
+    return items
+
+
+def evaluation_windows(val: ValidationSet, mode: str, window: int, stride: int):
+    if mode == "flat":
+        return flat_windows(val.token_counts, window)
+    if mode == "strided":
+        return [(doc, *w) for doc, n in enumerate(val.token_counts.tolist()) for w in strided_windows(n, window, stride)]
+    raise ConfigError(f"evaluation mode {mode!r}: must be flat or strided")
+
+
+def assign_documents(lengths, world_size: int) -> list[list[int]]:
+    """Deterministic length-balanced assignment of documents to ranks (longest first, to the least-loaded rank, ties to
+    the lowest rank). Every rank computes the same answer; no coordination needed."""
+    loads = [0] * world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for doc in sorted(range(len(lengths)), key=lambda d: (-int(lengths[d]), d)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shares[rank].append(doc)
+        loads[rank] += int(lengths[doc])
+    return [sorted(s) for s in shares]
+
+
+def pack_windows(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group windows (by index) into batches of at most batch_tokens tokens, longest first (first-fit decreasing)."""
+    batches, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                batches[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            batches.append([i])
+            room.append(batch_tokens - lengths[i])
+    return batches
+
+
+@torch.no_grad()
+def score_windows(model: GPT, val: ValidationSet, windows, batch_tokens: int, device: torch.device, lora=None):
+    """Per-token losses (nats) of the scored positions, as {doc: float64 array over the document's targets}."""
+    docs = {doc: val.document(doc) for doc in sorted({w[0] for w in windows})}
+    losses = {doc: np.full(len(tokens) - 1, np.nan) for doc, tokens in docs.items()}
+    lengths = [end - start for _, start, end, _ in windows]
+    was_training = model.training
+    model.eval()
+    for batch in pack_windows(lengths, max(batch_tokens, max(lengths, default=1))):
+        inputs = np.concatenate([docs[windows[i][0]][windows[i][1]: windows[i][2]] for i in batch])
+        targets = np.concatenate([docs[windows[i][0]][windows[i][1] + 1: windows[i][2] + 1] for i in batch])
+        cu_seqlens = np.concatenate([[0], np.cumsum([lengths[i] for i in batch])]).astype(np.int32)
+        with autocast_context(device):
+            token_losses = model(torch.from_numpy(inputs).to(device)[None],
+                                 torch.from_numpy(targets.astype(np.int64)).to(device)[None],
+                                 torch.from_numpy(cu_seqlens).to(device), max(lengths[i] for i in batch), lora=lora)
+        token_losses = token_losses[0].double().cpu().numpy()
+        for i, offset in zip(batch, cu_seqlens[:-1].tolist()):
+            doc, start, end, score_from = windows[i]
+            losses[doc][score_from:end] = token_losses[offset + score_from - start: offset + end - start]
+    model.train(was_training)
+    return losses
+
+
+@dataclass
+class EvalResult:
+    mode: str
+    doc_nats: np.ndarray  # per selected document
+    doc_tokens: np.ndarray
+    doc_bytes: np.ndarray
+    seconds: float
+    token_losses: dict | None = None  # {doc: per-token losses}, this rank's documents only
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.doc_tokens.sum())
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.doc_bytes.sum())
+
+    @property
+    def loss(self) -> float:
+        return float(self.doc_nats.sum() / max(self.total_tokens, 1))
+
+    @property
+    def bpb(self) -> float:
+        return bits_per_byte(float(self.doc_nats.sum()), self.total_bytes)
+
+
+def evaluate(model: GPT, val: ValidationSet, mode: str, window: int, stride: int, batch_tokens: int,
+             env: DistributedEnv | None = None, keep_token_losses: bool = False) -> EvalResult:
+    """Score every selected validation document; documents are shared out over the ranks and the sums all-reduced."""
+    rank, world = (env.rank, env.world_size) if env else (0, 1)
+    device = next(model.parameters()).device
+    start_time = time.perf_counter()
+    mine = set(assign_documents(val.token_counts, world)[rank])
+    windows = [w for w in evaluation_windows(val, mode, window, stride) if w[0] in mine]
+    losses = score_windows(model, val, windows, batch_tokens, device)
+    doc_nats = torch.zeros(val.num_docs, dtype=torch.float64, device=device)
+    for doc, values in losses.items():
+        assert not np.isnan(values).any(), f"document {doc}: a token was not scored"
+        doc_nats[doc] = float(values.sum())
+    all_reduce_sum(doc_nats)
+    return EvalResult(mode, doc_nats.cpu().numpy(), val.token_counts.copy(), val.byte_counts.copy(),
+                      time.perf_counter() - start_time, losses if keep_token_losses else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. Checkpoints, logging and main
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint under the real name."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_metadata(hp: Hyperparameters, tokenizer_sha256: str) -> dict:
+    return {
+        "hyperparameters": dataclasses.asdict(hp),
+        "model_config": dataclasses.asdict(ModelConfig.from_hyperparameters(hp)),
+        "tokenizer_sha256": tokenizer_sha256,
+        "tokenizer_path": hp.tokenizer_path,
+        "data_path": hp.data_path,
+    }
+
+
+def save_final_checkpoint(model: GPT, hp, tokenizer_sha256, step, result: EvalResult, env) -> str:
+    path = os.path.join(hp.checkpoint_dir, f"{hp.run_id}.pt")
+    if env.is_main:
+        atomic_torch_save({"kind": "final", "model": model.state_dict(), "step": step, "val_bpb": result.bpb,
+                           "val_mode": result.mode, **checkpoint_metadata(hp, tokenizer_sha256)}, path)
+    return path
+
+
+def save_resumable_checkpoint(model, optimizers, loader, step, train_ms, hp, tokenizer_sha256, env) -> str:
+    path = os.path.join(hp.checkpoint_dir, f"{hp.run_id}_step{step}.pt")
+    if env.is_main:
+        atomic_torch_save({"kind": "resumable", "model": model.state_dict(),
+                           "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
+                           "step": step, "train_time_ms": train_ms, "rng": rng_states(),
+                           **checkpoint_metadata(hp, tokenizer_sha256)}, path)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_checkpoint(path: str, device) -> dict:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise DataError(f"{path}: not a train_gpt.py checkpoint (no model or model_config)")
+    return state
+
+
+def load_model(path: str, device) -> tuple[GPT, dict]:
+    """The model of a checkpoint (final or resumable) and the checkpoint's metadata, for eval_ttt.py."""
+    state = load_checkpoint(path, device)
+    model = GPT(ModelConfig(**state["model_config"])).to(device)
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+
+
+def record_source_files() -> list[Path]:
+    """The code a run depends on, embedded in its log so a record can be checked byte for byte."""
+    here = Path(__file__).resolve().parent
+    files = [Path(__file__).resolve()] + sorted((here / "kernels").glob("*.py"))
+    if (here / "eval_ttt.py").is_file():
+        files.append(here / "eval_ttt.py")
+    return files
+
+
+def embedded_source(files: list[Path], root: Path) -> str:
+    """`#### file NAME bytes=N sha256=H`, then exactly N bytes of the file, then `#### end NAME`."""
+    parts = []
+    for path in files:
+        data = path.read_bytes()
+        name = path.relative_to(root).as_posix()
+        parts.append(f"#### file {name} bytes={len(data)} sha256={hashlib.sha256(data).hexdigest()}\n"
+                     f"{data.decode('utf-8')}\n#### end {name}\n")
+    return "".join(parts)
+
+
+def versions_line() -> str:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    cuda = torch.version.cuda if torch.cuda.is_available() else "none"
+    return (f"versions: python:{platform.python_version()} torch:{torch.__version__} triton:{triton_version} "
+            f"cuda:{cuda} numpy:{np.__version__} sentencepiece:{spm.__version__}")
+
+
+def gpu_line() -> str:
+    if not torch.cuda.is_available():
+        return (f"gpus: none (cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} torch threads per process)")
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=20).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"gpus: {len(names)} x {names[0] if names else '?'}" + ("" if len(set(names)) <= 1 else f" {names}")
+
+
+class Logger:
+    """Rank 0 prints each line and appends it to logs/<RUN_ID>.txt; other ranks stay quiet."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            open(path, "w").close()
+
+    def raw(self, text: str) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text)
+
+    def __call__(self, line: str) -> None:
+        if self.path:
+            print(line, flush=True)
+            self.raw(line + "\n")
+
+
+def main() -> int:
+    try:
+        hp = Hyperparameters.from_env()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    hp.derived()
+    env = setup_distributed()
+    log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None)
+    try:
+        use_fused_ops(parse_fused_ops(hp.fused))
+        backend = select_attention_backend(hp.attn_backend, env.device)
+        root = Path(__file__).resolve().parent
+        log.raw(embedded_source(record_source_files(), root))
+        log(versions_line())
+        log(gpu_line())
+        for f in dataclasses.fields(hp):
+            log(f"hparam {f.name}={getattr(hp, f.name)}")
+        log(f"attention_backend: {backend}")
+        log(f"fused_ops: {','.join(sorted(FUSED_OPS)) or 'none'}")
+        return train(hp, env, log)
+    except (ConfigError, DataError) as e:
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+            log.raw(f"error: {e}\n")
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
