@@ -796,22 +796,31 @@ def slug(name: str) -> str:
 
 
 def hparam_defaults(train_gpt_source: bytes) -> dict[str, str]:
-    """The Hyperparameters defaults of a train_gpt.py, as the log would print them (read with ast, not imported)."""
+    """The Hyperparameters defaults of a train_gpt.py, as the log would print them (read with ast, not imported),
+    including those it inherits from base dataclasses defined in the same file (ModelConfig)."""
     try:
         tree = ast.parse(train_gpt_source.decode("utf-8"))
     except (SyntaxError, UnicodeDecodeError):
         return {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Hyperparameters":
-            out = {}
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
-                    try:
-                        out[item.target.id] = str(ast.literal_eval(item.value))
-                    except ValueError:
-                        pass
-            return out
-    return {}
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+    def defaults_of(name: str) -> dict[str, str]:
+        node = classes.get(name)
+        if node is None:
+            return {}
+        out = {}
+        for base in node.bases:
+            if isinstance(base, ast.Name):
+                out.update(defaults_of(base.id))
+        for item in node.body:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                try:
+                    out[item.target.id] = str(ast.literal_eval(item.value))
+                except ValueError:
+                    pass
+        return out
+
+    return defaults_of("Hyperparameters")
 
 
 def reproduce_command(lg: TrainLog) -> str:
