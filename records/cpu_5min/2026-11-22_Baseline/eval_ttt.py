@@ -4,7 +4,7 @@ eval_ttt.py: per-document bits-per-byte evaluation of a train_gpt.py checkpoint,
 Modes (every one of them per document: no scored token ever sees another document):
   flat     contiguous windows of the concatenated validation documents (train_gpt.evaluate)
   strided  per document, the first W tokens, then S tokens at a time with the W - S tokens before them
-           (train_gpt.evaluate; its last, shorter window also reaches back W tokens)
+           (train_gpt.evaluate)
   ttt      per-document LoRA adapters, reset for every document. The document is cut into chunks of C tokens; each chunk
            is first scored with the current adapters (with up to W tokens of input ending at the chunk's end, like
            strided), then the adapters take one Adam step on that chunk's loss. So a chunk's score depends only on the
@@ -183,10 +183,11 @@ class BatchedLoRA:
 
 def chunk_window(num_targets: int, chunk_index: int, cfg: TTTConfig) -> tuple[int, int, int]:
     """(start, end, score_from) of chunk `chunk_index` over a document's prediction positions: inputs start..end-1, the
-    targets of positions score_from..end-1 (the chunk) are scored; start = max(0, end - W)."""
+    targets of positions score_from..end-1 (the chunk) are scored, with the W - C positions before the chunk as context
+    (as strided scoring with stride C)."""
     score_from = chunk_index * cfg.chunk
     end = min(score_from + cfg.chunk, num_targets)
-    return max(0, end - cfg.window), end, score_from
+    return max(0, score_from - (cfg.window - cfg.chunk)), end, score_from
 
 
 def ttt_evaluate(model: tg.GPT, val: tg.ValidationSet, cfg: TTTConfig, env: tg.DistributedEnv | None = None,

@@ -833,21 +833,32 @@ class GPT(nn.Module):
         x = self.hidden_states(input_ids, cu_seqlens, max_seqlen, lora)
         if target_ids is None:
             return self.logits(x, lora)
+        head_delta = lora("head", x) if lora is not None else None  # [B, T, V]
         flat_x, flat_targets = x.flatten(0, 1), target_ids.flatten()
-        cap = self.config.logit_softcap
-        if "linear_softcap_cross_entropy" in FUSED_OPS and lora is None:
-            dtype = matmul_dtype(flat_x)
-            losses = kernels.linear_softcap_cross_entropy(flat_x.to(dtype), self.tok_emb.weight.to(dtype), flat_targets,
-                                                          cap)
-        else:
-            raw = F.linear(flat_x, self.tok_emb.weight.to(x.dtype))
-            raw = with_lora(raw, lora, "head", flat_x)
-            if "softcap_cross_entropy" in FUSED_OPS:
-                losses = kernels.softcap_cross_entropy(raw, flat_targets, cap)
-            else:
-                capped = cap * torch.tanh(raw.float() / cap) if cap > 0 else raw.float()
-                losses = F.cross_entropy(capped, flat_targets, ignore_index=IGNORE_INDEX, reduction="none")
+        head_delta = head_delta.flatten(0, 1) if head_delta is not None else None
+        if self.training:
+            return self.token_losses(flat_x, flat_targets, head_delta).view_as(target_ids)
+        # Evaluation windows carry context positions whose targets are ignored (half of a strided window, most of a
+        # TTT window): the lm_head, the largest matmul of a small model, runs only where a target is scored.
+        scored = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=x.device)
+        losses[scored] = self.token_losses(flat_x[scored], flat_targets[scored],
+                                           head_delta[scored] if head_delta is not None else None)
         return losses.view_as(target_ids)
+
+    def token_losses(self, x, targets, head_delta=None):
+        """Per-token softcapped cross-entropy of the tied lm_head, x [N, D] -> [N] (fp32 nats)."""
+        cap = self.config.logit_softcap
+        if "linear_softcap_cross_entropy" in FUSED_OPS and head_delta is None:
+            dtype = matmul_dtype(x)
+            return kernels.linear_softcap_cross_entropy(x.to(dtype), self.tok_emb.weight.to(dtype), targets, cap)
+        raw = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        if head_delta is not None:
+            raw = raw + head_delta.to(raw.dtype)
+        if "softcap_cross_entropy" in FUSED_OPS:
+            return kernels.softcap_cross_entropy(raw, targets, cap)
+        capped = cap * torch.tanh(raw.float() / cap) if cap > 0 else raw.float()
+        return F.cross_entropy(capped, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1199,12 +1210,14 @@ class ValidationSet:
 
 
 def strided_windows(num_targets: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, score_from) over a document's prediction positions 0..num_targets-1."""
+    """(start, end, score_from) over a document's prediction positions 0..num_targets-1: the first `window`, then
+    `stride` at a time, each with the `window - stride` positions before them as context (so stride == window gives
+    non-overlapping windows from the document's start)."""
     end = min(window, num_targets)
     windows = [(0, end, 0)]
     while end < num_targets:
         new_end = min(end + stride, num_targets)
-        windows.append((max(0, new_end - window), new_end, end))
+        windows.append((max(0, end - (window - stride)), new_end, end))
         end = new_end
     return windows
 
