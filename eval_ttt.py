@@ -259,14 +259,7 @@ def ttt_evaluate(model: tg.GPT, val: tg.ValidationSet, cfg: TTTConfig, env: tg.D
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
         model.train(was_training)
-    doc_nats = torch.zeros(val.num_docs, dtype=torch.float64, device=device)
-    for doc, values in losses.items():
-        assert not np.isnan(values).any(), f"document {doc}: a token was not scored"
-        doc_nats[doc] = float(values.sum())
-    tg.all_reduce_sum(doc_nats)
-    tg.synchronize(device)
-    return tg.EvalResult("ttt", doc_nats.cpu().numpy(), val.token_counts.copy(), val.byte_counts.copy(),
-                         time.perf_counter() - start_time, losses if keep_token_losses else None)
+    return tg.gather_result("ttt", val, losses, start_time, device, keep_token_losses)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

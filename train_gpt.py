@@ -1329,11 +1329,18 @@ def evaluate(model: GPT, val: ValidationSet, mode: str, window: int, stride: int
     mine = set(assign_documents(val.token_counts, world)[rank])
     windows = [w for w in evaluation_windows(val, mode, window, stride) if w[0] in mine]
     losses = score_windows(model, val, windows, batch_tokens, device)
+    return gather_result(mode, val, losses, start_time, device, keep_token_losses)
+
+
+def gather_result(mode: str, val: ValidationSet, losses: dict, start_time: float, device,
+                  keep_token_losses: bool = False) -> EvalResult:
+    """Sum this rank's per-token losses per document, all-reduce the sums over ranks, and time the evaluation."""
     doc_nats = torch.zeros(val.num_docs, dtype=torch.float64, device=device)
     for doc, values in losses.items():
         assert not np.isnan(values).any(), f"document {doc}: a token was not scored"
         doc_nats[doc] = float(values.sum())
     all_reduce_sum(doc_nats)
+    synchronize(device)
     return EvalResult(mode, doc_nats.cpu().numpy(), val.token_counts.copy(), val.byte_counts.copy(),
                       time.perf_counter() - start_time, losses if keep_token_losses else None)
 
