@@ -908,9 +908,26 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
+def optimizer_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Which optimizer trains each parameter, decided by what the parameter is, not by its number of dimensions:
+    Muon orthogonalises the weight matrices of the blocks' linear layers; the embedding and every control tensor
+    (gains, scales, the 2 x width `resid_mix`, skip weights) go to Adam, as in parameter-golf."""
+    linear_weights = {id(m.weight) for m in model.blocks.modules() if isinstance(m, CastedLinear)}
+    groups = {"embedding": [], "matrices": [], "scalars": []}
+    for name, p in model.named_parameters():
+        if p is model.tok_emb.weight:
+            groups["embedding"].append((name, p))
+        elif id(p) in linear_weights:
+            groups["matrices"].append((name, p))
+        else:
+            groups["scalars"].append((name, p))
+    return groups
+
+
 def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
-    matrices = [p for n, p in model.blocks.named_parameters() if p.ndim == 2]
-    scalars = [p for n, p in model.blocks.named_parameters() if p.ndim < 2] + [model.skip_weights]
+    groups = optimizer_groups(model)
+    matrices = [p for _, p in groups["matrices"]]
+    scalars = [p for _, p in groups["scalars"]]
     fused = next(model.parameters()).is_cuda
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
     optimizers = [

@@ -227,6 +227,37 @@ def test_muon_orthogonalizes():
     assert singular_values.min() > 0.5 and singular_values.max() < 1.3  # quintic NS lands in roughly [0.7, 1.2]
 
 
+def expected_optimizer(name: str) -> str:
+    """The routing of parameter-golf's baseline, written out by name: Muon for the blocks' linear weights only."""
+    if name == "tok_emb.weight":
+        return "embedding"
+    linear = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight", "mlp.fc.weight",
+              "mlp.proj.weight")
+    if name.startswith("blocks.") and name.split(".", 2)[2] in linear:
+        return "matrices"
+    assert name == "skip_weights" or name.split(".", 2)[2] in (
+        "attn.q_gain", "attn_scale", "mlp_scale", "resid_mix"), f"unexpected parameter {name}"
+    return "scalars"
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 9, 11])
+def test_optimizer_routing_by_parameter_kind(num_layers):
+    """resid_mix is 2-D but a control tensor: Muon must not orthogonalise it (it did once, issue 9)."""
+    hp = tg.Hyperparameters.from_env({"NUM_LAYERS": str(num_layers), "MODEL_DIM": "32", "NUM_HEADS": "2",
+                                      "NUM_KV_HEADS": "1"})
+    model = tg.GPT(tg.ModelConfig.from_hyperparameters(hp))
+    groups = tg.optimizer_groups(model)
+    routed = {name: group for group, members in groups.items() for name, _ in members}
+    assert routed == {name: expected_optimizer(name) for name, _ in model.named_parameters()}
+    assert routed[f"blocks.{num_layers - 1}.resid_mix"] == "scalars"
+    embedding, muon, scalars = tg.build_optimizers(model, hp)
+    assert isinstance(muon, tg.Muon) and not isinstance(scalars, tg.Muon)
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    assert [by_id[id(p)] for p in muon.param_groups[0]["params"]] == [n for n, _ in groups["matrices"]]
+    assert [by_id[id(p)] for g in scalars.param_groups for p in g["params"]] == [n for n, _ in groups["scalars"]]
+    assert [by_id[id(p)] for p in embedding.param_groups[0]["params"]] == ["tok_emb.weight"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # real training runs on the prepared sample (tiny model)
 
