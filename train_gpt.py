@@ -747,8 +747,10 @@ class CausalSelfAttention(nn.Module):
         k = with_lora(self.c_k(x), lora, f"{prefix}.k", x).view(B, T, self.num_kv_heads, self.head_dim)
         v = with_lora(self.c_v(x), lora, f"{prefix}.v", x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = norm_and_rotate_qk(q, k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[:, None]
-        y = causal_attention(q, k, v, cu_seqlens, max_seqlen).reshape(B, T, -1)
+        # Flash attention takes q, k, v in one dtype. Under CUDA bf16 autocast, torch >= 2.12 runs rms_norm in fp32
+        # while the projections run in bf16, so q and k come back fp32: bring them to v's (the matmul) dtype.
+        q = (q * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
+        y = causal_attention(q, k.to(v.dtype), v, cu_seqlens, max_seqlen).reshape(B, T, -1)
         return with_lora(self.proj(y), lora, f"{prefix}.o", y)
 
 

@@ -378,23 +378,6 @@ def test_readme_documents_every_hyperparameter():
     assert not missing, f"README.md does not document {missing}"
 
 
-def test_bf16_autocast_hands_attention_one_dtype(monkeypatch):
-    """Flash attention needs q, k and v in one 16-bit dtype: check the path CUDA takes, under CPU autocast."""
-    seen = []
-
-    def recording_attention(q, k, v, cu_seqlens, max_seqlen):
-        seen.append((q.dtype, k.dtype, v.dtype))
-        return tg.varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen)
-
-    monkeypatch.setattr(tg, "_varlen_attention", recording_attention)
-    model = tiny_model()
-    ids = torch.randint(4, 64, (1, 30))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(ids, torch.roll(ids, -1, 1), torch.tensor([0, 12, 30], dtype=torch.int32), 30)
-    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
-    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
-
-
 def test_evaluation_skips_the_head_only_where_nothing_is_scored():
     model = tiny_model()
     ids = torch.randint(4, 64, (2, 30))
