@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=0, help="only the first N validation documents (0: all)")
     p.add_argument("--batch-tokens", type=int, help="flat/strided: tokens per forward (default: the checkpoint's)")
     p.add_argument("--rope-ntk-alpha", type=float, default=1.0, help="NTK-aware RoPE scaling for long windows")
-    p.add_argument("--attn-backend", default="auto", help="auto | fa3 | fa2 | torch_varlen | reference")
+    p.add_argument("--attn-backend", default="auto", help=" | ".join(("auto",) + tg.ATTENTION_BACKENDS))
     p.add_argument("--fused", default="auto", help="train_gpt FUSED setting (kernels; LoRA projections use torch)")
     p.add_argument("--out", help="write the results JSON here (with --sweep: the list of every configuration's)")
     p.add_argument("--dump-token-losses", help="write per-token losses (nats, float32 .npy) in the order of `docs`")

@@ -122,7 +122,8 @@ class Hyperparameters(ModelConfig):
     # speed
     compile: bool = True
     fused: str = "auto"  # 0 | 1 | auto | comma-separated kernel names (see kernels/__init__.py)
-    attn_backend: str = "auto"  # auto | fa3 | fa2 | torch_varlen | reference
+    attn_backend: str = "auto"  # auto | fa3 | fa2 | torch_varlen | masked_sdpa | reference
+    train_max_segments: int = 0  # segments per training micro-batch (one compiled shape); 0: max(64, tokens // 64)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Hyperparameters:
@@ -150,7 +151,8 @@ class Hyperparameters(ModelConfig):
                      "train_log_every"):
             need(getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("iterations", "warmup_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every",
-                     "val_max_docs", "eval_window", "eval_stride", "checkpoint_every", "muon_momentum_warmup_steps"):
+                     "val_max_docs", "eval_window", "eval_stride", "checkpoint_every", "muon_momentum_warmup_steps",
+                     "train_max_segments"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "adam_eps", "rope_base", "tied_embed_init_std"):
             need(getattr(self, name) > 0, name, "must be > 0")
@@ -394,10 +396,24 @@ def segment_boundaries(doc_starts_in_slice: np.ndarray, length: int, max_piece: 
     return np.append(piece_starts, length).astype(np.int32)
 
 
-def pad_boundaries(cu_seqlens: np.ndarray, minimum: int = 64) -> np.ndarray:
-    """Pad cu_seqlens with zero-length segments to a power-of-two length, so torch.compile sees few distinct shapes."""
-    size = max(minimum, 1 << (len(cu_seqlens) - 1).bit_length())
-    return np.pad(cu_seqlens, (0, size - len(cu_seqlens)), constant_values=cu_seqlens[-1])
+def fit_segments(cu_seqlens: np.ndarray, targets: np.ndarray, max_segments: int) -> np.ndarray:
+    """cu_seqlens with exactly `max_segments` segments, so that the compiled step sees one shape for the whole run.
+
+    Fewer segments: padded with zero-length ones. More (a micro-batch of unusually many short documents): the segments
+    from index max_segments - 1 on are merged into one, and the targets of every token after the first of them are
+    ignored in place (a merged token could see another document, so it must not be trained on). Returns the new
+    cu_seqlens; `targets` is changed in place."""
+    length = int(cu_seqlens[-1])
+    if len(cu_seqlens) - 1 > max_segments:
+        targets[int(cu_seqlens[max_segments]):] = IGNORE_INDEX
+        cu_seqlens = np.append(cu_seqlens[:max_segments], length)
+    return np.pad(cu_seqlens, (0, max_segments + 1 - len(cu_seqlens)), constant_values=length).astype(np.int32)
+
+
+def default_max_segments(micro_tokens: int) -> int:
+    """Segments per micro-batch the compiled step is built for: room for a mean segment of 64 tokens (FineWeb's
+    documents average ~1,300 tokens), at least 64. Zero-length padding segments cost flash attention nothing."""
+    return max(64, micro_tokens // 64)
 
 
 @dataclass
@@ -416,11 +432,13 @@ class DocumentLoader:
     the stream position, so every rank agrees and a restart from a saved position continues exactly."""
 
     def __init__(self, stream: TokenStream, seq_len: int, batch_tokens: int, micro_batches: int, rank: int,
-                 world_size: int, seed: int, shuffle: bool = True):
+                 world_size: int, seed: int, shuffle: bool = True, max_segments: int = 0):
         if micro_batches % world_size:
             raise ConfigError(f"TRAIN_MICRO_BATCHES={micro_batches}: must be divisible by the world size {world_size}")
         self.stream, self.seq_len, self.rank, self.world_size = stream, seq_len, rank, world_size
         self.micro_tokens = batch_tokens // micro_batches
+        self.max_segments = max_segments or default_max_segments(self.micro_tokens)
+        self.merged_batches = 0  # micro-batches that had more segments than max_segments (see fit_segments)
         self.micro_batches, self.seed, self.shuffle = micro_batches, seed, shuffle
         self.position = 0  # tokens of the endless stream consumed so far
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -461,7 +479,8 @@ class DocumentLoader:
         inputs, targets = tokens[:-1], tokens[1:].astype(np.int64)
         targets[targets == BOS_ID] = IGNORE_INDEX  # never predict across a document boundary
         cu = segment_boundaries(doc_offsets[doc_offsets < self.micro_tokens], self.micro_tokens, self.seq_len)
-        return MicroBatch(inputs, targets, pad_boundaries(cu))
+        self.merged_batches += len(cu) - 1 > self.max_segments
+        return MicroBatch(inputs, targets, fit_segments(cu, targets, self.max_segments))
 
     def next_step(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next global step."""
@@ -606,9 +625,24 @@ class Rotary(nn.Module):
         return angles.cos(), angles.sin()
 
 
-# Varlen attention backends, fastest first. Each takes packed q [N, Hq, D], k and v [N, Hkv, D], int32 cu_seqlens and an
-# upper bound on segment length, and returns [N, Hq, D] with causal attention inside each segment.
-ATTENTION_BACKENDS = ("fa3", "fa2", "torch_varlen", "reference")
+# Varlen attention backends. Each takes packed q [N, Hq, D], k and v [N, Hkv, D], int32 cu_seqlens and an upper bound
+# on segment length, and returns [N, Hq, D] with causal attention inside each segment.
+#   fa3, fa2, torch_varlen: flash kernels, CUDA only (ATTN_BACKEND=auto on CUDA tries them in this order);
+#   masked_sdpa: one SDPA over all N tokens with a block-diagonal causal mask built on the device (no host sync, so it
+#                compiles into one graph); O(N^2) memory, so for CPUs and small batches (auto on a CPU);
+#   reference:   slow and obvious, a Python loop over the segments; what the tests compare every other backend with.
+ATTENTION_BACKENDS = ("fa3", "fa2", "torch_varlen", "masked_sdpa", "reference")
+FLASH_INSTALL_HINT = ("install flash attention (`pip install flash-attn --no-build-isolation`, or FA3's "
+                      "flash_attn_interface from the hopper/ folder of Dao-AILab/flash-attention) or use torch >= 2.10 "
+                      "for torch_varlen; ATTN_BACKEND=masked_sdpa or reference run anywhere, slowly")
+
+
+def repeat_kv(q, k, v, heads_dim: int):
+    """Repeat grouped key/value heads to the query heads (SDPA's own GQA path is slow on CPUs)."""
+    repeat = q.size(heads_dim) // k.size(heads_dim)
+    if repeat == 1:
+        return k, v
+    return k.repeat_interleave(repeat, heads_dim), v.repeat_interleave(repeat, heads_dim)
 
 
 def sdpa_causal(q, k, v):
@@ -617,9 +651,7 @@ def sdpa_causal(q, k, v):
     if k.size(1) == q.size(1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if q.device.type == "cpu":
-        repeat = q.size(1) // k.size(1)
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
-                                              is_causal=True)
+        return F.scaled_dot_product_attention(q, *repeat_kv(q, k, v, 1), is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
@@ -634,12 +666,32 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen):
     return out
 
 
+def segment_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The segment of every token, computed on the device (zero-length padding segments hold no token)."""
+    index = torch.arange(num_tokens, device=cu_seqlens.device, dtype=torch.int64)
+    return torch.searchsorted(cu_seqlens.to(torch.int64), index, right=True) - 1
+
+
+def varlen_attention_masked(q, k, v, cu_seqlens, max_seqlen):
+    """All N tokens in one SDPA call; token i attends to token j iff both are in one segment and j <= i."""
+    n = q.size(0)
+    segment = segment_ids(cu_seqlens, n)
+    index = torch.arange(n, device=q.device)
+    mask = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+    k, v = repeat_kv(q, k, v, 1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+    return out.transpose(0, 1)
+
+
 def _flash_backend(module_name: str):
     module = __import__(module_name)
     fn = module.flash_attn_varlen_func
 
     def attention(q, k, v, cu_seqlens, max_seqlen):
-        out = fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        # by keyword: FA3 builds of early 2025 take seqused_q/k right after cu_seqlens_q/k, so positional max_seqlen
+        # would land there
+        out = fn(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                 max_seqlen_k=max_seqlen, causal=True)
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the logsumexp
 
     return attention
@@ -652,10 +704,10 @@ def _torch_varlen_backend():
     gqa = "enable_gqa" in parameters
 
     def attention(q, k, v, cu_seqlens, max_seqlen):
-        if not gqa and k.size(1) != q.size(1):
-            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        if not gqa:
+            k, v = repeat_kv(q, k, v, 1)
         extra = {"enable_gqa": True} if gqa and k.size(1) != q.size(1) else {}
-        if "window_size" in parameters:  # torch >= 2.11
+        if "window_size" in parameters:  # torch >= 2.11: causal is a (-1, 0) window
             return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0), **extra)
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True, **extra)  # 2.10
 
@@ -666,6 +718,8 @@ def load_attention_backend(name: str, device: torch.device):
     """The backend's function, or None if it cannot run here."""
     if name == "reference":
         return varlen_attention_reference
+    if name == "masked_sdpa":
+        return varlen_attention_masked
     if device.type != "cuda":
         return None  # flash kernels and torch's varlen_attn are CUDA-only
     try:
@@ -680,26 +734,41 @@ def load_attention_backend(name: str, device: torch.device):
     raise ConfigError(f"ATTN_BACKEND={name!r}: unknown backend")
 
 
+def auto_backend_chain(device: torch.device, compiling: bool) -> tuple[str, ...]:
+    """What ATTN_BACKEND=auto tries. On CUDA only the flash kernels: the other two would put a 65k x 65k mask or a
+    host sync per layer on every step, so a missing flash kernel is an error, not a silent slow run. On a CPU the
+    segment loop is fastest eagerly, and the masked SDPA is the one that compiles without a graph break."""
+    if device.type == "cuda":
+        return ("fa3", "fa2", "torch_varlen")
+    return ("masked_sdpa",) if compiling else ("reference",)
+
+
 ATTENTION_BACKEND = "reference"
 _varlen_attention = varlen_attention_reference
 
 
-def select_attention_backend(requested: str, device: torch.device) -> str:
+def select_attention_backend(requested: str, device: torch.device, compiling: bool = False) -> str:
     """Pick the first backend of the chain that loads here (or the one requested) and use it from now on."""
     global ATTENTION_BACKEND, _varlen_attention
-    for name in (ATTENTION_BACKENDS if requested == "auto" else (requested,)):
+    for name in (auto_backend_chain(device, compiling) if requested == "auto" else (requested,)):
         fn = load_attention_backend(name, device)
         if fn is not None:
             ATTENTION_BACKEND, _varlen_attention = name, fn
             return name
-    raise ConfigError(f"ATTN_BACKEND={requested!r}: not available on {device.type} (not installed or CUDA-only)")
+    if device.type == "cuda":
+        raise ConfigError(f"ATTN_BACKEND={requested!r}: no flash attention kernel loads on this CUDA machine; "
+                          f"{FLASH_INSTALL_HINT}")
+    raise ConfigError(f"ATTN_BACKEND={requested!r}: not available on {device.type} (CUDA-only)")
 
 
 def causal_attention(q, k, v, cu_seqlens=None, max_seqlen=0):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
     if cu_seqlens is None:
         return sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    return _varlen_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen).unsqueeze(0)
+    attention = _varlen_attention
+    if attention is varlen_attention_masked and not torch.compiler.is_compiling():
+        attention = varlen_attention_reference  # eager calls (evaluation batches): the loop beats an N x N mask
+    return attention(q[0], k[0], v[0], cu_seqlens, max_seqlen).unsqueeze(0)
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -808,8 +877,7 @@ class GPT(nn.Module):
         if cu_seqlens is None:
             return torch.arange(T, device=input_ids.device).expand(B, T)
         index = torch.arange(T, device=input_ids.device)
-        segment = torch.searchsorted(cu_seqlens.to(torch.int64), index, right=True) - 1
-        return (index - cu_seqlens.to(torch.int64)[segment]).unsqueeze(0)
+        return (index - cu_seqlens.to(torch.int64)[segment_ids(cu_seqlens, T)]).unsqueeze(0)
 
     def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=0, lora=None):
         cos, sin = self.rotary(self.positions(input_ids, cu_seqlens))
@@ -1063,6 +1131,13 @@ def compile_warmup(model, model_fn, optimizers, loader, hp, device, log) -> None
     log(f"compile_warmup steps:{hp.warmup_steps} time:{1000 * (time.perf_counter() - start):.0f}ms (not counted)")
 
 
+def compile_counts() -> tuple[int, int]:
+    """(graphs compiled so far, graph breaks so far) in this process, from Dynamo's counters."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
 def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     """The whole run: data, model, optimizers, the timed loop, final evaluation and checkpoint. Returns an exit code."""
     device = env.device
@@ -1080,7 +1155,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     log(f"val_data: documents:{val.num_docs} tokens:{int(val.token_counts.sum())} bytes:{int(val.byte_counts.sum())}")
 
     loader = DocumentLoader(train_stream, hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches, env.rank,
-                            env.world_size, hp.seed, hp.doc_shuffle)
+                            env.world_size, hp.seed, hp.doc_shuffle, hp.train_max_segments)
     model = GPT(ModelConfig.from_hyperparameters(hp)).to(device)
     optimizers = build_optimizers(model, hp)
     num_params = sum(p.numel() for p in model.parameters())
@@ -1100,8 +1175,9 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         restore_rng_states(state["rng"])
         log(f"resumed: {hp.resume} step:{step} train_time:{train_ms:.0f}ms")
 
-    model_fn = torch.compile(model, dynamic=False) if hp.compile else model
+    model_fn = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model  # a graph break is an error
     compile_warmup(model, model_fn, optimizers, loader, hp, device, log)
+    graphs_after_warmup = compile_counts()[0] if hp.warmup_steps else None  # without warm-up: after the first step
 
     stop_signal = StopRequested()
     stop_signal.install()
@@ -1126,6 +1202,8 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         totals = forward_backward(model_fn, loader.next_step(), hp, device)
         optimizer_step(model, optimizers, hp)
         step += 1
+        if graphs_after_warmup is None:
+            graphs_after_warmup = compile_counts()[0]
 
         # One small all-reduce per step carries the loss and the reasons to stop, so every rank agrees on them.
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
@@ -1153,6 +1231,11 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         if time_up and step < stop_at:
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
             stop_at = step  # the next pass of the loop runs the last validation and ends
+
+    graphs, graph_breaks = compile_counts()
+    log(f"compile_stats: recompiles:{graphs - (graphs_after_warmup or graphs)} graph_breaks:{graph_breaks} "
+        f"graphs:{graphs}")
+    log(f"loader: merged_micro_batches:{loader.merged_batches} max_segments:{loader.max_segments}")
 
     # final evaluation, with the timer stopped
     strides = {"flat": hp.eval_window, "strided": hp.eval_stride}
@@ -1514,7 +1597,7 @@ def main() -> int:
     log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None)
     try:
         use_fused_ops(parse_fused_ops(hp.fused))
-        backend = select_attention_backend(hp.attn_backend, env.device)
+        backend = select_attention_backend(hp.attn_backend, env.device, compiling=hp.compile)
         root = Path(__file__).resolve().parent
         log.raw(embedded_source(record_source_files(), root))
         log(versions_line())

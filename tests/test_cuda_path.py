@@ -78,3 +78,118 @@ def test_ttt_hands_attention_one_dtype(cuda_autocast_policy, val):  # noqa: F811
     result = eval_ttt.ttt_evaluate(tiny_model(), val, cfg)
     assert_one_dtype(cuda_autocast_policy)
     assert np.isfinite(result.bpb)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. attention backends, called the way their sources define them
+
+
+def random_packed(lengths, heads=4, kv_heads=2, head_dim=8, seed=0, pad_to=None):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    q = torch.randn(n, heads, head_dim, generator=gen)
+    k, v = (torch.randn(n, kv_heads, head_dim, generator=gen) for _ in range(2))
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    if pad_to:
+        cu = np.pad(cu, (0, pad_to - len(cu)), constant_values=n)  # zero-length padding segments, as the loader adds
+    return q, k, v, torch.tensor(cu, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("lengths", [(5,), (1, 7, 3), (16, 1, 1, 9), (4, 0, 6)])
+def test_masked_sdpa_equals_the_reference(lengths):
+    q, k, v, cu = random_packed(lengths, seed=len(lengths), pad_to=8)
+    expected = tg.varlen_attention_reference(q, k, v, cu, max(lengths))
+    torch.testing.assert_close(tg.varlen_attention_masked(q, k, v, cu, max(lengths)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_backends_get_keyword_arguments(monkeypatch):
+    """FA3 builds of early 2025 take (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, ...):
+    passed positionally, max_seqlen would land in seqused. A fake module accepts keywords only."""
+    import sys
+    import types
+
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, *positional, **keywords):
+        assert not positional, f"positional arguments after q, k, v: {positional}"
+        calls.append(sorted(keywords))
+        return tg.varlen_attention_reference(q, k, v, keywords["cu_seqlens_q"], keywords["max_seqlen_q"]), None
+
+    for module in ("flash_attn_interface", "flash_attn"):
+        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+        q, k, v, cu = random_packed((3, 6))
+        out = tg._flash_backend(module)(q, k, v, cu, 6)
+        torch.testing.assert_close(out, tg.varlen_attention_reference(q, k, v, cu, 6))
+    assert calls == [["causal", "cu_seqlens_k", "cu_seqlens_q", "max_seqlen_k", "max_seqlen_q"]] * 2
+
+
+def test_auto_never_falls_back_to_a_slow_backend_on_cuda(monkeypatch):
+    monkeypatch.setattr(tg, "load_attention_backend",
+                        lambda name, device: None if name in ("fa3", "fa2", "torch_varlen") else tg.varlen_attention_reference)
+    with pytest.raises(tg.ConfigError, match="no flash attention kernel.*pip install flash-attn"):
+        tg.select_attention_backend("auto", torch.device("cuda"))
+    try:  # asked for by name, the slow backends still run
+        assert tg.select_attention_backend("reference", torch.device("cuda")) == "reference"
+    finally:
+        tg.select_attention_backend("reference", torch.device("cpu"))
+
+
+def test_auto_on_cpu_compiles_with_the_masked_backend():
+    try:
+        assert tg.select_attention_backend("auto", torch.device("cpu"), compiling=True) == "masked_sdpa"
+        assert tg.select_attention_backend("auto", torch.device("cpu"), compiling=False) == "reference"
+    finally:
+        tg.select_attention_backend("reference", torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. compiled training: one graph, no recompiles after warm-up
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory, sample_data):
+    """One-paragraph and very long documents in one training split (the sample's tokenizer and validation shard)."""
+    import shutil
+
+    from data.shards import write_shard
+
+    out = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    lengths = [int(rng.integers(3, 40)) if rng.random() < 0.95 else int(rng.integers(500, 1500)) for _ in range(600)]
+    docs = [np.concatenate([[tg.BOS_ID], rng.integers(4, 1024, size=n)]) for n in lengths]
+    write_shard(str(out / "mixed_train_000000.bin"), np.concatenate(docs))
+    shutil.copyfile(sample_data / "tokenizer.model", out / "tokenizer.model")
+    val = tg.TokenStream(tg.split_pattern(str(sample_data), "val"), 1024)
+    write_shard(str(out / "mixed_val_000000.bin"), np.concatenate([val.document(k)[:200] for k in range(3)]))
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_training_never_recompiles(mixed_corpus, tmp_path):
+    """COMPILE=1 (fullgraph) on a CPU for 30 steps over short and long documents, with a segment cap low enough that
+    some micro-batches overflow it: the step compiles once, with no graph break and no recompile afterwards."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "DATA_PATH": str(mixed_corpus), "RUN_ID": "compiled", "LOG_DIR": str(tmp_path),
+           "CHECKPOINT_DIR": str(tmp_path), "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2",
+           "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "512", "TRAIN_MICRO_BATCHES": "2",
+           "TRAIN_MAX_SEGMENTS": "8", "ITERATIONS": "30", "WARMUP_STEPS": "2", "WARMDOWN_ITERS": "10",
+           "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "EVAL_MODES": "flat", "EVAL_BATCH_TOKENS": "1024",
+           "COMPILE": "1", "TRAIN_LOG_EVERY": "10", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "compiled.txt").read_text()
+    assert "attention_backend: masked_sdpa" in log
+    stats = re.search(r"^compile_stats: recompiles:(\d+) graph_breaks:(\d+) graphs:(\d+)$", log, re.M)
+    assert stats, "no compile_stats line"
+    recompiles, graph_breaks, graphs = map(int, stats.groups())
+    assert (recompiles, graph_breaks) == (0, 0) and graphs >= 1
+    merged = int(re.search(r"^loader: merged_micro_batches:(\d+)", log, re.M).group(1))
+    assert merged > 0  # the merge path ran inside the compiled step too
+    assert re.search(r"^final val_loss:[0-9.]+ ", log, re.M)

@@ -148,8 +148,27 @@ def test_doc_shuffle_off_keeps_file_order(synthetic_stream):
 def test_segment_boundaries_cut_long_documents():
     cu = tg.segment_boundaries(np.array([0, 3, 40]), 45, 16)
     assert cu.tolist() == [0, 3, 19, 35, 40, 45]
-    padded = tg.pad_boundaries(cu)
-    assert len(padded) == 64 and padded[:6].tolist() == cu.tolist() and set(padded[6:].tolist()) == {45}
+    targets = np.arange(45)
+    padded = tg.fit_segments(cu, targets, 64)
+    assert len(padded) == 65 and padded[:6].tolist() == cu.tolist() and set(padded[6:].tolist()) == {45}
+    assert targets.tolist() == list(range(45))  # nothing merged, nothing ignored
+
+
+def test_segments_over_the_cap_are_merged_and_not_trained_on():
+    cu = tg.segment_boundaries(np.array([0, 3, 5, 9, 10, 30]), 45, 16)  # 7 segments: 3, 2, 4, 1, 16, 4, 11 tokens
+    targets = np.arange(45)
+    fitted = tg.fit_segments(cu, targets, 4)
+    assert fitted.tolist() == [0, 3, 5, 9, 45]
+    assert targets[:10].tolist() == list(range(10))  # segment 3 (tokens 9..9) is the first merged one: still trained
+    assert (targets[10:] == tg.IGNORE_INDEX).all()  # tokens that could see another segment are not
+
+
+def test_every_micro_batch_has_the_same_cu_seqlens_length(synthetic_stream):
+    stream, docs = synthetic_stream
+    loader = tg.DocumentLoader(stream, 8, 4 * 50, 4, 0, 1, seed=3, max_segments=6)
+    lengths = {len(b.cu_seqlens) for _ in range(30) for b in loader.next_step()}
+    assert lengths == {7}
+    assert loader.merged_batches > 0  # the synthetic documents are short: some batches did overflow
 
 
 # ----------------------------------------------------------------------------------------------------------------------
