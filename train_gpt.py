@@ -272,6 +272,15 @@ def setup_distributed() -> DistributedEnv:
     return DistributedEnv(rank, world_size, local_rank, device)
 
 
+def rank0_string(value: str) -> str:
+    """Rank 0's value of a string, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -1183,6 +1192,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     stop_signal.install()
     last_checkpoint = hp.resume or None
     stop_at, first_step, first_ms = hp.iterations, step, train_ms
+    elapsed_ms = train_ms  # training time so far, as all ranks agree on it (updated by every step's all-reduce)
     synchronize(device)
     t0 = time.perf_counter()
     while True:
@@ -1197,7 +1207,8 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
             synchronize(device)
             t0 = time.perf_counter()
 
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        # The schedule reads the elapsed time that every rank agreed on at the end of the last step, never a rank's own
+        # clock: ranks start their clocks at different moments, and copies that take different learning rates drift.
         set_learning_rates(optimizers, step, elapsed_ms, hp)
         totals = forward_backward(model_fn, loader.next_step(), hp, device)
         optimizer_step(model, optimizers, hp)
@@ -1205,23 +1216,23 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         if graphs_after_warmup is None:
             graphs_after_warmup = compile_counts()[0]
 
-        # One small all-reduce per step carries the loss and the reasons to stop, so every rank agrees on them.
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        # One small all-reduce per step (the step's only host sync) carries the loss, SIGTERM, and each rank's clock in
+        # its own slot; the slowest clock is the elapsed time of all.
+        clocks = torch.zeros(env.world_size, device=device, dtype=torch.float64)
+        clocks[env.rank] = train_ms + 1000 * (time.perf_counter() - t0)
+        reduced = all_reduce_sum(torch.cat([totals, torch.tensor([float(stop_signal.requested)], device=device,
+                                                                 dtype=torch.float64), clocks])).tolist()
+        (loss_sum, loss_count, sigterm), elapsed_ms = reduced[:3], max(reduced[3:])
         time_up = hp.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * hp.max_wallclock_seconds
-        flags = torch.cat([totals, torch.tensor([float(stop_signal.requested), float(time_up)], device=device,
-                                                dtype=torch.float64)])
-        loss_sum, loss_count, sigterm, time_up = all_reduce_sum(flags).tolist()
         train_loss = loss_sum / max(loss_count, 1)
         if not math.isfinite(train_loss):
             log(f"error: step {step}: train loss is {train_loss}; stopping. Last good checkpoint: {last_checkpoint}")
             return 1
         if step % hp.train_log_every == 0 or step <= 10:
-            elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
             tokens_per_s = (step - first_step) * hp.train_batch_tokens / max((elapsed_ms - first_ms) / 1000, 1e-9)
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms tokens_per_s:{tokens_per_s:.0f}")
         if (hp.checkpoint_every and step % hp.checkpoint_every == 0) or sigterm:
-            elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
             last_checkpoint = save_resumable_checkpoint(model, optimizers, loader, step, elapsed_ms, hp, tokenizer_sha256,
                                                         env)
             log(f"checkpoint: {last_checkpoint} (resumable, step {step})")
@@ -1594,6 +1605,7 @@ def main() -> int:
         return 2
     hp.derived()
     env = setup_distributed()
+    hp.run_id = rank0_string(hp.run_id)  # a timestamp RUN_ID can differ by a second between ranks
     log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None)
     try:
         use_fused_ops(parse_fused_ops(hp.fused))

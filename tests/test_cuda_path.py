@@ -193,3 +193,37 @@ def test_compiled_training_never_recompiles(mixed_corpus, tmp_path):
     merged = int(re.search(r"^loader: merged_micro_batches:(\d+)", log, re.M).group(1))
     assert merged > 0  # the merge path ran inside the compiled step too
     assert re.search(r"^final val_loss:[0-9.]+ ", log, re.M)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. every rank makes the same update
+
+
+@pytest.mark.slow
+def test_ranks_stay_identical_when_one_starts_late(sample_data, tmp_path):
+    """A wall-clock cap puts the warm-down on the clock from the first step. Rank 1 starts its clock 1.5 s late; if a
+    rank read its own clock, its learning rate (and so its weights) would differ from rank 0's."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "DATA_PATH": str(sample_data), "RUN_ID": "", "LOG_DIR": str(tmp_path),
+           "CHECKPOINT_DIR": str(tmp_path), "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+           "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "512", "TRAIN_MICRO_BATCHES": "2", "ITERATIONS": "1000",
+           "WARMDOWN_ITERS": "1000", "MAX_WALLCLOCK_SECONDS": "4", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0",
+           "VAL_MAX_DOCS": "2", "EVAL_MODES": "flat", "EVAL_BATCH_TOKENS": "1024", "COMPILE": "0",
+           "TRAIN_LOG_EVERY": "1000", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "helpers" / "slow_rank_train.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"stopping_early: wallclock_cap", proc.stdout)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    logs = list(tmp_path.glob("*.txt"))
+    assert len(logs) == 1  # one RUN_ID, rank 0's, on both ranks (rank 1 would have named its checkpoint differently)
+    assert len(list(tmp_path.glob("*.pt"))) == 3  # rank0.pt, rank1.pt and the one final checkpoint
