@@ -17,6 +17,7 @@ Run: `python train_gpt.py` (one process) or `torchrun --nproc_per_node=N train_g
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import glob
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.newton_schulz import NS_COEFFICIENTS
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Hyperparameters
@@ -337,6 +339,35 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str) -> None:
         raise DataError(f"{path}: token id {int(tokens[position])} at position {position} is >= vocab size {vocab_size}")
 
 
+def scan_shard(tokens: np.ndarray) -> tuple[np.ndarray, int]:
+    """(positions of BOS, largest token id) of one shard: the slow and obvious pass over every token."""
+    return np.flatnonzero(np.asarray(tokens) == BOS_ID).astype(np.int64), int(tokens.max()) if len(tokens) else -1
+
+
+def shard_index(path: str, tokens: np.ndarray) -> tuple[np.ndarray, int]:
+    """scan_shard's answer, cached beside the shard in PATH.index.npz and reused while the shard's size and mtime are
+    unchanged: 80 FineWeb shards (16 GB) open in well under a second instead of a full read. A folder we cannot write
+    to just goes without the cache."""
+    cache = f"{path}.index.npz"
+    stat = os.stat(path)
+    key = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+    try:
+        with np.load(cache) as saved:
+            if np.array_equal(saved["key"], key):
+                return saved["bos"], int(saved["max_id"])
+    except (OSError, KeyError, ValueError):
+        pass  # no cache yet, or an unreadable one: scan
+    bos, max_id = scan_shard(tokens)
+    tmp = f"{cache}.tmp{os.getpid()}.npz"
+    try:
+        np.savez(tmp, key=key, bos=bos, max_id=np.array(max_id))
+        os.replace(tmp, cache)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return bos, max_id
+
+
 class TokenStream:
     """All shards of one split as one virtual, memory-mapped token array, with the index of its documents."""
 
@@ -344,11 +375,14 @@ class TokenStream:
         self.files = sorted(glob.glob(pattern))
         if not self.files:
             raise DataError(f"{pattern}: no shard files match")
-        self.shards = []
+        self.shards, bos_positions = [], []
         for path in self.files:
             tokens = load_shard(path)
-            check_token_ids(tokens, vocab_size, path)
+            bos, max_id = shard_index(path, tokens)
+            if max_id >= vocab_size:
+                check_token_ids(tokens, vocab_size, path)  # names the first bad position
             self.shards.append(tokens)
+            bos_positions.append(bos)
         lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.shard_offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.num_tokens = int(self.shard_offsets[-1])
@@ -357,9 +391,7 @@ class TokenStream:
         first = int(self.shards[np.flatnonzero(lengths)[0]][0])
         if first != BOS_ID:
             raise DataError(f"{self.files[0]}: first token is {first}, not BOS ({BOS_ID}); documents must start with BOS")
-        self.doc_starts = np.concatenate(
-            [np.flatnonzero(np.asarray(s) == BOS_ID) + off for s, off in zip(self.shards, self.shard_offsets)]
-        ).astype(np.int64)
+        self.doc_starts = np.concatenate([bos + off for bos, off in zip(bos_positions, self.shard_offsets)])
         self.doc_lengths = np.diff(np.append(self.doc_starts, self.num_tokens))
 
     @property
@@ -427,9 +459,10 @@ def default_max_segments(micro_tokens: int) -> int:
 
 @dataclass
 class MicroBatch:
-    inputs: np.ndarray  # int32 [L]
-    targets: np.ndarray  # int64 [L]; IGNORE_INDEX where the target would be the next document's BOS
-    cu_seqlens: np.ndarray  # int32, padded with zero-length segments
+    inputs: np.ndarray | torch.Tensor  # int32 [L]
+    targets: np.ndarray | torch.Tensor  # int64 [L]; IGNORE_INDEX where the target would be the next document's BOS
+    cu_seqlens: np.ndarray | torch.Tensor  # int32, exactly max_segments + 1 entries
+    merged: bool = False  # it had more segments than max_segments (see fit_segments)
 
 
 class DocumentLoader:
@@ -488,21 +521,73 @@ class DocumentLoader:
         inputs, targets = tokens[:-1], tokens[1:].astype(np.int64)
         targets[targets == BOS_ID] = IGNORE_INDEX  # never predict across a document boundary
         cu = segment_boundaries(doc_offsets[doc_offsets < self.micro_tokens], self.micro_tokens, self.seq_len)
-        self.merged_batches += len(cu) - 1 > self.max_segments
-        return MicroBatch(inputs, targets, fit_segments(cu, targets, self.max_segments))
+        return MicroBatch(inputs, targets, fit_segments(cu, targets, self.max_segments), len(cu) - 1 > self.max_segments)
+
+    @property
+    def step_tokens(self) -> int:
+        return self.micro_batches * self.micro_tokens
+
+    def step_batches(self, position: int) -> list[MicroBatch]:
+        """This rank's micro-batches of the global step that starts at stream position `position` (no state changes)."""
+        return [self.micro_batch(position + j * self.micro_tokens)
+                for j in range(self.rank, self.micro_batches, self.world_size)]
+
+    def consume(self, batches: list[MicroBatch]) -> list[MicroBatch]:
+        """Advance past one step's batches."""
+        self.position += self.step_tokens
+        self.merged_batches += sum(b.merged for b in batches)
+        return batches
 
     def next_step(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next global step."""
-        batches = [self.micro_batch(self.position + j * self.micro_tokens)
-                   for j in range(self.rank, self.micro_batches, self.world_size)]
-        self.position += self.micro_batches * self.micro_tokens
-        return batches
+        return self.consume(self.step_batches(self.position))
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle}
+        return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                "merged_batches": self.merged_batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+        self.merged_batches = int(state.get("merged_batches", 0))
+
+
+class PrefetchingLoader:
+    """A DocumentLoader whose next step is built in a background thread while the current step runs on the device, as
+    tensors (in pinned memory on CUDA, so the copy to the GPU does not wait for the host). Only the main thread moves
+    the loader's position, one step per next_step(), so the batches, their order and resume are exactly the loader's;
+    a prefetched step for any other position (after load_state_dict) is dropped."""
+
+    def __init__(self, loader: DocumentLoader, device: torch.device):
+        import concurrent.futures
+
+        self.loader, self.pin = loader, device.type == "cuda"
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
+        self.ahead = None  # (stream position, future of that step's batches)
+
+    def _build(self, position: int) -> list[MicroBatch]:
+        def tensor(array):
+            t = torch.from_numpy(array)
+            return t.pin_memory() if self.pin else t
+
+        return [MicroBatch(tensor(b.inputs), tensor(b.targets), tensor(b.cu_seqlens), b.merged)
+                for b in self.loader.step_batches(position)]
+
+    def _prefetch(self, position: int):
+        if self.ahead is None or self.ahead[0] != position:
+            self.ahead = (position, self.worker.submit(self._build, position))
+        return self.ahead[1]
+
+    def next_step(self) -> list[MicroBatch]:
+        batches = self._prefetch(self.loader.position).result()
+        self.loader.consume(batches)
+        self._prefetch(self.loader.position)  # the step after: built while this one runs
+        return batches
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 # Bytes per token. BPB = (sum of per-token losses in nats) / ln 2 / (bytes those tokens stand for). The bytes of a token
@@ -952,13 +1037,37 @@ def orthogonalize(G: torch.Tensor, steps: int) -> torch.Tensor:
     return kernels.REFERENCES["newton_schulz"](G, steps)
 
 
-class Muon(torch.optim.Optimizer):
-    """SGD with Nesterov momentum whose update is orthogonalised. Rank r orthogonalises parameters r, r + world, ...;
-    one all-reduce of a flat buffer then hands every rank every update. Momentum is kept on every rank (it is cheap),
-    so rank 0's state is the whole state for checkpoints."""
+def orthogonalize_batched(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """The same iteration on a stack of same-shape matrices G [k, m, n] at once: a few batched matmuls per step instead
+    of a few per matrix (tests hold it to `orthogonalize`, one matrix at a time). bf16 on GPUs, as Muon."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(torch.bfloat16 if G.is_cuda else G.dtype)
+    X = X / (X.norm(dim=(1, 2), keepdim=True) + eps)
+    transposed = X.size(1) > X.size(2)
+    if transposed:
+        X = X.mT
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    return X.mT if transposed else X
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True):
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose update is orthogonalised.
+
+    The matrices are grouped by shape. Of each group, rank r orthogonalises matrices r, r + world, ... as one stacked
+    batch; one all-reduce of a flat buffer then hands every rank every update (each element is non-zero on exactly
+    one rank, so the sum is exact in any dtype). The buffer has the dtype the iteration works in: bf16 on GPUs, where
+    the orthogonalised update is bf16 anyway, so fp32 would double the traffic and add nothing; fp32 on CPUs. Momentum
+    is kept on every rank (it is cheap), so rank 0's state is the whole state for checkpoints."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
+                 compile_step: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        # compiled on GPUs: the eager iteration is ~45 small kernel launches a matrix
+        self.orthogonalize_batched = (torch.compile(orthogonalize_batched, dynamic=False, fullgraph=True)
+                                      if compile_step else orthogonalize_batched)
 
     @torch.no_grad()
     def step(self):
@@ -968,23 +1077,33 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
+            grads = [p.grad for p in params]
+            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            directions = torch._foreach_add(grads, buffers, alpha=group["momentum"]) if group["nesterov"] else buffers
+            dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+            offsets = np.concatenate([[0], np.cumsum([p.numel() for p in params])]).tolist()
+            updates = torch.zeros(offsets[-1], device=params[0].device, dtype=dtype)
+            by_shape: dict[tuple, list[int]] = {}
             for i, p in enumerate(params):
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buf.mul_(group["momentum"]).add_(p.grad)
-                if i % world == rank:
-                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    g = orthogonalize(g, group["backend_steps"])
-                    g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS update for tall matrices
-                    updates[offset: offset + p.numel()] = g.flatten()
-                offset += p.numel()
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            for (rows, cols), members in by_shape.items():
+                mine = members[rank::world]
+                if not mine:
+                    continue
+                if "newton_schulz" in FUSED_OPS:  # the Triton kernel takes one matrix at a time
+                    ortho = [orthogonalize(directions[i], group["backend_steps"]) for i in mine]
+                else:
+                    ortho = self.orthogonalize_batched(torch.stack([directions[i] for i in mine]),
+                                                       group["backend_steps"])
+                scale = max(1.0, rows / cols) ** 0.5  # the same RMS update for tall matrices
+                for i, g in zip(mine, ortho):
+                    updates[offsets[i]: offsets[i + 1]] = (g.float() * scale).flatten()
             if distributed:
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                p.add_(updates[offset: offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            torch._foreach_add_(params, [updates[offsets[i]: offsets[i + 1]].view_as(p).to(p.dtype)
+                                         for i, p in enumerate(params)], alpha=-group["lr"])
 
 
 def optimizer_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -1007,12 +1126,13 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimi
     groups = optimizer_groups(model)
     matrices = [p for _, p in groups["matrices"]]
     scalars = [p for _, p in groups["scalars"]]
-    fused = next(model.parameters()).is_cuda
-    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
+    on_cuda = next(model.parameters()).is_cuda
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=on_cuda)
     optimizers = [
         torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": hp.tied_embed_lr, "base_lr": hp.tied_embed_lr}],
                          **adam),
-        Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps),
+        Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+             compile_step=hp.compile and on_cuda),
         torch.optim.Adam([{"params": scalars, "lr": hp.scalar_lr, "base_lr": hp.scalar_lr}], **adam),
     ]
     optimizers[1].param_groups[0]["base_lr"] = hp.matrix_lr
@@ -1072,11 +1192,9 @@ def autocast_context(device: torch.device):
 
 
 def to_device(batch: MicroBatch, device: torch.device):
-    pin = device.type == "cuda"
-
-    def move(array):
-        tensor = torch.from_numpy(array)
-        return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
+    def move(array):  # tensors from PrefetchingLoader are already pinned on CUDA: the copy is asynchronous
+        tensor = torch.as_tensor(array)
+        return tensor.to(device, non_blocking=tensor.is_pinned())
 
     return move(batch.inputs)[None], move(batch.targets)[None], move(batch.cu_seqlens)
 
@@ -1163,13 +1281,14 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     log(f"train_data: shards:{len(train_stream.files)} documents:{train_stream.num_docs} tokens:{train_stream.num_tokens}")
     log(f"val_data: documents:{val.num_docs} tokens:{int(val.token_counts.sum())} bytes:{int(val.byte_counts.sum())}")
 
-    loader = DocumentLoader(train_stream, hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches, env.rank,
-                            env.world_size, hp.seed, hp.doc_shuffle, hp.train_max_segments)
+    document_loader = DocumentLoader(train_stream, hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches,
+                                     env.rank, env.world_size, hp.seed, hp.doc_shuffle, hp.train_max_segments)
+    loader = PrefetchingLoader(document_loader, device)
     model = GPT(ModelConfig.from_hyperparameters(hp)).to(device)
     optimizers = build_optimizers(model, hp)
     num_params = sum(p.numel() for p in model.parameters())
     log(f"model_params:{num_params} world_size:{env.world_size} grad_accum:{hp.train_micro_batches // env.world_size} "
-        f"micro_batch_tokens:{loader.micro_tokens}")
+        f"micro_batch_tokens:{document_loader.micro_tokens}")
 
     step, train_ms = 0, 0.0
     if hp.resume:
@@ -1246,7 +1365,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     graphs, graph_breaks = compile_counts()
     log(f"compile_stats: recompiles:{graphs - (graphs_after_warmup or graphs)} graph_breaks:{graph_breaks} "
         f"graphs:{graphs}")
-    log(f"loader: merged_micro_batches:{loader.merged_batches} max_segments:{loader.max_segments}")
+    log(f"loader: merged_micro_batches:{document_loader.merged_batches} max_segments:{document_loader.max_segments}")
 
     # final evaluation, with the timer stopped
     strides = {"flat": hp.eval_window, "strided": hp.eval_stride}

@@ -227,3 +227,102 @@ def test_ranks_stay_identical_when_one_starts_late(sample_data, tmp_path):
     logs = list(tmp_path.glob("*.txt"))
     assert len(logs) == 1  # one RUN_ID, rank 0's, on both ranks (rank 1 would have named its checkpoint differently)
     assert len(list(tmp_path.glob("*.pt"))) == 3  # rank0.pt, rank1.pt and the one final checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Muon: batched by shape, foreach momentum, one all-reduce
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 32), (2, 32, 48), (4, 16, 16), (1, 7, 5)])
+def test_batched_newton_schulz_equals_one_matrix_at_a_time(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    batched = tg.orthogonalize_batched(G, 5)
+    for i in range(shape[0]):
+        torch.testing.assert_close(batched[i], tg.orthogonalize(G[i], 5), rtol=1e-5, atol=1e-5)
+
+
+def slow_muon_step(params, grads, buffers, lr, momentum, steps):
+    """Muon written out one matrix at a time, as its definition reads."""
+    for p, g, buf in zip(params, grads, buffers):
+        buf.mul_(momentum).add_(g)
+        direction = g + momentum * buf
+        update = tg.orthogonalize(direction, steps) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        p.sub_(lr * update)
+
+
+def test_muon_step_equals_the_slow_loop():
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(32, 16), (16, 32), (32, 16), (16, 16), (32, 16), (8, 24)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+    copies = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in copies]
+    muon = tg.Muon(params, lr=0.02, momentum=0.9, backend_steps=5)
+    for _ in range(3):
+        grads = [torch.randn(*s, generator=gen) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        muon.step()
+        with torch.no_grad():
+            slow_muon_step(copies, grads, buffers, 0.02, 0.9, 5)
+    for p, expected in zip(params, copies):
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. the loader works ahead in a thread, and changes nothing
+
+
+@pytest.fixture
+def small_stream(tmp_path):
+    from data.shards import write_shard
+
+    rng = np.random.default_rng(1)
+    docs = [np.concatenate([[tg.BOS_ID], rng.integers(4, 50, size=int(n))]) for n in rng.integers(1, 120, size=80)]
+    write_shard(str(tmp_path / "s_train_000000.bin"), np.concatenate(docs))
+    return tg.TokenStream(str(tmp_path / "s_train_*.bin"), 64)
+
+
+def test_prefetching_loader_serves_exactly_the_plain_loader(small_stream):
+    def loader():
+        return tg.DocumentLoader(small_stream, 16, 4 * 64, 4, 1, 2, seed=3, max_segments=4)
+
+    plain, prefetching = loader(), tg.PrefetchingLoader(loader(), torch.device("cpu"))
+    for step in range(12):
+        if step == 5:  # a restart from a saved position (as warm-up undo and resume do) drops the prefetched step
+            state = plain.state_dict()
+            plain.next_step(), prefetching.next_step()
+            plain.load_state_dict(state), prefetching.load_state_dict(state)
+        for a, b in zip(plain.next_step(), prefetching.next_step(), strict=True):
+            assert isinstance(b.inputs, torch.Tensor)
+            for field in ("inputs", "targets", "cu_seqlens"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field).numpy())
+    assert prefetching.loader.position == plain.position
+    assert prefetching.loader.merged_batches == plain.merged_batches > 0
+
+
+def test_shard_index_is_cached_and_invalidated_when_the_shard_changes(tmp_path, monkeypatch):
+    from data.shards import write_shard
+
+    rng = np.random.default_rng(2)
+    path = tmp_path / "c_train_000000.bin"
+    tokens = np.concatenate([[tg.BOS_ID], rng.integers(2, 60, size=500)])
+    tokens[rng.integers(1, 500, size=20)] = tg.BOS_ID
+    write_shard(str(path), tokens)
+    first = tg.TokenStream(str(tmp_path / "c_train_*.bin"), 64)
+    assert (tmp_path / "c_train_000000.bin.index.npz").is_file()
+    np.testing.assert_array_equal(first.doc_starts, np.flatnonzero(tokens == tg.BOS_ID))
+
+    def no_scan(tokens):
+        raise AssertionError("scanned although the cache is valid")
+
+    monkeypatch.setattr(tg, "scan_shard", no_scan)
+    np.testing.assert_array_equal(tg.TokenStream(str(tmp_path / "c_train_*.bin"), 64).doc_starts, first.doc_starts)
+    monkeypatch.undo()
+
+    changed = tokens.copy()
+    changed[250] = 63  # a new token id and no new BOS: only a re-scan finds the id >= vocab
+    write_shard(str(path), changed)
+    import os
+    os.utime(path, ns=(1, 1))  # a different mtime, as any rewrite gives
+    with pytest.raises(tg.DataError, match="token id 63 at position 250"):
+        tg.TokenStream(str(tmp_path / "c_train_*.bin"), 63)

@@ -1,12 +1,17 @@
-"""Packing throughput of train_gpt.DocumentLoader on the CPU (a benchmark, not a test).
+"""The document loader on the CPU (a benchmark, not a test).
 
-    python tools/bench_loader.py [--data DIR] [--steps N]
+    python tools/bench_loader.py [--shards 80] [--shard-tokens 100000000] [--mean-doc 1275] [--steps 30]
+                                 [--step-ms 43.5] [--data DIR]
 
-Serves the default configuration's global batch (TRAIN_BATCH_TOKENS=524,288 as 8 micro-batches of 65,536 tokens,
-pieces of at most 1,024 tokens) for one process, i.e. everything 8 GPUs consume per step, and prints tokens/s for:
-the prepared sample (long documents, ~10k tokens each) and a synthetic stream with FineWeb-like short documents
-(lengths drawn from a geometric distribution with mean 700 tokens). The loader must stay far above what 8 GPUs eat
-(~1.5M tokens/s each, 12M tokens/s together); the target is 50M tokens/s.
+Writes a synthetic training split shaped like parameter-golf's FineWeb sp1024 (by default 80 shards of 100M tokens,
+document lengths geometric with mean 1,275 tokens) to a temporary folder (or uses --data's), then prints one table:
+- start-up: opening the split's shards (TokenStream) without the index cache (a full scan for BOS and the largest id)
+  and with it (PATH.index.npz beside each shard);
+- build: one rank's micro-batch of the default 8-GPU configuration (65,536 tokens, pieces of at most 1,024), built in
+  the foreground, ms each, and tokens/s;
+- exposed: the time a training step waits for its batch when the PrefetchingLoader builds the next one in its thread
+  while the step runs (the device's work is stood in for by a sleep of --step-ms, 43.5 ms being parameter-golf's 8xH100
+  step), in ms and as a share of the step. The target is under 1%.
 """
 
 import argparse
@@ -16,47 +21,89 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 
 
-def measure(stream: tg.TokenStream, steps: int) -> tuple[float, float]:
-    loader = tg.DocumentLoader(stream, seq_len=1024, batch_tokens=524_288, micro_batches=8, rank=0, world_size=1,
-                               seed=1337)
-    loader.next_step()  # first epoch permutation
+def write_synthetic_split(folder: str, shards: int, shard_tokens: int, mean_doc: float, seed: int = 0) -> None:
+    """`shards` shards of FineWeb-like documents; documents run on from one shard into the next, as in FineWeb's."""
+    rng = np.random.default_rng(seed)
+    for i in range(shards):
+        tokens = rng.integers(4, 1024, size=shard_tokens, dtype=np.uint16)
+        starts = np.cumsum(rng.geometric(1 / mean_doc, size=int(2 * shard_tokens / mean_doc) + 10))
+        tokens[starts[starts < shard_tokens]] = tg.BOS_ID
+        if i == 0:
+            tokens[0] = tg.BOS_ID
+        write_shard(os.path.join(folder, f"synthetic_train_{i:06d}.bin"), tokens)
+
+
+def open_seconds(pattern: str, cached: bool) -> tuple[float, tg.TokenStream]:
+    if not cached:
+        for path in tg.glob.glob(pattern):
+            if os.path.exists(f"{path}.index.npz"):
+                os.remove(f"{path}.index.npz")
     start = time.perf_counter()
-    segments = 0
+    stream = tg.TokenStream(pattern, 1024)
+    return time.perf_counter() - start, stream
+
+
+def loader_for(stream: tg.TokenStream) -> tg.DocumentLoader:
+    # rank 0 of 8: one 65,536-token micro-batch per step, as each of 8 GPUs takes in the default configuration
+    return tg.DocumentLoader(stream, seq_len=1024, batch_tokens=524_288, micro_batches=8, rank=0, world_size=8,
+                             seed=1337)
+
+
+def build_ms(stream: tg.TokenStream, steps: int) -> float:
+    loader = loader_for(stream)
+    loader.next_step()  # the first epoch's permutation
+    start = time.perf_counter()
     for _ in range(steps):
-        for batch in loader.next_step():
-            segments += int(np.count_nonzero(np.diff(batch.cu_seqlens)))
-    seconds = time.perf_counter() - start
-    return steps * 524_288 / seconds, segments / (steps * 8)
+        loader.next_step()
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def exposed_ms(stream: tg.TokenStream, steps: int, step_ms: float) -> float:
+    loader = tg.PrefetchingLoader(loader_for(stream), torch.device("cpu"))
+    loader.next_step()
+    waited = 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        loader.next_step()
+        waited += time.perf_counter() - start
+        time.sleep(step_ms / 1000)  # the device's share of the step; the loader thread works meanwhile
+    return 1000 * waited / steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--data", default="data/datasets/peps_sp1024")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--data", help="an existing folder with *_train_*.bin shards (default: a synthetic split)")
+    parser.add_argument("--shards", type=int, default=80)
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000)
+    parser.add_argument("--mean-doc", type=float, default=1275.0)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--step-ms", type=float, default=43.5)
     args = parser.parse_args()
-    rows = []
-    if os.path.isdir(args.data):
-        stream = tg.TokenStream(tg.split_pattern(args.data, "train"), 65536)
-        rows.append((f"sample ({args.data})", stream, *measure(stream, args.steps)))
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        lengths = rng.geometric(1 / 700, size=30_000)
-        tokens = rng.integers(4, 1024, size=int(lengths.sum()), dtype=np.uint16)
-        tokens[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = tg.BOS_ID
-        write_shard(os.path.join(tmp, "syn_train_000000.bin"), tokens)
-        stream = tg.TokenStream(os.path.join(tmp, "syn_train_*.bin"), 65536)
-        rows.append(("synthetic, mean doc 700 tokens", stream, *measure(stream, args.steps)))
-    print("| stream | documents | mean doc tokens | segments per micro-batch | tokens/s |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, stream, tokens_per_s, segments in rows:
-        print(f"| {name} | {stream.num_docs} | {stream.num_tokens / stream.num_docs:.0f} | {segments:.0f} "
-              f"| {tokens_per_s / 1e6:.1f}M |")
+        folder = args.data or tmp
+        if not args.data:
+            start = time.perf_counter()
+            write_synthetic_split(tmp, args.shards, args.shard_tokens, args.mean_doc)
+            print(f"wrote {args.shards} x {args.shard_tokens:,} tokens in {time.perf_counter() - start:.0f}s",
+                  file=sys.stderr)
+        pattern = tg.split_pattern(folder, "train")
+        cold, stream = open_seconds(pattern, cached=False)
+        warm, stream = open_seconds(pattern, cached=True)
+        build = build_ms(stream, args.steps)
+        exposed = exposed_ms(stream, args.steps, args.step_ms)
+    print(f"| shards | tokens | documents | open, no cache | open, cached | build 65,536 tokens | loader tokens/s "
+          f"| exposed per {args.step_ms} ms step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {len(stream.files)} | {stream.num_tokens:,} | {stream.num_docs:,} | {cold:.2f} s | {warm:.2f} s "
+          f"| {build:.2f} ms | {65536 / build * 1000 / 1e6:.0f}M | {exposed:.3f} ms "
+          f"({100 * exposed / args.step_ms:.2f}%) |")
 
 
 if __name__ == "__main__":
