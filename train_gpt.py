@@ -1199,38 +1199,82 @@ def to_device(batch: MicroBatch, device: torch.device):
     return move(batch.inputs)[None], move(batch.targets)[None], move(batch.cu_seqlens)
 
 
-def forward_backward(model_fn, batches: list[MicroBatch], hp: Hyperparameters, device: torch.device) -> torch.Tensor:
+class GradientReducer:
+    """Sums gradients over ranks while the backward pass still runs. The parameters are cut into buckets of about
+    `bucket_mb` MB in reverse order (the order backward produces their gradients). During the last micro-batch's
+    backward, a bucket's all-reduce starts, asynchronously, as soon as every gradient in it is final; finish() waits for
+    them before the optimizers step. Earlier micro-batches only accumulate locally. One process: nothing to do."""
+
+    def __init__(self, model: nn.Module, bucket_mb: float = 25.0):
+        self.enabled = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.buckets: list[list[nn.Parameter]] = []
+        self.armed, self.pending, self.in_flight = False, [], []
+        if not self.enabled:
+            return
+        size = 0
+        for p in reversed(list(model.parameters())):
+            if not self.buckets or size + p.numel() * p.element_size() > bucket_mb * 2**20:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(self._gradient_ready)
+
+    def arm(self) -> None:
+        """The next backward is the step's last: reduce each bucket as it completes."""
+        if self.enabled:
+            self.armed, self.pending, self.in_flight = True, [len(b) for b in self.buckets], []
+
+    def _gradient_ready(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        bucket = self.bucket_of[id(p)]
+        self.pending[bucket] -= 1
+        if self.pending[bucket] == 0:
+            self._start(bucket)
+
+    def _start(self, bucket: int) -> None:
+        flat = torch.cat([p.grad.flatten() for p in self.buckets[bucket]])
+        self.in_flight.append((bucket, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+
+    def finish(self) -> None:
+        if not self.enabled:
+            return
+        for bucket, left in enumerate(self.pending):
+            if left:  # a parameter the forward pass did not use got no gradient this step: reduce its bucket now
+                self._start(bucket)
+        for bucket, flat, work in self.in_flight:
+            work.wait()
+            params = self.buckets[bucket]
+            torch._foreach_copy_([p.grad for p in params],
+                                 [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)])
+        self.armed, self.in_flight = False, []
+
+
+def forward_backward(model_fn, batches: list[MicroBatch], hp: Hyperparameters, device: torch.device,
+                     reducer: GradientReducer) -> torch.Tensor:
     """Accumulate this rank's gradients for one step; returns [sum of token losses, number of scored tokens].
 
     Each micro-batch's loss is divided by the global number of micro-batch tokens, and gradients are summed over
     ranks, so the update is the same for any number of processes."""
     micro_tokens = hp.train_batch_tokens // hp.train_micro_batches
     totals = torch.zeros(2, device=device, dtype=torch.float64)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         inputs, targets, cu_seqlens = to_device(batch, device)
         with autocast_context(device):
             losses = model_fn(inputs, targets, cu_seqlens, hp.train_seq_len)
+        if i == len(batches) - 1:
+            reducer.arm()  # gradients become final during this backward: their all-reduce overlaps the rest of it
         (losses.sum() / (micro_tokens * hp.train_micro_batches)).backward()
         totals[0] += losses.detach().sum().double()
         totals[1] += (targets != IGNORE_INDEX).sum()
     return totals
 
 
-def all_reduce_gradients(model: nn.Module) -> None:
-    """Sum gradients over ranks in one flat buffer (one collective per step)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    grads = [p.grad for p in model.parameters()]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def optimizer_step(model: GPT, optimizers, hp: Hyperparameters) -> None:
-    all_reduce_gradients(model)
+def optimizer_step(model: GPT, optimizers, hp: Hyperparameters, reducer: GradientReducer) -> None:
+    reducer.finish()
     if hp.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip_norm)
     for opt in optimizers:
@@ -1238,7 +1282,7 @@ def optimizer_step(model: GPT, optimizers, hp: Hyperparameters) -> None:
     model.zero_grad(set_to_none=False)
 
 
-def compile_warmup(model, model_fn, optimizers, loader, hp, device, log) -> None:
+def compile_warmup(model, model_fn, optimizers, reducer, loader, hp, device, log) -> None:
     """Run WARMUP_STEPS real steps so torch.compile and the kernels' autotuning happen before the clock starts, then
     put the weights, the optimizer state and the loader back as they were."""
     if hp.warmup_steps == 0:
@@ -1248,8 +1292,8 @@ def compile_warmup(model, model_fn, optimizers, loader, hp, device, log) -> None
     loader_state = loader.state_dict()
     start = time.perf_counter()
     for _ in range(hp.warmup_steps):
-        forward_backward(model_fn, loader.next_step(), hp, device)
-        optimizer_step(model, optimizers, hp)
+        forward_backward(model_fn, loader.next_step(), hp, device, reducer)
+        optimizer_step(model, optimizers, hp, reducer)
     model.load_state_dict(model_state)
     for opt, state in zip(optimizers, optimizer_states):
         opt.load_state_dict(state)
@@ -1304,7 +1348,8 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         log(f"resumed: {hp.resume} step:{step} train_time:{train_ms:.0f}ms")
 
     model_fn = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model  # a graph break is an error
-    compile_warmup(model, model_fn, optimizers, loader, hp, device, log)
+    reducer = GradientReducer(model)
+    compile_warmup(model, model_fn, optimizers, reducer, loader, hp, device, log)
     graphs_after_warmup = compile_counts()[0] if hp.warmup_steps else None  # without warm-up: after the first step
 
     stop_signal = StopRequested()
@@ -1329,8 +1374,8 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         # The schedule reads the elapsed time that every rank agreed on at the end of the last step, never a rank's own
         # clock: ranks start their clocks at different moments, and copies that take different learning rates drift.
         set_learning_rates(optimizers, step, elapsed_ms, hp)
-        totals = forward_backward(model_fn, loader.next_step(), hp, device)
-        optimizer_step(model, optimizers, hp)
+        totals = forward_backward(model_fn, loader.next_step(), hp, device, reducer)
+        optimizer_step(model, optimizers, hp, reducer)
         step += 1
         if graphs_after_warmup is None:
             graphs_after_warmup = compile_counts()[0]

@@ -326,3 +326,46 @@ def test_shard_index_is_cached_and_invalidated_when_the_shard_changes(tmp_path, 
     os.utime(path, ns=(1, 1))  # a different mtime, as any rewrite gives
     with pytest.raises(tg.DataError, match="token id 63 at position 250"):
         tg.TokenStream(str(tmp_path / "c_train_*.bin"), 63)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. gradients are reduced in buckets while the backward pass runs
+
+
+def _reducer_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = tiny_model().train().requires_grad_(True)
+    reducer = tg.GradientReducer(model, bucket_mb=0.01)  # ~10 kB buckets: many of them
+    inputs = [torch.randint(4, 1000, (1, 40), generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    # two micro-batches on each rank: only the last one's backward reduces
+    for i, ids in enumerate(inputs):
+        if i == 1:
+            reducer.arm()
+        model(ids + rank, torch.roll(ids + rank, -1, 1)).sum().backward()
+    started_during_backward = len(reducer.in_flight)
+    reducer.finish()
+    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "buckets": len(reducer.buckets),
+                "started_during_backward": started_during_backward}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gradient_buckets_reduce_during_backward_to_the_plain_sum(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reducer_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert results[0]["buckets"] > 3
+    assert results[0]["started_during_backward"] == results[0]["buckets"]  # every bucket left from inside backward
+    torch.manual_seed(0)
+    model = tiny_model().train().requires_grad_(True)
+    for rank in range(2):  # the plain sum: both ranks' micro-batches in one process
+        for r in range(2):
+            ids = torch.randint(4, 1000, (1, 40), generator=torch.Generator().manual_seed(r)) + rank
+            model(ids, torch.roll(ids, -1, 1)).sum().backward()
+    for name, p in model.named_parameters():
+        for result in results:
+            torch.testing.assert_close(result["grads"][name], p.grad, rtol=1e-5, atol=1e-6)
