@@ -369,3 +369,29 @@ def test_gradient_buckets_reduce_during_backward_to_the_plain_sum(tmp_path):
     for name, p in model.named_parameters():
         for result in results:
             torch.testing.assert_close(result["grads"][name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_training_step_never_waits_on_the_host(small_stream):
+    """forward_backward + optimizer_step (everything of a step but its one all-reduce of the loss) issue no
+    synchronising CUDA call: torch's sync debug mode turns any into an error."""
+    device = torch.device("cuda")
+    hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+                                      "VOCAB_SIZE": "64", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "256",
+                                      "TRAIN_MICRO_BATCHES": "2", "COMPILE": "0"})
+    tg.select_attention_backend("auto", device)
+    model = tg.GPT(tg.ModelConfig.from_hyperparameters(hp)).to(device)
+    optimizers = tg.build_optimizers(model, hp)
+    reducer = tg.GradientReducer(model)
+    loader = tg.PrefetchingLoader(tg.DocumentLoader(small_stream, 16, 256, 2, 0, 1, seed=1), device)
+    tg.forward_backward(model, loader.next_step(), hp, device, reducer)  # first step: allocations, lazy init
+    tg.optimizer_step(model, optimizers, hp, reducer)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            tg.forward_backward(model, loader.next_step(), hp, device, reducer)
+            tg.optimizer_step(model, optimizers, hp, reducer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
