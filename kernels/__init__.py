@@ -1,6 +1,7 @@
-"""Fused Triton ops for train_gpt.py. Each op file holds a plain-torch `reference`, the Triton kernels, the autograd
-Function, and the public function, which runs Triton on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1)
-and the reference otherwise. See kernels/README.md."""
+"""Fused Triton ops for train_gpt.py. Each op file holds a plain-torch `reference`, the Triton kernels, their
+registration as torch.library custom ops (torch.ops.kernels.*, with fake implementations and registered backwards, so
+torch.compile(fullgraph=True) traces every op without a graph break), and the public function, which runs Triton on
+CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1) and the reference otherwise. See kernels/README.md."""
 
 import importlib
 

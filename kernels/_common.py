@@ -1,4 +1,4 @@
-"""Plumbing shared by the op files: optional Triton import, the dispatch rule, output allocation.
+"""Plumbing shared by the op files: optional Triton import, the dispatch rule, output allocation, op registration.
 
 Triton is optional: without it (e.g. a macOS laptop, where there are no Triton wheels) every op falls back to its
 plain-torch reference, and the kernel definitions still import because `triton`/`tl` are then harmless stubs.
@@ -72,3 +72,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact fp32 ("ieee", not tf32) so fp32 results match fp32 references; for 16-bit
     operands the setting has no effect."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Every Triton launch happens inside a `torch.library.custom_op` named LIBRARY::<name> (torch.ops.kernels.<name>), with
+# a fake implementation that gives shapes/dtypes without running anything and, for ops with gradients, a registered
+# backward made of further custom ops. torch.compile(fullgraph=True) then traces the public ops without a graph break:
+# Dynamo and AOTAutograd see one opaque node per op, and the compiled graph calls exactly the Python launch code that
+# the eager tests run. (`torch.library.triton_op` would let Inductor re-generate the launches itself; opaque ops keep
+# one launch path for eager, compiled, CUDA and the interpreter, and work under Inductor on CPU tensors too.)
+LIBRARY = "kernels"
+
+
+def op_name(name: str) -> str:
+    return f"{LIBRARY}::{name}"

@@ -9,8 +9,6 @@ and "b * A" added in its epilogue. Work dtype: bf16 on CUDA (as Muon), fp32 othe
 the tests use as the reference). No autograd: it runs on gradients.
 """
 
-import functools
-
 import torch
 
 from kernels import _common
@@ -95,13 +93,15 @@ _CUDA_CONFIGS = [
 ]
 
 
-@functools.cache
-def _autotuned_sym_matmul():
-    return triton.autotune(configs=_CUDA_CONFIGS, key=["M", "K", "HAS_ADD"])(_sym_matmul_kernel)
+# Built once, at import. M and K are the shapes of the parameter matrices, fixed for a run.
+sym_matmul_autotuned = triton.autotune(configs=_CUDA_CONFIGS, key=["M", "K", "HAS_ADD"])(_sym_matmul_kernel)
 
 
-def sym_matmul(x: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None, beta: float = 0.0):
-    """alpha * x @ x.T (+ beta * add, add symmetric [M, M]) with the Triton kernel; x [M, K] -> [M, M]."""
+@torch.library.custom_op(_common.op_name("sym_matmul"), mutates_args=())
+def sym_matmul(x: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
+    """alpha * x @ x.T (+ beta * add, add symmetric [M, M]) with the Triton kernel; x [M, K] -> [M, M] contiguous.
+    A registered op (see _common.LIBRARY), so a compiled optimizer step traces it; no autograd (it runs on gradients).
+    """
     M, K = x.shape
     out = _common.empty_output((M, M), x.dtype, x.device)
     if M == 0:
@@ -116,8 +116,13 @@ def sym_matmul(x: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = N
         _sym_matmul_kernel[grid](*args, HAS_ADD=has_add, **INTERPRETER_BLOCKS, DOT_PRECISION=precision)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-        _autotuned_sym_matmul()[grid](*args, HAS_ADD=has_add, DOT_PRECISION=precision)
+        sym_matmul_autotuned[grid](*args, HAS_ADD=has_add, DOT_PRECISION=precision)
     return out
+
+
+@sym_matmul.register_fake
+def _(x, alpha=1.0, add=None, beta=0.0):
+    return x.new_empty((x.shape[0], x.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------------------------

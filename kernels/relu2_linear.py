@@ -7,8 +7,6 @@ the same dtype: sqrt halves the relative rounding error of out. (Values of |pre|
 zero derivative instead of ~1e-19, which does not matter.)
 """
 
-import functools
-
 import torch
 
 from kernels import _common
@@ -89,10 +87,11 @@ _CUDA_CONFIGS = [
 ]
 
 
-@functools.cache
-def _autotuned_relu2_matmul():
-    # Built lazily: the autotuner times configs on a GPU, so it is only used for compiled (CUDA) kernels.
-    return triton.autotune(configs=_CUDA_CONFIGS, key=["M", "N", "K"])(_relu2_matmul_kernel)
+# Built once, at import: one autotuner, so its cache of best configs lives as long as the process. The key is the
+# feature sizes only (Triton adds the dtypes of the tensor arguments itself). Not the row count M: it changes with
+# every varlen evaluation batch, and each new M would re-run the timing of all configs in the middle of a run.
+AUTOTUNE_KEY = ["N", "K"]
+relu2_matmul_autotuned = triton.autotune(configs=_CUDA_CONFIGS, key=AUTOTUNE_KEY)(_relu2_matmul_kernel)
 
 
 def _forward(x, w, out=None):
@@ -111,7 +110,7 @@ def _forward(x, w, out=None):
         _relu2_matmul_kernel[grid](*args, **blocks, DOT_PRECISION=precision)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _autotuned_relu2_matmul()[grid](*args, DOT_PRECISION=precision)
+        relu2_matmul_autotuned[grid](*args, DOT_PRECISION=precision)
     return out
 
 
@@ -126,23 +125,49 @@ def _grad_pre(grad_out, out):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Autograd
+# Registered ops (see _common.LIBRARY) and their autograd
 
 
-class Relu2LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w):
-        out = _forward(x, w)
-        ctx.save_for_backward(x, w, out)
-        return out
+@torch.library.custom_op(_common.op_name("relu2_linear_forward"), mutates_args=())
+def relu2_linear_forward(x2d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """relu(x2d @ w.T) ** 2, [M, N] contiguous in x's dtype, for x2d [M, K], w [N, K]."""
+    return _forward(x2d, w)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w, out = ctx.saved_tensors
-        grad_pre = _grad_pre(grad_out, out)
-        grad_x = grad_pre @ w if ctx.needs_input_grad[0] else None
-        grad_w = grad_pre.T @ x if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w
+
+@relu2_linear_forward.register_fake
+def _(x2d, w):
+    return x2d.new_empty((x2d.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op(_common.op_name("relu2_grad_pre"), mutates_args=())
+def relu2_grad_pre(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """grad_out * 2 * sqrt(out): the gradient w.r.t. the pre-activation, from the op's output."""
+    return _grad_pre(grad_out, out)
+
+
+@relu2_grad_pre.register_fake
+def _(grad_out, out):
+    return out.new_empty(out.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, w = inputs
+    ctx.save_for_backward(x2d, w, output)
+
+
+def _backward_rule(ctx, grad_out):
+    x2d, w, out = ctx.saved_tensors
+    grad_pre = relu2_grad_pre(grad_out, out)
+    grad_x = grad_pre @ w if ctx.needs_input_grad[0] else None
+    grad_w = grad_pre.T @ x2d if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w
+
+
+relu2_linear_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public op
 
 
 def relu2_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -151,5 +176,5 @@ def relu2_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return reference(x, w)
     if x.dtype != w.dtype:
         raise TypeError(f"x and w must have the same dtype, got {x.dtype} and {w.dtype}")
-    out = Relu2LinearFunction.apply(x.reshape(-1, x.shape[-1]), w)
+    out = relu2_linear_forward(x.reshape(-1, x.shape[-1]), w)
     return out.view(*x.shape[:-1], w.shape[0])

@@ -122,22 +122,48 @@ def _backward(x2d, grad_y, eps):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Autograd
+# Registered ops (see _common.LIBRARY) and their autograd
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, eps):
-        ctx.save_for_backward(x2d)
-        ctx.eps = eps
-        return _forward(x2d, eps)
+@torch.library.custom_op(_common.op_name("rms_norm_forward"), mutates_args=())
+def rms_norm_forward(x2d: torch.Tensor, eps: float) -> torch.Tensor:
+    """y [N, D] (contiguous, x's dtype) for x2d [N, D] with unit column stride."""
+    return _forward(x2d, eps)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        (x2d,) = ctx.saved_tensors
-        if grad_y.stride(-1) != 1:
-            grad_y = grad_y.contiguous()
-        return _backward(x2d, grad_y, ctx.eps), None
+
+@rms_norm_forward.register_fake
+def _(x2d, eps):
+    return x2d.new_empty(x2d.shape)
+
+
+@torch.library.custom_op(_common.op_name("rms_norm_backward"), mutates_args=())
+def rms_norm_backward(x2d: torch.Tensor, grad_y: torch.Tensor, eps: float) -> torch.Tensor:
+    if grad_y.stride(-1) != 1:
+        grad_y = grad_y.contiguous()
+    return _backward(x2d, grad_y, eps)
+
+
+@rms_norm_backward.register_fake
+def _(x2d, grad_y, eps):
+    return x2d.new_empty(x2d.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, eps = inputs
+    ctx.save_for_backward(x2d)
+    ctx.eps = eps
+
+
+def _backward_rule(ctx, grad_y):
+    (x2d,) = ctx.saved_tensors
+    return rms_norm_backward(x2d, grad_y, ctx.eps), None
+
+
+rms_norm_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public op
 
 
 def rms_norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
@@ -149,4 +175,4 @@ def rms_norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    return RMSNormFunction.apply(x2d, float(eps)).view(x.shape)
+    return rms_norm_forward(x2d, float(eps)).view(x.shape)

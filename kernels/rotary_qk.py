@@ -135,23 +135,58 @@ def _backward(x, cos, sin, grad_out, eps):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Autograd
+# Registered ops (see _common.LIBRARY) and their autograd
 
 
-class RotaryQKFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, eps_q, eps_k):
-        ctx.save_for_backward(q, k, cos, sin)
-        ctx.eps = (eps_q, eps_k)
-        return _forward(q, cos, sin, eps_q), _forward(k, cos, sin, eps_k)
+@torch.library.custom_op(_common.op_name("rotary_qk_forward"), mutates_args=())
+def rotary_qk_forward(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps_q: float, eps_k: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous (rope(rms_norm(q)), rope(rms_norm(k))) for q [T, Hq, Dh], k [T, Hk, Dh] of any strides."""
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    return _forward(q, cos, sin, eps_q), _forward(k, cos, sin, eps_k)
 
-    @staticmethod
-    def backward(ctx, grad_q_out, grad_k_out):
-        q, k, cos, sin = ctx.saved_tensors
-        eps_q, eps_k = ctx.eps
-        grad_q = _backward(q, cos, sin, grad_q_out, eps_q) if ctx.needs_input_grad[0] else None
-        grad_k = _backward(k, cos, sin, grad_k_out, eps_k) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, None, None, None, None
+
+@rotary_qk_forward.register_fake
+def _(q, k, cos, sin, eps_q, eps_k):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op(_common.op_name("rotary_qk_backward"), mutates_args=())
+def rotary_qk_backward(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, grad_out: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    """Gradient w.r.t. x (q or k) of rope(rms_norm(x)); contiguous, x's shape and dtype."""
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    return _backward(x, cos, sin, grad_out, eps)
+
+
+@rotary_qk_backward.register_fake
+def _(x, cos, sin, grad_out, eps):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, cos, sin, eps_q, eps_k = inputs
+    ctx.save_for_backward(q, k, cos, sin)
+    ctx.eps = (eps_q, eps_k)
+
+
+def _backward_rule(ctx, grad_q_out, grad_k_out):
+    q, k, cos, sin = ctx.saved_tensors
+    eps_q, eps_k = ctx.eps
+    grad_q = rotary_qk_backward(q, cos, sin, grad_q_out, eps_q) if ctx.needs_input_grad[0] else None
+    grad_k = rotary_qk_backward(k, cos, sin, grad_k_out, eps_k) if ctx.needs_input_grad[1] else None
+    return grad_q, grad_k, None, None, None, None
+
+
+rotary_qk_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public op
 
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float | None = None):
@@ -168,6 +203,4 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         return reference(q, k, cos, sin, eps)
     eps_q = torch.finfo(q.dtype).eps if eps is None else eps
     eps_k = torch.finfo(k.dtype).eps if eps is None else eps
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    return RotaryQKFunction.apply(q, k, cos, sin, float(eps_q), float(eps_k))
+    return rotary_qk_forward(q, k, cos, sin, float(eps_q), float(eps_k))

@@ -1,5 +1,5 @@
 """A training step of a tiny model with every kernel (FUSED=1; Triton's interpreter on CPU) gives the loss and
-gradients of the plain-torch model (FUSED=0)."""
+gradients of the plain-torch model (FUSED=0), and compiles with fullgraph=True into one graph that calls the kernels."""
 
 import copy
 
@@ -53,3 +53,64 @@ def test_fused_training_step_matches_plain(fused):
     finally:
         tg.use_fused_ops(())
     torch.testing.assert_close(fused_update, tg.orthogonalize(G, 5), rtol=1e-3, atol=1e-4)
+
+
+def fused_step(model, forward, ids, targets):
+    """Per-token losses and parameter gradients of one step with every kernel on (bf16 autocast on CUDA, as in
+    training)."""
+    tg.use_fused_ops(kernels.OPS)
+    try:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+            losses = forward(ids, targets)
+        losses.sum().backward()
+        return losses.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        tg.use_fused_ops(())
+
+
+def check_compiled_fused_model(device, backend, tolerance):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = tg.ModelConfig(vocab_size=72, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+    model = tg.GPT(config).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(4, 72, (2, 24), device=device)
+    targets = torch.roll(ids, -1, 1)
+    targets[0, :5] = tg.IGNORE_INDEX
+
+    eager_losses, eager_grads = fused_step(model, model, ids, targets)
+    torch._dynamo.reset()
+    counters.clear()
+    recorder = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=recorder)
+    compiled_losses, compiled_grads = fused_step(model, compiled, ids, targets)
+
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert recorder.frame_count == 1, f"{recorder.frame_count} graphs"
+    traced = {str(node.target) for graph in recorder.graphs for node in graph.graph.nodes}
+    for op in ["rms_norm_forward", "rotary_qk_forward", "relu2_linear_forward", "linear_softcap_ce_forward"]:
+        assert f"kernels.{op}.default" in traced, f"{op} is not in the compiled graph"
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=tolerance, atol=tolerance)
+    for name, grad in eager_grads.items():
+        error = ((compiled_grads[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30)).item()
+        assert error <= tolerance, f"gradient of {name}: compiled vs eager max error {error:.1e} of max |eager|"
+
+
+def test_compiled_fused_model_is_one_graph_and_matches_eager():
+    """CPU: the interpreted kernels inside a graph that Dynamo and AOTAutograd trace (aot_eager backend)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not kernels.triton_available(device):
+        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
+    check_compiled_fused_model(device, backend="aot_eager", tolerance=1e-4 if device.type == "cpu" else 3e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_fused_model_is_one_graph_and_matches_eager():
+    """CUDA, bf16 autocast, Inductor: as train_gpt.py compiles the model."""
+    check_compiled_fused_model(torch.device("cuda"), backend="inductor", tolerance=3e-2)

@@ -215,6 +215,61 @@ def test_linear_softcap_cross_entropy(chunk_size):
         assert_close(actual, expected, FP32_TOL, f"{what} vs float64 reference")
 
 
+@needs_triton
+def test_linear_softcap_cross_entropy_fp32_weight_bf16_x():
+    """bf16 activations and the fp32 tied embedding itself: logits and the weight gradient are accumulated in fp32
+    (nothing rounded to bf16 on the way), and the gradient arrives in fp32.
+
+    Measured before this was fixed, when each chunk's logits and weight-gradient product were rounded to bf16 (and the
+    caller passed the weight cast to bf16): max error / max |expected| vs float64 of 1.0e-3 for the loss and 5.5e-3
+    for grad weight at these shapes (1.2e-3 and 6.6e-3 at 1024 tokens, vocab 512, width 64, chunks of 128); the
+    unfused bf16 computation has 1.0e-3 and 4.0e-3. Now: 8.5e-8 and 3.3e-6 (1.1e-7 and 5.0e-6 at the larger shape).
+    grad x is returned in bf16, so it keeps a bf16 rounding (3.3e-3, the same as the unfused bf16 computation).
+    """
+    n_tokens, width, vocab, softcap, chunk_size = 97, 40, 203, 15.0, 16  # 7 chunks, the last one partial
+    x64 = randn(n_tokens, width, seed=1).to(torch.bfloat16).double()
+    # Weight values exactly representable in bf16: the op's internal cast to x's dtype then loses nothing, and float64
+    # on the same values is the exact answer for the weight the op sees.
+    weight64 = randn(vocab, width, scale=width**-0.5 * 3, seed=2).to(torch.bfloat16).double()
+    targets = ce_inputs(n_tokens, vocab)[1]
+    upstream = randn(n_tokens, seed=3)
+
+    x, weight = on_device(x64, torch.bfloat16), on_device(weight64, torch.float32)
+    loss = kernels.linear_softcap_cross_entropy(x, weight, targets.to(DEVICE), softcap, chunk_size=chunk_size)
+    run_backward(loss, upstream)
+    x_ref, weight_ref = as_reference_input(x64), as_reference_input(weight64)
+    loss_ref = ce_module.linear_reference(x_ref, weight_ref, targets, softcap)
+    run_backward(loss_ref, upstream)
+
+    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert_close(loss, loss_ref, FP32_TOL, "loss")
+    assert_close(weight.grad, weight_ref.grad, FP32_TOL, "grad weight")
+    assert_close(x.grad, x_ref.grad, BF16_TOL, "grad x (bf16)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_weight_grad_fp32(dtype):
+    """grad_logits.T @ x for fp32 grad_logits and 16-bit x, from high and low 16-bit parts: fp32-accurate, where one
+    16-bit rounding of grad_logits (what a plain 16-bit matmul needs) is visibly off."""
+    grad_logits = randn(300, 50, seed=1).float().to(DEVICE)
+    x = randn(300, 20, seed=2).to(device=DEVICE, dtype=dtype)
+    expected = grad_logits.double().T @ x.double()
+    assert_close(ce_module.weight_grad_fp32(grad_logits, x), expected, 1e-5, "high + low parts")
+    rounded_once = ce_module.matmul_fp32(grad_logits.to(dtype).T, x)
+    # measured on CPU: rounded once 1.3e-3 (bf16), 1.9e-4 (fp16); split 2.4e-6, 2.6e-7
+    assert max_rel_error(rounded_once, expected) > 1e-4
+
+
+@needs_triton
+def test_linear_softcap_cross_entropy_dtype_rules():
+    x = torch.zeros(4, 8, device=DEVICE)
+    targets = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(TypeError):  # a 16-bit weight for fp32 activations would silently lose precision
+        kernels.linear_softcap_cross_entropy(x, torch.zeros(5, 8, device=DEVICE, dtype=torch.bfloat16), targets, 15.0)
+    with pytest.raises(ValueError):
+        kernels.linear_softcap_cross_entropy(x, torch.zeros(5, 7, device=DEVICE), targets, 15.0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # relu2_linear (tl.dot: fp32 only under the interpreter, bf16 in the CUDA tests)
 
@@ -354,6 +409,169 @@ def test_newton_schulz(shape):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Registered ops and torch.compile
+#
+# Every Triton launch sits inside a torch.library custom op (torch.ops.kernels.*) with a fake implementation and a
+# registered backward, so torch.compile(fullgraph=True) traces the public ops without a graph break. On CPU the
+# compiled graph calls the same ops, which run the interpreted kernels; the compile tests there use the aot_eager
+# backend (Dynamo + AOTAutograd, the parts that trace the ops; Inductor costs ~20 s per graph on 2 cores) and the CUDA
+# tests use Inductor.
+
+
+def op_case(name, device, dtype):
+    """Inputs of public op `name` at small ragged shapes: (args, kwargs, leaves), leaves being the inputs whose
+    gradients are compared (none for newton_schulz, which has no autograd)."""
+
+    def leaf(t, leaf_dtype=dtype):
+        return t.to(device=device, dtype=leaf_dtype).requires_grad_(True)
+
+    if name == "softcap_cross_entropy":
+        logits64, targets = ce_inputs()
+        logits = leaf(logits64)
+        return (logits, targets.to(device), 15.0), {}, [logits]
+    if name == "linear_softcap_cross_entropy":
+        x, weight = leaf(randn(39, 48, seed=1)), leaf(randn(101, 48, scale=48**-0.5 * 3, seed=2), torch.float32)
+        return (x, weight, ce_inputs(39, 101)[1].to(device), 15.0), dict(chunk_size=16), [x, weight]
+    if name == "relu2_linear":
+        x, w = leaf(randn(3, 13, 48, seed=1)), leaf(randn(70, 48, scale=48**-0.5, seed=2))
+        return (x, w), {}, [x, w]
+    if name == "rms_norm":
+        x = leaf(randn(5, 7, 70, seed=1))
+        return (x,), {}, [x]
+    if name == "rotary_qk":
+        n_tokens, q_heads, kv_heads, head_dim = 13, 6, 2, 12
+        qkv = leaf(randn(n_tokens, (q_heads + 2 * kv_heads) * head_dim, seed=1))
+        q = qkv[:, : q_heads * head_dim].view(n_tokens, q_heads, head_dim)
+        k = qkv[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(n_tokens, kv_heads, head_dim)
+        cos, sin = (t.to(device=device, dtype=torch.float32) for t in rotary_tables(n_tokens, head_dim // 2))
+        return (q, k, cos, sin), {}, [qkv]
+    if name == "newton_schulz":
+        return (randn(24, 40, seed=3).to(device=device, dtype=torch.float32),), {}, []
+    raise KeyError(name)
+
+
+def run_op(fn, args, kwargs, leaves):
+    """(outputs, gradients of the leaves under a fixed random upstream gradient)."""
+    outputs = fn(*args, **kwargs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    if not leaves:
+        return outputs, ()
+    upstream = [randn(*o.shape, seed=11 + i).to(device=o.device, dtype=o.dtype) for i, o in enumerate(outputs)]
+    return outputs, torch.autograd.grad(outputs, leaves, upstream)
+
+
+def compile_and_run(name, args, kwargs, leaves, backend):
+    """Run public op `name` under torch.compile(fullgraph=True): (outputs, gradients, traced kernel op names),
+    asserting one graph and no graph break."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # fresh caches: each test sees its own trace
+    counters.clear()
+    recorder = CompileCounterWithBackend(backend)
+    outputs, grads = run_op(torch.compile(kernels.OPS[name], fullgraph=True, backend=recorder), args, kwargs, leaves)
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert recorder.frame_count == 1, f"{recorder.frame_count} graphs"
+    kernel_ops = {str(node.target) for graph in recorder.graphs for node in graph.graph.nodes
+                  if getattr(node.target, "namespace", None) == _common.LIBRARY}
+    return outputs, grads, kernel_ops
+
+
+def check_compiled_matches_eager(name, dtype, backend):
+    args, kwargs, leaves = op_case(name, DEVICE, dtype)
+    eager_outputs, eager_grads = run_op(kernels.OPS[name], args, kwargs, leaves)
+    outputs, grads, kernel_ops = compile_and_run(name, args, kwargs, leaves, backend)
+    assert kernel_ops, "the compiled graph holds no kernels op: the Triton path was not traced"
+    for i, (actual, expected) in enumerate(zip(outputs + grads, eager_outputs + eager_grads, strict=True)):
+        assert actual.dtype == expected.dtype
+        assert_close(actual, expected, TOL[dtype], f"{name}: output/gradient {i}, compiled vs eager")
+
+
+@needs_triton
+@pytest.mark.parametrize("name", sorted(kernels.OPS))
+def test_compiled_op_matches_eager(name):
+    check_compiled_matches_eager(name, torch.float32, backend="aot_eager")
+
+
+@pytest.mark.parametrize("name", sorted(kernels.OPS))
+def test_compiled_op_on_cpu_without_triton_is_the_reference(name, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the dispatch reads it at call time (and so at trace time)
+    args, kwargs, leaves = op_case(name, "cpu", torch.float32)
+    outputs, grads, kernel_ops = compile_and_run(name, args, kwargs, leaves, backend="aot_eager")
+    assert not kernel_ops
+    reference_outputs, reference_grads = run_op(kernels.OPS[name], args, kwargs, leaves)  # eager: the reference
+    for actual, expected in zip(outputs + grads, reference_outputs + reference_grads, strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", sorted(kernels.OPS))
+def test_registered_ops_fake_shapes_match_reference(name, monkeypatch):
+    """The fake implementations (what Dynamo and AOTAutograd trace with; meta tensors run them) give every output and
+    gradient of the Triton path the shape, dtype and device of the reference's, in bf16 as on a GPU."""
+    monkeypatch.setattr(_common, "use_triton", lambda tensor: True)  # the CUDA dispatch, on meta tensors
+    outputs, grads = run_op(kernels.OPS[name], *op_case(name, "meta", torch.bfloat16))
+    monkeypatch.setattr(_common, "use_triton", lambda tensor: False)
+    reference_outputs, reference_grads = run_op(kernels.OPS[name], *op_case(name, "meta", torch.bfloat16))
+    for actual, expected in zip(outputs + grads, reference_outputs + reference_grads, strict=True):
+        assert (actual.shape, actual.dtype, actual.device) == (expected.shape, expected.dtype, expected.device)
+
+
+def registered_op_cases():
+    """(op, example args) for every torch.library op the kernels register, at small shapes, fp32 (the interpreter)."""
+    eps = 1e-6
+    x2d, grad_2d = randn(9, 70, seed=1).float(), randn(9, 70, seed=2).float()
+    q, k, grad_q = randn(5, 3, 8, seed=3).float(), randn(5, 1, 8, seed=4).float(), randn(5, 3, 8, seed=5).float()
+    cos, sin = (t.float() for t in rotary_tables(5, 4))
+    x, w, grad_out = randn(9, 24, seed=6).float(), randn(20, 24, seed=7).float(), randn(9, 20, seed=8).float()
+    logits, targets = (t.float() if t.is_floating_point() else t for t in ce_inputs(9, 30))
+    lse, grad_loss = logits.logsumexp(-1), randn(9, seed=9).float()
+    weight, x16 = randn(30, 16, seed=10).float(), randn(9, 16, seed=11).float()
+    add = randn(9, 9, seed=12).float()
+    return {
+        "rms_norm_forward": (rms_module.rms_norm_forward, (x2d.requires_grad_(), eps)),
+        "rms_norm_backward": (rms_module.rms_norm_backward, (x2d.detach(), grad_2d, eps)),
+        "rotary_qk_forward": (rotary_module.rotary_qk_forward, (q.clone().requires_grad_(), k.requires_grad_(),
+                                                                cos, sin, eps, eps)),
+        "rotary_qk_backward": (rotary_module.rotary_qk_backward, (q, cos, sin, grad_q, eps)),
+        "relu2_linear_forward": (relu2_module.relu2_linear_forward, (x.clone().requires_grad_(),
+                                                                     w.clone().requires_grad_())),
+        "relu2_grad_pre": (relu2_module.relu2_grad_pre, (grad_out, relu2_module.reference(x, w))),
+        "softcap_ce_forward": (ce_module.softcap_ce_forward, (logits.clone().requires_grad_(), targets, 15.0)),
+        "softcap_ce_backward": (ce_module.softcap_ce_backward, (logits, targets, lse, grad_loss, 15.0)),
+        "linear_softcap_ce_forward": (ce_module.linear_softcap_ce_forward,
+                                      (x16.clone().requires_grad_(), weight.clone().requires_grad_(), targets, 15.0, 4)),
+        "linear_softcap_ce_backward": (ce_module.linear_softcap_ce_backward,
+                                       (x16, weight, targets, lse, grad_loss, 15.0, 4)),
+        "linear_softcap_ce_forward_bf16_x_fp32_weight": (ce_module.linear_softcap_ce_forward, (
+            x16.bfloat16().requires_grad_(), weight.clone().requires_grad_(), targets, 15.0, 4)),
+        "linear_softcap_ce_backward_bf16_x_fp32_weight": (ce_module.linear_softcap_ce_backward,
+                                                          (x16.bfloat16(), weight, targets, lse, grad_loss, 15.0, 4)),
+        "sym_matmul": (ns_module.sym_matmul, (x16, 0.7, add + add.T, -1.3)),
+        "sym_matmul_without_add": (ns_module.sym_matmul, (x16, 1.0, None, 0.0)),
+    }
+
+
+@needs_triton
+@pytest.mark.parametrize("case", sorted(registered_op_cases()))
+def test_registered_op_opcheck(case):
+    """torch.library.opcheck: schema, autograd registration, fake implementation against the real one, and tracing
+    with dynamic shapes (as varlen batches would be compiled)."""
+    op, args = registered_op_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(not _common.HAS_TRITON, reason="Triton is not installed")
+def test_autotuners_built_at_import_and_keyed_without_row_count():
+    from triton.runtime.autotuner import Autotuner
+
+    # The row count M of relu2_linear changes with every varlen evaluation batch: keyed on it, every new batch would
+    # re-time all configs. (Triton adds the argument dtypes to the key itself.)
+    assert isinstance(relu2_module.relu2_matmul_autotuned, Autotuner)
+    assert sorted(relu2_module.relu2_matmul_autotuned.keys) == ["K", "N"]
+    assert isinstance(ns_module.sym_matmul_autotuned, Autotuner)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Compiled kernels: without a GPU, at least check that every kernel compiles for an H100
 
 
@@ -422,6 +640,27 @@ def test_cuda_linear_softcap_cross_entropy_bf16(chunk_size):
 
 @pytest.mark.cuda
 @requires_cuda
+def test_cuda_linear_softcap_cross_entropy_fp32_weight_large():
+    """The model's call at a realistic size: bf16 x, the fp32 tied weight; fp32 accuracy for the loss and grad W
+    (torch.mm with out_dtype=float32 on CUDA)."""
+    n_tokens, width, vocab, softcap, chunk_size = 4000, 512, 1024, 15.0, 1000
+    x64 = randn(n_tokens, width, seed=1).to(torch.bfloat16).double()
+    weight64 = randn(vocab, width, scale=width**-0.5 * 3, seed=2).to(torch.bfloat16).double()  # exact in bf16
+    targets = ce_inputs(n_tokens, vocab)[1]
+    upstream = randn(n_tokens, seed=3)
+    x, weight = on_device(x64, torch.bfloat16), on_device(weight64, torch.float32)
+    loss = kernels.linear_softcap_cross_entropy(x, weight, targets.cuda(), softcap, chunk_size=chunk_size)
+    run_backward(loss, upstream)
+    loss_ref, (grad_x_ref, grad_weight_ref) = reference_grads(
+        lambda a, b: ce_module.linear_reference(a, b, targets, softcap), [x64, weight64], upstream)
+    assert weight.grad.dtype == torch.float32
+    assert_close(loss, loss_ref, FP32_TOL, "loss")
+    assert_close(weight.grad, grad_weight_ref, FP32_TOL, "grad weight")
+    assert_close(x.grad, grad_x_ref, BF16_TOL, "grad x (bf16)")
+
+
+@pytest.mark.cuda
+@requires_cuda
 def test_cuda_relu2_linear_bf16():
     x64, w64 = randn(1000, 512, seed=1), randn(1024 + 3, 512, scale=512**-0.5, seed=2)
     upstream = randn(1000, 1024 + 3, seed=3)
@@ -478,3 +717,26 @@ def test_cuda_newton_schulz_bf16(shape):
     out = kernels.newton_schulz(G)
     expected = ns_module.reference(G.double().cpu())
     assert_no_worse_than_eager(out, ns_module.reference(G), expected, "newton_schulz")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("name", sorted(kernels.OPS))
+def test_cuda_compiled_op_matches_eager_bf16(name):
+    """Each op under torch.compile(fullgraph=True) with Inductor: one graph, no break, the kernels op in it, forward
+    and backward equal to eager."""
+    check_compiled_matches_eager(name, torch.bfloat16, backend="inductor")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_relu2_linear_autotunes_once_for_any_row_count():
+    tuner = relu2_module.relu2_matmul_autotuned
+    tuner.cache.clear()
+    w = randn(1024 + 3, 512, scale=512**-0.5, seed=2).to(device="cuda", dtype=torch.bfloat16)
+    for rows in (1000, 1537, 64, 4099):  # e.g. varlen evaluation batches
+        x = randn(rows, 512, seed=rows).to(device="cuda", dtype=torch.bfloat16)
+        out = kernels.relu2_linear(x, w)
+        assert_no_worse_than_eager(out, relu2_module.reference(x, w), relu2_module.reference(x.double(), w.double()),
+                                   f"out, {rows} rows")
+    assert len(tuner.cache) == 1, f"autotuned {len(tuner.cache)} times: {list(tuner.cache)}"

@@ -67,10 +67,13 @@ def _cases(device):
            3 * TOKENS * VOCAB * 2, "GB/s")  # read logits twice, write grad_logits
 
     x = randn(TOKENS, WIDTH)
-    lm_head = randn(VOCAB, WIDTH, scale=WIDTH**-0.5)
-    yield ("linear_softcap_cross_entropy", f"x [{TOKENS}, {WIDTH}], W [{VOCAB}, {WIDTH}]",
+    # fp32, as the model passes its tied embedding: the fused op casts it for its bf16 matmuls and returns an fp32
+    # gradient; the reference casts it too (x @ W.to(bf16).T).
+    lm_head = (torch.randn(VOCAB, WIDTH, generator=g, device=device) * WIDTH**-0.5).requires_grad_(True)
+    yield ("linear_softcap_cross_entropy", f"x [{TOKENS}, {WIDTH}] bf16, W [{VOCAB}, {WIDTH}] fp32",
            lambda op: _fwd_bwd(op, (x, lm_head, targets), SOFTCAP),
-           6 * TOKENS * WIDTH * VOCAB, "TFLOP/s")  # logits, grad_x, grad_W (the fused op also recomputes logits)
+           6 * TOKENS * WIDTH * VOCAB, "TFLOP/s")  # logits, grad_x, grad_W (the fused op also recomputes the
+    # logits and runs grad_W as two bf16 matmuls, high and low part, for an fp32-accurate gradient: 10 in all)
 
     w_up = randn(MLP_HIDDEN, WIDTH, scale=WIDTH**-0.5)
     yield ("relu2_linear", f"x [{TOKENS}, {WIDTH}], w [{MLP_HIDDEN}, {WIDTH}]",
