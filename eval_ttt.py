@@ -32,6 +32,7 @@ differently shaped matrix products).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import io
@@ -55,7 +56,7 @@ ROOT = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------------------------------------------------
 # LoRA test-time training
 
-# --lora-targets names -> the projection names of train_gpt's LoRA protocol (per block, plus the tied lm_head)
+# --lora-targets names -> the names of the projections adapters attach to (per block, plus the tied lm_head)
 TARGET_GROUPS = {"q": ("attn.q",), "k": ("attn.k",), "v": ("attn.v",), "o": ("attn.o",), "fc": ("mlp.fc",),
                  "proj": ("mlp.proj",), "mlp": ("mlp.fc", "mlp.proj"), "attn": ("attn.q", "attn.k", "attn.v", "attn.o"),
                  "head": ()}
@@ -87,21 +88,63 @@ def parse_targets(spec: str) -> tuple[str, ...]:
     return names
 
 
+def projections(model: tg.GPT) -> dict[str, torch.nn.Module]:
+    """{projection name: the model's linear layer} for every projection an adapter can cover."""
+    modules = {}
+    for i, block in enumerate(model.blocks):
+        for suffix, module in {"attn.q": block.attn.c_q, "attn.k": block.attn.c_k, "attn.v": block.attn.c_v,
+                               "attn.o": block.attn.proj, "mlp.fc": block.mlp.fc, "mlp.proj": block.mlp.proj}.items():
+            modules[f"blocks.{i}.{suffix}"] = module
+    return modules
+
+
 def lora_shapes(model: tg.GPT, targets) -> dict[str, tuple[int, int]]:
     """{projection name: (in_features, out_features)} of the projections the adapters cover."""
     suffixes = {s for t in targets for s in TARGET_GROUPS[t]}
     shapes = {}
-    for i, block in enumerate(model.blocks):
-        modules = {"attn.q": block.attn.c_q, "attn.k": block.attn.c_k, "attn.v": block.attn.c_v,
-                   "attn.o": block.attn.proj, "mlp.fc": block.mlp.fc, "mlp.proj": block.mlp.proj}
-        for suffix, module in modules.items():
-            if suffix in suffixes:
-                out_features, in_features = module.weight.shape
-                shapes[f"blocks.{i}.{suffix}"] = (in_features, out_features)
+    for name, module in projections(model).items():
+        if name.split(".", 2)[2] in suffixes:
+            out_features, in_features = module.weight.shape
+            shapes[name] = (in_features, out_features)
     if "head" in targets:
         vocab, dim = model.tok_emb.weight.shape
         shapes["head"] = (dim, vocab)
     return shapes
+
+
+@contextlib.contextmanager
+def adapted(model: tg.GPT, lora, names):
+    """The model with `lora(name, x)` added to the output of each projection in `names` (forward hooks on the linear
+    layers: the trainer's model knows nothing of adapters). Fused kernels that would bypass a hooked layer or the
+    head are switched off meanwhile."""
+    def add_delta(name):
+        return lambda module, args, out: out + lora(name, args[0]).to(out.dtype)
+
+    layers = projections(model)
+    handles = [layers[name].register_forward_hook(add_delta(name)) for name in names if name != "head"]
+    fused = tg.FUSED_OPS
+    tg.use_fused_ops(fused - {"relu2_linear", "linear_softcap_cross_entropy"})
+    try:
+        yield model
+    finally:
+        tg.use_fused_ops(fused)
+        for handle in handles:
+            handle.remove()
+
+
+def adapted_losses(model: tg.GPT, lora, names, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token losses [B, T] (fp32 nats, 0 where the target is ignored) of the model with adapters on `names` (the
+    head's included): as GPT.forward in eval mode, the lm_head runs only where a target is scored."""
+    with adapted(model, lora, names):
+        x = model.hidden_states(input_ids)
+        flat_x, flat_targets = x.flatten(0, 1), target_ids.flatten()
+        scored = (flat_targets != tg.IGNORE_INDEX).nonzero().squeeze(1)
+        raw = model.head(flat_x[scored])
+        if "head" in names:
+            raw = raw + lora("head", x).flatten(0, 1)[scored].to(raw.dtype)
+    losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=x.device)
+    losses[scored] = model.softcap_losses(raw, flat_targets[scored])
+    return losses.view_as(target_ids)
 
 
 def initial_lora_a(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -113,14 +156,15 @@ def initial_lora_a(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> 
 
 
 class BatchedLoRA:
-    """Per-slot LoRA adapters and Adam state for a batch of documents, and the `lora(name, x)` callable of train_gpt's
-    protocol for the slots of the current step.
+    """Per-slot LoRA adapters and Adam state for a batch of documents, and the `lora(name, x)` callable that gives the
+    delta of projection `name` for the slots of the current step (see `adapted`).
 
     delta_s(x) = (x @ A_s^T) @ B_s^T for slot s, A [slots, r, in], B [slots, out, r]. Adam (as torch.optim.Adam, without
     weight decay) keeps its moments and its step count per slot."""
 
     def __init__(self, shapes, cfg: TTTConfig, slots: int, device: torch.device):
         self.cfg, self.slots = cfg, slots
+        self.names = tuple(sorted(shapes))  # the projections covered
         self.a0 = {n: a.to(device) for n, a in initial_lora_a(shapes, cfg.lora_rank, cfg.seed).items()}
         self.params: dict[str, torch.Tensor] = {}
         for name, (fan_in, fan_out) in shapes.items():
@@ -234,8 +278,8 @@ def ttt_evaluate(model: tg.GPT, val: tg.ValidationSet, cfg: TTTConfig, env: tg.D
                 targets[i, score_from - start: end - start] = tokens[score_from + 1: end + 1]
             lora.select(torch.tensor(active, device=device))
             with torch.enable_grad(), tg.autocast_context(device):
-                token_losses = model(torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device),
-                                     lora=lora)
+                token_losses = adapted_losses(model, lora, lora.names, torch.from_numpy(inputs).to(device),
+                                              torch.from_numpy(targets).to(device))
             # the score of each chunk, taken before any training on it
             scored = token_losses.detach().double().cpu().numpy()
             train_rows = []

@@ -882,19 +882,10 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-def with_lora(y, lora, name, x):
-    """Add a test-time LoRA delta (eval_ttt.py) to the output of projection `name`, if the adapter covers it."""
-    if lora is not None:
-        delta = lora(name, x)
-        if delta is not None:
-            return y + delta.to(y.dtype)
-    return y
-
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer, self.num_heads, self.num_kv_heads = layer, config.num_heads, config.num_kv_heads
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.model_dim // config.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(config.model_dim, config.model_dim)
@@ -903,53 +894,50 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(config.model_dim, config.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))  # sharpness per head
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, lora=None):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         B, T, _ = x.shape
-        prefix = f"blocks.{self.layer}.attn"
-        q = with_lora(self.c_q(x), lora, f"{prefix}.q", x).view(B, T, self.num_heads, self.head_dim)
-        k = with_lora(self.c_k(x), lora, f"{prefix}.k", x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = with_lora(self.c_v(x), lora, f"{prefix}.v", x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = norm_and_rotate_qk(q, k, cos, sin)
         # Flash attention takes q, k, v in one dtype. Under CUDA bf16 autocast, torch >= 2.12 runs rms_norm in fp32
         # while the projections run in bf16, so q and k come back fp32: bring them to v's (the matmul) dtype.
         q = (q * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
         y = causal_attention(q, k.to(v.dtype), v, cu_seqlens, max_seqlen).reshape(B, T, -1)
-        return with_lora(self.proj(y), lora, f"{prefix}.o", y)
+        return self.proj(y)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer = layer
         hidden = config.mlp_mult * config.model_dim
         self.fc = CastedLinear(config.model_dim, hidden)
         self.proj = CastedLinear(hidden, config.model_dim, zero_init=True)
 
-    def forward(self, x, lora=None):
-        prefix = f"blocks.{self.layer}.mlp"
-        if "relu2_linear" in FUSED_OPS and lora is None:
+    def forward(self, x):
+        if "relu2_linear" in FUSED_OPS:
             dtype = matmul_dtype(x)
             h = kernels.relu2_linear(x.to(dtype), self.fc.weight.to(dtype))
         else:
-            h = F.relu(with_lora(self.fc(x), lora, f"{prefix}.fc", x)).square()
-        return with_lora(self.proj(h), lora, f"{prefix}.proj", h)
+            h = F.relu(self.fc(x)).square()
+        return self.proj(h)
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.attn = CausalSelfAttention(config, layer)
-        self.mlp = MLP(config, layer)
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
         self.attn_scale = nn.Parameter(torch.ones(config.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(config.model_dim))
         # each block reads a learned mix of the residual stream and the initial embedding
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(config.model_dim), torch.zeros(config.model_dim))))
 
-    def forward(self, x, x0, cos, sin, cu_seqlens, max_seqlen, lora=None):
+    def forward(self, x, x0, cos, sin, cu_seqlens, max_seqlen):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, cu_seqlens, max_seqlen, lora)
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), lora)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
         return x
 
 
@@ -960,7 +948,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
         self.rotary = Rotary(config.model_dim // config.num_heads, config.rope_base)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         # U-Net: the first half of the blocks (encoder) hands its outputs, last first, to the second half (decoder)
         self.num_encoder_layers = config.num_layers // 2
         self.num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
@@ -973,55 +961,57 @@ class GPT(nn.Module):
         index = torch.arange(T, device=input_ids.device)
         return (index - cu_seqlens.to(torch.int64)[segment_ids(cu_seqlens, T)]).unsqueeze(0)
 
-    def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=0, lora=None):
+    def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=0):
         cos, sin = self.rotary(self.positions(input_ids, cu_seqlens))
         x = x0 = rms_norm(self.tok_emb(input_ids))
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin, cu_seqlens, max_seqlen, lora)
+            x = block(x, x0, cos, sin, cu_seqlens, max_seqlen)
             if i < self.num_encoder_layers:
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, x, lora=None):
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))  # tied embeddings
-        logits = with_lora(logits, lora, "head", x)
+    def head(self, x):
+        """The tied lm_head's raw logits, before the softcap."""
+        return F.linear(x, self.tok_emb.weight.to(x.dtype))
+
+    def logits(self, x):
+        logits = self.head(x)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def forward(self, input_ids, target_ids=None, cu_seqlens=None, max_seqlen=0, lora=None):
+    def forward(self, input_ids, target_ids=None, cu_seqlens=None, max_seqlen=0):
         """Logits [B, T, V] without targets; with targets, the per-token losses [B, T] in nats (fp32), 0 where the
         target is IGNORE_INDEX."""
-        x = self.hidden_states(input_ids, cu_seqlens, max_seqlen, lora)
+        x = self.hidden_states(input_ids, cu_seqlens, max_seqlen)
         if target_ids is None:
-            return self.logits(x, lora)
-        head_delta = lora("head", x) if lora is not None else None  # [B, T, V]
+            return self.logits(x)
         flat_x, flat_targets = x.flatten(0, 1), target_ids.flatten()
-        head_delta = head_delta.flatten(0, 1) if head_delta is not None else None
         if self.training:
-            return self.token_losses(flat_x, flat_targets, head_delta).view_as(target_ids)
+            return self.token_losses(flat_x, flat_targets).view_as(target_ids)
         # Evaluation windows carry context positions whose targets are ignored (half of a strided window, most of a
         # TTT window): the lm_head, the largest matmul of a small model, runs only where a target is scored.
         scored = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
         losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=x.device)
-        losses[scored] = self.token_losses(flat_x[scored], flat_targets[scored],
-                                           head_delta[scored] if head_delta is not None else None)
+        losses[scored] = self.token_losses(flat_x[scored], flat_targets[scored])
         return losses.view_as(target_ids)
 
-    def token_losses(self, x, targets, head_delta=None):
+    def token_losses(self, x, targets):
         """Per-token softcapped cross-entropy of the tied lm_head, x [N, D] -> [N] (fp32 nats)."""
-        cap = self.config.logit_softcap
-        if "linear_softcap_cross_entropy" in FUSED_OPS and head_delta is None:
+        if "linear_softcap_cross_entropy" in FUSED_OPS:
             dtype = matmul_dtype(x)
-            return kernels.linear_softcap_cross_entropy(x.to(dtype), self.tok_emb.weight.to(dtype), targets, cap)
-        raw = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        if head_delta is not None:
-            raw = raw + head_delta.to(raw.dtype)
+            return kernels.linear_softcap_cross_entropy(x.to(dtype), self.tok_emb.weight.to(dtype), targets,
+                                                        self.config.logit_softcap)
+        return self.softcap_losses(self.head(x), targets)
+
+    def softcap_losses(self, raw_logits, targets):
+        """Per-token cross-entropy of softcapped logits, raw_logits [N, V] -> [N] (fp32 nats)."""
+        cap = self.config.logit_softcap
         if "softcap_cross_entropy" in FUSED_OPS:
-            return kernels.softcap_cross_entropy(raw, targets, cap)
-        capped = cap * torch.tanh(raw.float() / cap) if cap > 0 else raw.float()
+            return kernels.softcap_cross_entropy(raw_logits, targets, cap)
+        capped = cap * torch.tanh(raw_logits.float() / cap) if cap > 0 else raw_logits.float()
         return F.cross_entropy(capped, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
@@ -1548,7 +1538,7 @@ def pack_windows(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def score_windows(model: GPT, val: ValidationSet, windows, batch_tokens: int, device: torch.device, lora=None):
+def score_windows(model: GPT, val: ValidationSet, windows, batch_tokens: int, device: torch.device):
     """Per-token losses (nats) of the scored positions, as {doc: float64 array over the document's targets}."""
     docs = {doc: val.document(doc) for doc in sorted({w[0] for w in windows})}
     losses = {doc: np.full(len(tokens) - 1, np.nan) for doc, tokens in docs.items()}
@@ -1562,7 +1552,7 @@ def score_windows(model: GPT, val: ValidationSet, windows, batch_tokens: int, de
         with autocast_context(device):
             token_losses = model(torch.from_numpy(inputs).to(device)[None],
                                  torch.from_numpy(targets.astype(np.int64)).to(device)[None],
-                                 torch.from_numpy(cu_seqlens).to(device), max(lengths[i] for i in batch), lora=lora)
+                                 torch.from_numpy(cu_seqlens).to(device), max(lengths[i] for i in batch))
         token_losses = token_losses[0].double().cpu().numpy()
         for i, offset in zip(batch, cu_seqlens[:-1].tolist()):
             doc, start, end, score_from = windows[i]

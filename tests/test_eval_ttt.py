@@ -67,7 +67,8 @@ def slow_ttt(model: tg.GPT, doc: np.ndarray, cfg: eval_ttt.TTTConfig) -> np.ndar
     for lo in range(0, n, cfg.chunk):
         hi = min(lo + cfg.chunk, n)
         start = max(0, lo - (cfg.window - cfg.chunk))
-        losses = model(tokens[start:hi][None], tokens[start + 1: hi + 1][None], lora=lora)[0, lo - start:]
+        losses = eval_ttt.adapted_losses(model, lora, adapters.keys(), tokens[start:hi][None],
+                                         tokens[start + 1: hi + 1][None])[0, lo - start:]
         scores.append(losses.detach().double().numpy())
         optimizer.zero_grad()
         losses.mean().backward()
