@@ -1001,8 +1001,8 @@ class GPT(nn.Module):
     def token_losses(self, x, targets):
         """Per-token softcapped cross-entropy of the tied lm_head, x [N, D] -> [N] (fp32 nats)."""
         if "linear_softcap_cross_entropy" in FUSED_OPS:
-            dtype = matmul_dtype(x)
-            return kernels.linear_softcap_cross_entropy(x.to(dtype), self.tok_emb.weight.to(dtype), targets,
+            # the fp32 tied weight itself: the kernel casts it for its matmuls and accumulates its gradient in fp32
+            return kernels.linear_softcap_cross_entropy(x.to(matmul_dtype(x)), self.tok_emb.weight, targets,
                                                         self.config.logit_softcap)
         return self.softcap_losses(self.head(x), targets)
 
