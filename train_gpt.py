@@ -27,12 +27,14 @@ import math
 import os
 import platform
 import random
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -129,19 +131,25 @@ class Hyperparameters(ModelConfig):
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Hyperparameters:
+        """Every field from its environment variable where one is set, validated, with every default that depends on
+        other fields filled in (so a caller never sees an unresolved 0 or empty value)."""
         values = {}
-        for f in dataclasses.fields(cls):
-            name = f.name.upper()
-            if name not in environ:
-                continue
-            raw = environ[name].strip()
+        for name, raw in cls.env_overrides(environ).items():
+            kind = type(cls.__dataclass_fields__[name.lower()].default)
             try:
-                values[f.name] = _parse_env_value(raw, type(f.default))
+                values[name.lower()] = _parse_env_value(raw.strip(), kind)
             except ValueError:
-                raise ConfigError(f"{name}={raw!r}: expected {type(f.default).__name__}") from None
+                raise ConfigError(f"{name}={raw.strip()!r}: expected {kind.__name__}") from None
         hp = cls(**values)
         hp.validate()
+        hp._resolve_defaults()
         return hp
+
+    @classmethod
+    def env_overrides(cls, environ=os.environ) -> dict[str, str]:
+        """The environment variables a run reads, as set: {NAME: raw value}. Logged as the `env_overrides:` line, from
+        which tools/record.py rebuilds a record's command."""
+        return {f.name.upper(): environ[f.name.upper()] for f in dataclasses.fields(cls) if f.name.upper() in environ}
 
     def validate(self) -> None:
         def need(condition: bool, name: str, problem: str) -> None:
@@ -177,8 +185,7 @@ class Hyperparameters(ModelConfig):
              f"must be auto or one of {', '.join(ATTENTION_BACKENDS)}")
         parse_fused_ops(self.fused)  # raises ConfigError on an unknown kernel name
 
-    def derived(self) -> None:
-        """Fill in the values whose default depends on others."""
+    def _resolve_defaults(self) -> None:
         if not self.tokenizer_path:
             self.tokenizer_path = os.path.join(self.data_path, "tokenizer.model")
         if not self.run_id:
@@ -186,7 +193,13 @@ class Hyperparameters(ModelConfig):
         if not self.eval_window:
             self.eval_window = self.train_seq_len
         if not self.eval_stride:
-            self.eval_stride = max(1, self.eval_window // 2)
+            self.eval_stride = default_eval_stride(self.eval_window)
+
+
+def default_eval_stride(window: int) -> int:
+    """The strided evaluation's stride when none is given: half the window (each scored token sees at least W/2 of
+    context). The one definition; eval_ttt.py uses it too."""
+    return max(1, window // 2)
 
 
 def _parse_env_value(raw: str, kind: type):
@@ -241,16 +254,16 @@ def use_fused_ops(names) -> None:
 class DistributedEnv:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+
+def is_distributed() -> bool:
+    """Whether this process is one of several (a process group is up)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def setup_distributed() -> DistributedEnv:
@@ -271,12 +284,12 @@ def setup_distributed() -> DistributedEnv:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    return DistributedEnv(rank, world_size, local_rank, device)
+    return DistributedEnv(rank, world_size, device)
 
 
 def rank0_string(value: str) -> str:
     """Rank 0's value of a string, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return value
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
@@ -284,7 +297,7 @@ def rank0_string(value: str) -> str:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -1061,7 +1074,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = is_distributed()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
             params = group["params"]
@@ -1112,20 +1125,26 @@ def optimizer_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return groups
 
 
-def build_optimizers(model: GPT, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
+class Optimizers(NamedTuple):
+    """The three optimizers of a run, by name; iterating gives them in this order (also the checkpoint's order)."""
+
+    embedding: torch.optim.Adam
+    matrices: Muon
+    scalars: torch.optim.Adam
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters) -> Optimizers:
     groups = optimizer_groups(model)
-    matrices = [p for _, p in groups["matrices"]]
-    scalars = [p for _, p in groups["scalars"]]
     on_cuda = next(model.parameters()).is_cuda
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=on_cuda)
-    optimizers = [
-        torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": hp.tied_embed_lr, "base_lr": hp.tied_embed_lr}],
-                         **adam),
-        Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-             compile_step=hp.compile and on_cuda),
-        torch.optim.Adam([{"params": scalars, "lr": hp.scalar_lr, "base_lr": hp.scalar_lr}], **adam),
-    ]
-    optimizers[1].param_groups[0]["base_lr"] = hp.matrix_lr
+
+    def adam_for(group: str, lr: float) -> torch.optim.Adam:
+        return torch.optim.Adam([{"params": [p for _, p in groups[group]], "lr": lr, "base_lr": lr}], **adam)
+
+    muon = Muon([p for _, p in groups["matrices"]], lr=hp.matrix_lr, momentum=hp.muon_momentum,
+                backend_steps=hp.muon_backend_steps, compile_step=hp.compile and on_cuda)
+    muon.param_groups[0]["base_lr"] = hp.matrix_lr
+    optimizers = Optimizers(adam_for("embedding", hp.tied_embed_lr), muon, adam_for("scalars", hp.scalar_lr))
     assert sum(len(g["params"]) for o in optimizers for g in o.param_groups) == len(list(model.parameters()))
     return optimizers
 
@@ -1154,7 +1173,7 @@ def set_learning_rates(optimizers, step: int, elapsed_ms: float, hp: Hyperparame
         momentum = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
     else:
         momentum = hp.muon_momentum
-    for group in optimizers[1].param_groups:
+    for group in optimizers.matrices.param_groups:
         group["momentum"] = momentum
 
 
@@ -1196,7 +1215,7 @@ class GradientReducer:
     them before the optimizers step. Earlier micro-batches only accumulate locally. One process: nothing to do."""
 
     def __init__(self, model: nn.Module, bucket_mb: float = 25.0):
-        self.enabled = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.enabled = is_distributed() and dist.get_world_size() > 1
         self.buckets: list[list[nn.Parameter]] = []
         self.armed, self.pending, self.in_flight = False, [], []
         if not self.enabled:
@@ -1649,7 +1668,7 @@ def save_resumable_checkpoint(model, optimizers, loader, step, train_ms, hp, tok
                            "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
                            "step": step, "train_time_ms": train_ms, "rng": rng_states(),
                            **checkpoint_metadata(hp, tokenizer_sha256)}, path)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
     return path
 
@@ -1757,7 +1776,6 @@ def main() -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    hp.derived()
     env = setup_distributed()
     hp.run_id = rank0_string(hp.run_id)  # a timestamp RUN_ID can differ by a second between ranks
     log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None)
@@ -1768,6 +1786,7 @@ def main() -> int:
         log.raw(embedded_source(record_source_files(), root))
         log(versions_line())
         log(gpu_line())
+        log("env_overrides: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in Hyperparameters.env_overrides().items()))
         for f in dataclasses.fields(hp):
             log(f"hparam {f.name}={getattr(hp, f.name)}")
         log(f"attention_backend: {backend}")
@@ -1779,7 +1798,7 @@ def main() -> int:
             log.raw(f"error: {e}\n")
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.destroy_process_group()
 
 

@@ -1,8 +1,10 @@
 """train_gpt.py: configuration, document loader, attention isolation, schedule, and real training runs (1 vs 2
 processes, resume, compile warm-up undo, run.sh's CPU path)."""
 
+import dataclasses
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -58,6 +60,15 @@ def test_missing_data_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "tokenizer.model: tokenizer file not found" in lines[0]
+
+
+def test_configuration_is_complete_when_made():
+    hp = tg.Hyperparameters.from_env({})
+    assert (hp.eval_window, hp.eval_stride) == (1024, 512) and hp.run_id
+    assert hp.tokenizer_path == os.path.join(hp.data_path, "tokenizer.model")
+    hp = tg.Hyperparameters.from_env({"TRAIN_SEQ_LEN": "256", "EVAL_STRIDE": "0", "DATA_PATH": "d"})
+    assert (hp.eval_window, hp.eval_stride, hp.tokenizer_path) == (256, 128, os.path.join("d", "tokenizer.model"))
+    assert tg.Hyperparameters.env_overrides({"NUM_LAYERS": "4", "HOME": "/root"}) == {"NUM_LAYERS": "4"}
 
 
 def test_learning_rate_schedule():
@@ -330,6 +341,9 @@ def test_log_starts_with_the_exact_source_and_ends_with_the_final_line(baseline_
     for kernel_file in sorted((ROOT / "kernels").glob("*.py")):
         assert f"#### file kernels/{kernel_file.name} bytes=" in log
     assert "hparam seed=5" in log and "attention_backend: reference" in log and "fused_ops: none" in log
+    overrides = dict(item.split("=", 1) for item in shlex.split(re.search(r"^env_overrides: (.*)$", log, re.M).group(1)))
+    assert TINY_RUN.items() <= overrides.items() and overrides["RUN_ID"] == "base"  # exactly what the run was given
+    assert {name.lower() for name in overrides} <= {f.name for f in dataclasses.fields(tg.Hyperparameters)}
     final_flat = re.search(r"^final_eval mode:flat window:64 stride:64 val_loss:\S+ val_bpb:(\S+)", log, re.M)
     assert final_flat
     curve = re.findall(r"^step:(\d+)/6 val_loss:\S+ val_bpb:(\S+)", log, re.M)
