@@ -690,7 +690,7 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     if "rms_norm" in FUSED_OPS:
-        return kernels.rms_norm(x)
+        return kernels.fused_rms_norm(x)
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -705,7 +705,7 @@ def norm_and_rotate_qk(q, k, cos, sin):
     """RMSNorm over the head dimension, then rotary, for queries and keys."""
     if "rotary_qk" in FUSED_OPS:
         B, T = q.shape[:2]
-        q, k = kernels.rotary_qk(q.flatten(0, 1), k.flatten(0, 1), cos.flatten(0, 1).to(q.dtype),
+        q, k = kernels.fused_rotary_qk(q.flatten(0, 1), k.flatten(0, 1), cos.flatten(0, 1).to(q.dtype),
                                  sin.flatten(0, 1).to(q.dtype))
         return q.unflatten(0, (B, T)), k.unflatten(0, (B, T))
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # keep bf16 activations bf16 (flash attention needs one dtype)
@@ -930,7 +930,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if "relu2_linear" in FUSED_OPS:
             dtype = matmul_dtype(x)
-            h = kernels.relu2_linear(x.to(dtype), self.fc.weight.to(dtype))
+            h = kernels.fused_relu2_linear(x.to(dtype), self.fc.weight.to(dtype))
         else:
             h = F.relu(self.fc(x)).square()
         return self.proj(h)
@@ -1015,7 +1015,7 @@ class GPT(nn.Module):
         """Per-token softcapped cross-entropy of the tied lm_head, x [N, D] -> [N] (fp32 nats)."""
         if "linear_softcap_cross_entropy" in FUSED_OPS:
             # the fp32 tied weight itself: the kernel casts it for its matmuls and accumulates its gradient in fp32
-            return kernels.linear_softcap_cross_entropy(x.to(matmul_dtype(x)), self.tok_emb.weight, targets,
+            return kernels.fused_linear_softcap_cross_entropy(x.to(matmul_dtype(x)), self.tok_emb.weight, targets,
                                                         self.config.logit_softcap)
         return self.softcap_losses(self.head(x), targets)
 
@@ -1023,7 +1023,7 @@ class GPT(nn.Module):
         """Per-token cross-entropy of softcapped logits, raw_logits [N, V] -> [N] (fp32 nats)."""
         cap = self.config.logit_softcap
         if "softcap_cross_entropy" in FUSED_OPS:
-            return kernels.softcap_cross_entropy(raw_logits, targets, cap)
+            return kernels.fused_softcap_cross_entropy(raw_logits, targets, cap)
         capped = cap * torch.tanh(raw_logits.float() / cap) if cap > 0 else raw_logits.float()
         return F.cross_entropy(capped, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
@@ -1036,7 +1036,7 @@ def orthogonalize(G: torch.Tensor, steps: int) -> torch.Tensor:
     """Newton-Schulz quintic iteration (Muon): an approximately orthogonal matrix with G's singular vectors. The plain
     iteration is kernels/newton_schulz.py's reference (in bf16 on GPUs), the fused one its Triton twin."""
     if "newton_schulz" in FUSED_OPS:
-        return kernels.newton_schulz(G, steps)
+        return kernels.fused_newton_schulz(G, steps)
     return kernels.REFERENCES["newton_schulz"](G, steps)
 
 

@@ -3,29 +3,39 @@ registration as torch.library custom ops (torch.ops.kernels.*, with fake impleme
 torch.compile(fullgraph=True) traces every op without a graph break), and the public function, which runs Triton on
 CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1) and the reference otherwise. See kernels/README.md."""
 
-import importlib
-
+import kernels.newton_schulz
+import kernels.relu2_linear
+import kernels.rms_norm
+import kernels.rotary_qk
+import kernels.softcap_cross_entropy
 from kernels._common import triton_available
-from kernels.newton_schulz import newton_schulz
-from kernels.relu2_linear import relu2_linear
-from kernels.rms_norm import rms_norm
-from kernels.rotary_qk import rotary_qk
-from kernels.softcap_cross_entropy import linear_softcap_cross_entropy, softcap_cross_entropy
+
+# The public ops are exported as fused_<op>, so that `kernels.<op>` stays the op's module (with its `reference`).
+fused_softcap_cross_entropy = kernels.softcap_cross_entropy.softcap_cross_entropy
+fused_linear_softcap_cross_entropy = kernels.softcap_cross_entropy.linear_softcap_cross_entropy
+fused_relu2_linear = kernels.relu2_linear.relu2_linear
+fused_rms_norm = kernels.rms_norm.rms_norm
+fused_rotary_qk = kernels.rotary_qk.rotary_qk
+fused_newton_schulz = kernels.newton_schulz.newton_schulz
 
 OPS = {
-    "softcap_cross_entropy": softcap_cross_entropy,
-    "linear_softcap_cross_entropy": linear_softcap_cross_entropy,
-    "relu2_linear": relu2_linear,
-    "rms_norm": rms_norm,
-    "rotary_qk": rotary_qk,
-    "newton_schulz": newton_schulz,
+    "softcap_cross_entropy": fused_softcap_cross_entropy,
+    "linear_softcap_cross_entropy": fused_linear_softcap_cross_entropy,
+    "relu2_linear": fused_relu2_linear,
+    "rms_norm": fused_rms_norm,
+    "rotary_qk": fused_rotary_qk,
+    "newton_schulz": fused_newton_schulz,
 }
 
-# Plain-torch reference of each op. (Each module is named after its op, so `kernels.rms_norm` is the function;
-# reach a module itself with importlib.import_module("kernels.rms_norm").)
-_MODULES = {name: importlib.import_module(f"kernels.{name}") for name in OPS if name != "linear_softcap_cross_entropy"}
-REFERENCES = {name: module.reference for name, module in _MODULES.items()}
-REFERENCES["linear_softcap_cross_entropy"] = _MODULES["softcap_cross_entropy"].linear_reference
+# The plain-torch reference of each op.
+REFERENCES = {
+    "softcap_cross_entropy": kernels.softcap_cross_entropy.reference,
+    "linear_softcap_cross_entropy": kernels.softcap_cross_entropy.linear_reference,
+    "relu2_linear": kernels.relu2_linear.reference,
+    "rms_norm": kernels.rms_norm.reference,
+    "rotary_qk": kernels.rotary_qk.reference,
+    "newton_schulz": kernels.newton_schulz.reference,
+}
 
 # An op is on by default only once tools/bench_kernels.py has measured it faster than torch.compile of its
 # reference on an H100. Nothing has been measured on a GPU yet, so every op is off.
@@ -38,4 +48,4 @@ DEFAULT_ON = {
     "newton_schulz": False,
 }
 
-__all__ = ["OPS", "REFERENCES", "DEFAULT_ON", "triton_available", *OPS]
+__all__ = ["OPS", "REFERENCES", "DEFAULT_ON", "triton_available", *(f"fused_{name}" for name in OPS)]

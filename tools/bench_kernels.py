@@ -132,13 +132,8 @@ def benchmark():
 
 def _kernel_specs():
     """(kernel, example argument values by name, constexprs, options): pointers are given by dtype."""
-    import importlib
-
-    sce = importlib.import_module("kernels.softcap_cross_entropy")
-    r2 = importlib.import_module("kernels.relu2_linear")
-    rn = importlib.import_module("kernels.rms_norm")
-    rq = importlib.import_module("kernels.rotary_qk")
-    ns = importlib.import_module("kernels.newton_schulz")
+    sce, r2, rn, rq, ns = (kernels.softcap_cross_entropy, kernels.relu2_linear, kernels.rms_norm, kernels.rotary_qk,
+                           kernels.newton_schulz)
     bf16, fp32, i64 = torch.bfloat16, torch.float32, torch.int64
 
     for has_softcap in (True, False):
