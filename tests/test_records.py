@@ -24,11 +24,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import plot  # noqa: E402
+from conftest import prepare_sample  # noqa: E402
 import record  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "record_logs"
 SEEDS = (1, 2, 3)
-SAMPLE_DATA = os.environ.get("RECORD_TEST_DATA", "/tmp/peps")
 TINY_ENV = {
     "COMPILE": "0", "NUM_LAYERS": "1", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "128",
     "TRAIN_BATCH_TOKENS": "1024", "TRAIN_MICRO_BATCHES": "2", "ITERATIONS": "8", "WARMUP_STEPS": "0",
@@ -38,16 +38,12 @@ TINY_ENV = {
 TRACK = "cpu_5min"
 
 
-def generate_logs(dest: Path, data_path: str = SAMPLE_DATA, with_eval: bool = False) -> list[Path]:
-    """Run train_gpt.py for real, once per seed, and copy its logs to dest/tiny_seed<N>.txt (and, with_eval, the
-    results of eval_ttt.py's TTT on seed 1's checkpoint to dest/eval_seed1.json)."""
+def generate_logs(dest: Path, with_eval: bool = False) -> list[Path]:
+    """Run train_gpt.py for real, once per seed, on the prepared bundled sample, and copy its logs to
+    dest/tiny_seed<N>.txt (and, with_eval, the results of eval_ttt.py's TTT on seed 1's checkpoint to
+    dest/eval_seed1.json)."""
     dest.mkdir(parents=True, exist_ok=True)
-    if not Path(data_path, "tokenizer.model").is_file():
-        sample = REPO / "data" / "sample"
-        candidates = [p.parent for p in sample.rglob("tokenizer.model")] if sample.is_dir() else []
-        if not candidates:
-            pytest.skip(f"no prepared data at {data_path} to generate training logs")
-        data_path = str(candidates[0])
+    data_path = str(prepare_sample())
     out = []
     with tempfile.TemporaryDirectory() as work:
         for seed in SEEDS:
