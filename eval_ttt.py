@@ -13,10 +13,10 @@ Modes (every one of them per document: no scored token ever sees another documen
 Usage:
   python eval_ttt.py --checkpoint checkpoints/run.pt --mode ttt --out results.json --dump-token-losses losses.npy
   torchrun --nproc_per_node=8 eval_ttt.py --checkpoint ... --mode strided --window 1024 --stride 512
-  python eval_ttt.py --checkpoint ... --mode ttt --sweep chunk=32,64,128,256 --sweep lora-lr=0.003,0.01 --sweep-out DIR
 
 The model, the byte tables, BPB, the windows and the strided scorer all come from train_gpt.py; this file adds the
-batched per-document LoRA TTT loop, the command line, the results file, sweeps and plots.
+batched per-document LoRA TTT loop, the command line for one configuration, the results file and the token-loss dump.
+Sweeps over a grid of these settings, with their CSV and plots, are tools/sweep.py, which calls the functions here.
 
 TTT batching: each process takes its documents (train_gpt.assign_documents), longest first, and runs them in a batch of
 --doc-batch slots, one document per slot: every step scores and trains chunk j_s of the document in slot s, as one
@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import csv
 import io
-import itertools
 import json
 import math
 import os
@@ -319,10 +316,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-SWEEP_KEYS = {"chunk": int, "lora-rank": int, "lora-lr": float, "lora-targets": str, "window": int, "stride": int,
-              "doc-batch": int, "rope-ntk-alpha": float}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="eval_ttt.py", description="Per-document BPB evaluation (flat, strided, LoRA TTT) of a "
                                                 "train_gpt.py checkpoint.")
@@ -345,32 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope-ntk-alpha", type=float, default=1.0, help="NTK-aware RoPE scaling for long windows")
     p.add_argument("--attn-backend", default="auto", help=" | ".join(("auto",) + tg.ATTENTION_BACKENDS))
     p.add_argument("--fused", default="auto", help="train_gpt FUSED setting (kernels; LoRA projections use torch)")
-    p.add_argument("--out", help="write the results JSON here (with --sweep: the list of every configuration's)")
+    p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--dump-token-losses", help="write per-token losses (nats, float32 .npy) in the order of `docs`")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help=f"run a grid over {', '.join(SWEEP_KEYS)} (lora-targets alternatives separated by '/')")
-    p.add_argument("--sweep-out", default="results/sweep", help="folder for sweep.csv, sweep.json and the plots")
     return p
-
-
-def parse_sweep(specs: list[str]) -> list[tuple[str, list]]:
-    grid = []
-    for spec in specs:
-        key, sep, values = spec.partition("=")
-        key = key.strip()
-        if not sep or key not in SWEEP_KEYS:
-            raise UsageError(f"--sweep {spec!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
-        if key in (k for k, _ in grid):
-            raise UsageError(f"--sweep {spec!r}: {key} is swept twice")
-        parts = values.split("/" if key == "lora-targets" else ",")
-        try:
-            parsed = [SWEEP_KEYS[key](v.strip()) for v in parts if v.strip()]
-        except ValueError:
-            raise UsageError(f"--sweep {spec!r}: values must be {SWEEP_KEYS[key].__name__}s") from None
-        if not parsed:
-            raise UsageError(f"--sweep {spec!r}: no values")
-        grid.append((key, parsed))
-    return grid
 
 
 def check_args(args) -> None:
@@ -480,154 +450,47 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sweeps
-
-CSV_FIELDS = ("mode", "window", "stride", "chunk", "lora_rank", "lora_lr", "lora_targets", "doc_batch",
-              "rope_ntk_alpha", "bpb", "loss", "tokens", "bytes", "seconds", "tokens_per_s", "reference")
-
-
-def sweep_configs(args, grid) -> list:
-    """The reference (plain strided eval with the base window and stride), then every point of the grid."""
-    reference = copy.copy(args)
-    reference.mode = "strided"
-    configs = [(reference, True)]
-    for values in itertools.product(*(v for _, v in grid)):
-        point = copy.copy(args)
-        for (key, _), value in zip(grid, values):
-            setattr(point, key.replace("-", "_"), value)
-        swept = {k for k, _ in grid}
-        if "window" in swept:  # defaults that follow the window
-            if "stride" not in swept and not args.stride_given:
-                point.stride = max(1, point.window // 2)
-            if "chunk" not in swept and not args.chunk_given:
-                point.chunk = max(1, point.window // 4)
-        configs.append((point, False))
-    return configs
-
-
-def write_sweep(out_dir: str, rows: list[dict], results: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    write_atomic(os.path.join(out_dir, "sweep.csv"), buffer.getvalue().encode())
-    write_atomic(os.path.join(out_dir, "sweep.json"), (json.dumps(results, indent=1) + "\n").encode())
-    plot_sweep(out_dir, rows)
-
-
-SHORT_NAMES = {"mode": "", "window": "W=", "stride": "S=", "chunk": "C=", "lora_rank": "r=", "lora_lr": "lr=",
-               "lora_targets": "", "doc_batch": "B=", "rope_ntk_alpha": "alpha="}
-
-
-def _label(row: dict, keys) -> str:
-    return " ".join(f"{SHORT_NAMES[k]}{row[k]:g}" if isinstance(row[k], float) else f"{SHORT_NAMES[k]}{row[k]}"
-                    for k in keys if row[k] is not None) or row["mode"]
-
-
-def plot_sweep(out_dir: str, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    reference = next(r for r in rows if r["reference"])
-    points = [r for r in rows if not r["reference"]]
-    varying = [k for k in ("mode", "window", "stride", "chunk", "lora_rank", "lora_lr", "lora_targets", "doc_batch",
-                           "rope_ntk_alpha") if len({str(r[k]) for r in points}) > 1]
-    ref_label = f"strided W={reference['window']} S={reference['stride']} (reference)"
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([reference["seconds"]], [reference["bpb"]], marker="s", color="black", label=ref_label, zorder=3)
-    ax.axhline(reference["bpb"], color="black", linestyle="--", linewidth=0.8)
-    for r in points:
-        ax.scatter([r["seconds"]], [r["bpb"]], zorder=3)
-        ax.annotate(_label(r, varying), (r["seconds"], r["bpb"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xlabel("evaluation time (s)")
-    ax.set_ylabel("bits per byte")
-    ax.set_title("BPB against evaluation time")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(_tmp_png(out_dir, "bpb_vs_time.png"))
-    plt.close(fig)
-    os.replace(_tmp_png(out_dir, "bpb_vs_time.png"), os.path.join(out_dir, "bpb_vs_time.png"))
-
-    ttt = [r for r in points if r["mode"] == "ttt"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.axhline(reference["bpb"], color="black", linestyle="--", linewidth=1, label=ref_label)
-    others = [k for k in varying if k != "chunk"]
-    groups: dict[str, list[dict]] = {}
-    for r in ttt:
-        groups.setdefault(_label(r, others) if others else "ttt", []).append(r)
-    for label, members in groups.items():
-        members.sort(key=lambda r: r["chunk"])
-        ax.plot([r["chunk"] for r in members], [r["bpb"] for r in members], marker="o", label=label)
-    if ttt:
-        chunks = sorted({r["chunk"] for r in ttt})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(chunks, [str(c) for c in chunks])
-        ax.minorticks_off()
-    ax.set_xlabel("TTT chunk size (tokens)")
-    ax.set_ylabel("bits per byte")
-    ax.set_title("BPB against TTT chunk size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(_tmp_png(out_dir, "bpb_vs_chunk.png"))
-    plt.close(fig)
-    os.replace(_tmp_png(out_dir, "bpb_vs_chunk.png"), os.path.join(out_dir, "bpb_vs_chunk.png"))
-
-
-def _tmp_png(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, f".{name}.tmp{os.getpid()}.png")
+def progress_to_stderr(line: str) -> None:
+    """Every process's progress lines, to stderr, for long runs."""
+    print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# main
+# Loading a checkpoint and its validation set
 
 
-def main(argv=None) -> int:
-    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
-    try:
-        args = build_parser().parse_args(argv)
-        grid = parse_sweep(args.sweep)
-        if grid and args.dump_token_losses:
-            raise UsageError("--dump-token-losses: not with --sweep (run the configuration on its own)")
-        return run(args, grid, tg.setup_distributed())
-    except (UsageError, tg.ConfigError, tg.DataError) as e:
-        if is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+@dataclass
+class Loaded:
+    """A checkpoint's model and validation set, ready to score, and what every results file records about them."""
+    model: tg.GPT
+    val: tg.ValidationSet
+    setup: dict  # checkpoint, tokenizer and data with their sha256, world size, device, kernels, torch version
+    hyperparameters: dict  # the checkpoint's training settings, which options left unset default to
 
 
-def run(args, grid, env: tg.DistributedEnv) -> int:
-    def log(line: str) -> None:
-        if env.is_main:
-            print(line, flush=True)
-
-    def progress(line: str) -> None:  # every rank's, to stderr, for long runs
-        print(line, file=sys.stderr, flush=True)
-
-    tg.use_fused_ops(tg.parse_fused_ops(args.fused))
-    backend = tg.select_attention_backend(args.attn_backend, env.device)
-    model, state = tg.load_model(args.checkpoint, env.device)
-    hp = state.get("hyperparameters", {})
-    # defaults from the checkpoint
-    args.stride_given, args.chunk_given = args.stride is not None, args.chunk is not None
+def fill_defaults(args, hyperparameters: dict) -> None:
+    """Options left unset take the checkpoint's settings; the stride and the chunk follow the window."""
     if args.window is None:
-        args.window = int(hp.get("eval_window") or hp.get("train_seq_len") or 1024)
+        args.window = int(hyperparameters.get("eval_window") or hyperparameters.get("train_seq_len") or 1024)
     if args.stride is None:
         args.stride = max(1, args.window // 2)
     if args.chunk is None:
         args.chunk = max(1, args.window // 4)
     if args.batch_tokens is None:
-        args.batch_tokens = int(hp.get("eval_batch_tokens") or 65536)
+        args.batch_tokens = int(hyperparameters.get("eval_batch_tokens") or 65536)
+
+
+def load(args, env: tg.DistributedEnv) -> Loaded:
+    """The kernels and attention backend asked for, the checkpoint's model, then `args`' unset options filled in from
+    the checkpoint (in place) and checked before any data is read, then the tokenizer (its sha256 must be the
+    checkpoint's) and the validation set."""
+    tg.use_fused_ops(tg.parse_fused_ops(args.fused))
+    backend = tg.select_attention_backend(args.attn_backend, env.device)
+    model, state = tg.load_model(args.checkpoint, env.device)
+    hyperparameters = state.get("hyperparameters", {})
+    fill_defaults(args, hyperparameters)
     check_args(args)
-    data_path = args.data or resolve(state.get("data_path") or hp.get("data_path", ""))
+    data_path = args.data or resolve(state.get("data_path") or hyperparameters.get("data_path", ""))
     tokenizer_path = args.tokenizer or resolve(state.get("tokenizer_path")
                                                or os.path.join(data_path, "tokenizer.model"))
     if not os.path.isfile(tokenizer_path):
@@ -646,36 +509,7 @@ def run(args, grid, env: tg.DistributedEnv) -> int:
              "tokenizer_sha256": tokenizer_sha256, "data": os.path.abspath(data_path), "num_docs": val.num_docs,
              "world_size": env.world_size, "device": _device_name(env.device), "attention_backend": backend,
              "fused_ops": sorted(tg.FUSED_OPS), "torch": torch.__version__}
-
-    if not grid:
-        result = run_config(args, model, val, env, keep_token_losses=bool(args.dump_token_losses), progress=progress)
-        out = results_dict(config_dict(args, setup), result, val)
-        losses = gather_token_losses(result, val, env.device) if args.dump_token_losses else None
-        if env.is_main:
-            if args.out:
-                write_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
-            if losses is not None:
-                write_atomic(args.dump_token_losses, npy_bytes(losses.astype(np.float32)))
-        log(summary_line(args, result, val))
-        return 0
-
-    rows, results = [], []
-    for point, is_reference in sweep_configs(args, grid):
-        check_args(point)
-        result = run_config(point, model, val, env, keep_token_losses=False, progress=progress)
-        out = results_dict(config_dict(point, setup), result, val)
-        results.append(out)
-        config = out["config"]
-        rows.append({**{k: config.get(k) for k in CSV_FIELDS if k in config}, "bpb": out["bpb"], "loss": out["loss"],
-                     "tokens": out["tokens"], "bytes": out["bytes"], "seconds": out["seconds"],
-                     "tokens_per_s": out["tokens_per_s"], "reference": is_reference})
-        log(("reference " if is_reference else "") + summary_line(point, result, val))
-    if env.is_main:
-        write_sweep(args.sweep_out, rows, results)
-        if args.out:
-            write_atomic(args.out, (json.dumps(results, indent=1) + "\n").encode())
-        log(f"sweep: {len(rows)} configurations -> {os.path.join(args.sweep_out, 'sweep.csv')}")
-    return 0
+    return Loaded(model, val, setup, hyperparameters)
 
 
 def _device_name(device: torch.device) -> str:
@@ -684,6 +518,56 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+
+MOVED_TO_SWEEP = ("--sweep", "--sweep-out")  # sweeps became tools/sweep.py: say so instead of "unrecognized arguments"
+
+
+def main(argv=None) -> int:
+    return command_line(lambda: run(parse_args(argv), tg.setup_distributed()))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options of one configuration; the sweep options, which moved to tools/sweep.py, are an error that says so."""
+    arguments = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    moved = next((a.split("=", 1)[0] for a in arguments if a.split("=", 1)[0] in MOVED_TO_SWEEP), None)
+    if moved:
+        raise UsageError(f"{moved}: sweeps are run by tools/sweep.py, with the same options "
+                         f"(python tools/sweep.py --checkpoint ... --sweep chunk=32,64,128 --sweep-out DIR)")
+    return build_parser().parse_args(arguments)
+
+
+def command_line(command) -> int:
+    """`command()`'s exit status, as a command line: a bad argument or input is one `error:` line (under torchrun from
+    process 0 only) and exit status 2; a process group that was set up is torn down in any case."""
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
+    try:
+        return command()
+    except (UsageError, tg.ConfigError, tg.DataError) as e:
+        if is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, env: tg.DistributedEnv) -> int:
+    loaded = load(args, env)
+    result = run_config(args, loaded.model, loaded.val, env, keep_token_losses=bool(args.dump_token_losses),
+                        progress=progress_to_stderr)
+    out = results_dict(config_dict(args, loaded.setup), result, loaded.val)
+    losses = gather_token_losses(result, loaded.val, env.device) if args.dump_token_losses else None
+    if env.is_main:
+        if args.out:
+            write_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
+        if losses is not None:
+            write_atomic(args.dump_token_losses, npy_bytes(losses.astype(np.float32)))
+        print(summary_line(args, result, loaded.val), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """eval_ttt.py: LoRA test-time training (score first, then train; causal; independent of the other documents), the
-command line (results JSON, token-loss dump, tokenizer check, --max-docs, bad arguments, sweeps), NTK RoPE scaling, and
-a real, measured improvement of TTT over strided scoring for a model trained here."""
+command line (results JSON, token-loss dump, tokenizer check, --max-docs, bad arguments), NTK RoPE scaling, and a real,
+measured improvement of TTT over strided scoring for a model trained here. tools/sweep.py: tests/test_sweep.py."""
 
 from __future__ import annotations
 
@@ -209,10 +209,10 @@ def test_tokenizer_sha256_mismatch_is_one_line_error(checkpoint, val, small_dir,
     (["--max-docs", "-1"], "--max-docs -1"),
     (["--doc-batch", "0"], "--doc-batch 0"),
     (["--rope-ntk-alpha", "0"], "--rope-ntk-alpha 0"),
-    (["--sweep", "colour=1,2"], "--sweep"),
-    (["--sweep", "chunk=a,b"], "--sweep"),
     (["--window", "abc"], "--window"),
-    (["--sweep", "chunk=16", "--dump-token-losses", "x.npy"], "--dump-token-losses"),
+    # sweeps moved to tools/sweep.py: the error says where
+    (["--sweep", "chunk=16,32"], "--sweep: sweeps are run by tools/sweep.py"),
+    (["--sweep-out=results/sweep"], "--sweep-out: sweeps are run by tools/sweep.py"),
 ])
 def test_bad_arguments_are_one_line(checkpoint, argv, needle, capsys):
     code, stdout, err = run_cli(capsys, "--checkpoint", checkpoint, *argv)
@@ -235,29 +235,6 @@ def test_rope_ntk_alpha_one_changes_nothing(model, val):
     for k in range(val.num_docs):
         np.testing.assert_array_equal(before[k], after[k])
     assert not np.allclose(stretched[4], before[4])
-
-
-def test_sweep_runs_a_grid_and_plots(checkpoint, tmp_path, capsys):
-    out_dir = tmp_path / "sweep"
-    code, stdout, err = run_cli(capsys, "--checkpoint", checkpoint, *TTT_ARGS, "--max-docs", "3",
-                                "--sweep", "chunk=16,32", "--sweep", "lora-lr=0,0.05", "--sweep-out", out_dir)
-    assert code == 0, err
-    import csv
-
-    with open(out_dir / "sweep.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 1 + 4 and rows[0]["mode"] == "strided" and rows[0]["reference"] == "True"
-    assert [(r["chunk"], r["lora_lr"]) for r in rows[1:]] == [("16", "0.0"), ("16", "0.05"), ("32", "0.0"),
-                                                              ("32", "0.05")]
-    for name in ("bpb_vs_time.png", "bpb_vs_chunk.png"):
-        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    results = json.loads((out_dir / "sweep.json").read_text())
-    # the same numbers as a single run of the same configuration
-    code, _, err = run_cli(capsys, "--checkpoint", checkpoint, *TTT_ARGS, "--max-docs", "3", "--chunk", "32",
-                           "--out", tmp_path / "one.json")
-    single = json.loads((tmp_path / "one.json").read_text())
-    assert results[4]["bpb"] == pytest.approx(single["bpb"], rel=1e-9)
-    assert stdout.count("eval mode:") == 5
 
 
 def test_ttt_two_processes_score_like_one(checkpoint, tmp_path, capsys):
