@@ -383,8 +383,8 @@ def run_config(args, model, val, env, keep_token_losses: bool, progress=None) ->
             cfg = TTTConfig(window=args.window, chunk=args.chunk, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
                             lora_targets=parse_targets(args.lora_targets), doc_batch=args.doc_batch, seed=args.seed)
             return ttt_evaluate(model, val, cfg, env, keep_token_losses, progress=progress)
-        stride = args.stride if args.mode == "strided" else args.window
-        return tg.evaluate(model, val, args.mode, args.window, stride, args.batch_tokens, env, keep_token_losses)
+        return tg.evaluate(model, val, args.mode, args.window, args.batch_tokens, env, stride=args.stride,
+                           keep_token_losses=keep_token_losses)
     finally:
         model.rotary.set_ntk_alpha(1.0)
 
@@ -473,7 +473,7 @@ def fill_defaults(args, hyperparameters: dict) -> None:
     if args.window is None:
         args.window = int(hyperparameters.get("eval_window") or hyperparameters.get("train_seq_len") or 1024)
     if args.stride is None:
-        args.stride = max(1, args.window // 2)
+        args.stride = tg.default_eval_stride(args.window)
     if args.chunk is None:
         args.chunk = max(1, args.window // 4)
     if args.batch_tokens is None:

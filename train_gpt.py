@@ -534,7 +534,8 @@ class DocumentLoader:
         inputs, targets = tokens[:-1], tokens[1:].astype(np.int64)
         targets[targets == BOS_ID] = IGNORE_INDEX  # never predict across a document boundary
         cu = segment_boundaries(doc_offsets[doc_offsets < self.micro_tokens], self.micro_tokens, self.seq_len)
-        return MicroBatch(inputs, targets, fit_segments(cu, targets, self.max_segments), len(cu) - 1 > self.max_segments)
+        merged = len(cu) - 1 > self.max_segments
+        return MicroBatch(inputs, targets, fit_segments(cu, targets, self.max_segments), merged)
 
     @property
     def step_tokens(self) -> int:
@@ -1375,7 +1376,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
             train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while validating
             if last_step:
                 break  # the final evaluation below also gives the curve's last point
-            result = evaluate(model, val, "flat", hp.train_seq_len, hp.train_seq_len, hp.eval_batch_tokens, env)
+            result = evaluate(model, val, "flat", hp.train_seq_len, hp.eval_batch_tokens, env)
             log(validation_line(step, hp, result, train_ms))
             synchronize(device)
             t0 = time.perf_counter()
@@ -1423,12 +1424,11 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
 
     # final evaluation, with the timer stopped
     strides = {"flat": hp.eval_window, "strided": hp.eval_stride}
-    results = {mode: evaluate(model, val, mode, hp.eval_window, strides[mode], hp.eval_batch_tokens, env)
+    results = {mode: evaluate(model, val, mode, hp.eval_window, hp.eval_batch_tokens, env, stride=hp.eval_stride)
                for mode in hp.eval_modes.split(",")}
     if hp.val_loss_every:  # the last point of the periodic validation curve (flat windows of TRAIN_SEQ_LEN)
         same = "flat" in results and hp.eval_window == hp.train_seq_len
-        curve = results["flat"] if same else evaluate(model, val, "flat", hp.train_seq_len, hp.train_seq_len,
-                                                       hp.eval_batch_tokens, env)
+        curve = results["flat"] if same else evaluate(model, val, "flat", hp.train_seq_len, hp.eval_batch_tokens, env)
         log(validation_line(step, hp, curve, train_ms))
     for mode, result in results.items():
         log(f"final_eval mode:{mode} window:{hp.eval_window} stride:{strides[mode]} val_loss:{result.loss:.8f} "
@@ -1521,10 +1521,12 @@ def flat_windows(token_counts: np.ndarray, window: int) -> list[tuple[int, int, 
     return items
 
 
-def evaluation_windows(val: ValidationSet, mode: str, window: int, stride: int):
+def evaluation_windows(val: ValidationSet, mode: str, window: int, stride: int = 0):
     if mode == "flat":
         return flat_windows(val.token_counts, window)
     if mode == "strided":
+        if not 0 < stride <= window:
+            raise ConfigError(f"strided evaluation: stride {stride} must be in 1..{window} (the window)")
         return [(doc, *w) for doc, n in enumerate(val.token_counts.tolist()) for w in strided_windows(n, window, stride)]
     raise ConfigError(f"evaluation mode {mode!r}: must be flat or strided")
 
@@ -1606,9 +1608,10 @@ class EvalResult:
         return bits_per_byte(float(self.doc_nats.sum()), self.total_bytes)
 
 
-def evaluate(model: GPT, val: ValidationSet, mode: str, window: int, stride: int, batch_tokens: int,
-             env: DistributedEnv | None = None, keep_token_losses: bool = False) -> EvalResult:
-    """Score every selected validation document; documents are shared out over the ranks and the sums all-reduced."""
+def evaluate(model: GPT, val: ValidationSet, mode: str, window: int, batch_tokens: int,
+             env: DistributedEnv | None = None, stride: int = 0, keep_token_losses: bool = False) -> EvalResult:
+    """Score every selected validation document (strided mode needs the stride); documents are shared out over the
+    ranks and the sums all-reduced."""
     rank, world = (env.rank, env.world_size) if env else (0, 1)
     device = next(model.parameters()).device
     start_time = time.perf_counter()

@@ -68,7 +68,7 @@ def test_training_forward_hands_attention_one_dtype(cuda_autocast_policy):
 
 
 def test_evaluate_hands_attention_one_dtype(cuda_autocast_policy, val):  # noqa: F811
-    result = tg.evaluate(tiny_model(), val, "strided", 64, 32, 512)
+    result = tg.evaluate(tiny_model(), val, "strided", 64, 512, stride=32)
     assert_one_dtype(cuda_autocast_policy)
     assert np.isfinite(result.bpb)
 

@@ -140,7 +140,7 @@ def model() -> tg.GPT:
 
 
 def strided(model, val, window, stride, env=None) -> dict:
-    return tg.evaluate(model, val, "strided", window, stride, 4096, env, keep_token_losses=True).token_losses
+    return tg.evaluate(model, val, "strided", window, 4096, env, stride=stride, keep_token_losses=True).token_losses
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_strided_document_scores_do_not_depend_on_other_documents(model, val):
     for i, k in enumerate(order):
         np.testing.assert_allclose(reordered[i], together[k], rtol=1e-6, atol=1e-6)
     # a batch small enough to split the windows differently
-    small_batches = tg.evaluate(model, val, "strided", window, stride, 100, keep_token_losses=True).token_losses
+    small_batches = tg.evaluate(model, val, "strided", window, 100, stride=stride, keep_token_losses=True).token_losses
     for k in range(val.num_docs):
         np.testing.assert_allclose(small_batches[k], together[k], rtol=1e-6, atol=1e-6)
 

@@ -92,7 +92,8 @@ def test_ttt_without_learning_is_strided_with_stride_chunk(model, val):
     """lr 0: the adapters stay at B = 0, so TTT scores are strided scores with stride = chunk (W a multiple of C)."""
     cfg = eval_ttt.TTTConfig(**{**CFG.__dict__, "lora_lr": 0.0})
     plain = eval_ttt.ttt_evaluate(model, val, cfg, keep_token_losses=True).token_losses
-    strided = tg.evaluate(model, val, "strided", cfg.window, cfg.chunk, 4096, keep_token_losses=True).token_losses
+    strided = tg.evaluate(model, val, "strided", cfg.window, 4096, stride=cfg.chunk,
+                          keep_token_losses=True).token_losses
     for k in range(val.num_docs):
         np.testing.assert_allclose(plain[k], strided[k], rtol=1e-5, atol=1e-5)
 
@@ -226,11 +227,11 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 
 
 def test_rope_ntk_alpha_one_changes_nothing(model, val):
-    before = tg.evaluate(model, val, "strided", 64, 32, 4096, keep_token_losses=True).token_losses
+    before = tg.evaluate(model, val, "strided", 64, 4096, stride=32, keep_token_losses=True).token_losses
     model.rotary.set_ntk_alpha(1.0)
-    after = tg.evaluate(model, val, "strided", 64, 32, 4096, keep_token_losses=True).token_losses
+    after = tg.evaluate(model, val, "strided", 64, 4096, stride=32, keep_token_losses=True).token_losses
     model.rotary.set_ntk_alpha(2.0)
-    stretched = tg.evaluate(model, val, "strided", 64, 32, 4096, keep_token_losses=True).token_losses
+    stretched = tg.evaluate(model, val, "strided", 64, 4096, stride=32, keep_token_losses=True).token_losses
     model.rotary.set_ntk_alpha(1.0)
     for k in range(val.num_docs):
         np.testing.assert_array_equal(before[k], after[k])
@@ -291,7 +292,7 @@ def test_ttt_beats_strided_on_long_documents(sample_data, tmp_path):
     shutil.copyfile(sample_data / "tokenizer.model", tmp_path / "tokenizer.model")
     long_docs = load_val(tmp_path)
     window, chunk = 128, 32
-    strided = {stride: tg.evaluate(model, long_docs, "strided", window, stride, 8192, keep_token_losses=True)
+    strided = {stride: tg.evaluate(model, long_docs, "strided", window, 8192, stride=stride, keep_token_losses=True)
                for stride in (chunk, window // 2)}
     cfg = eval_ttt.TTTConfig(window=window, chunk=chunk, lora_rank=8, lora_lr=0.005, doc_batch=3)
     ttt = eval_ttt.ttt_evaluate(model, long_docs, cfg, keep_token_losses=True)
