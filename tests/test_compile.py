@@ -1,11 +1,13 @@
 """The one deliberate torch.compile test on CPU (compiling costs tens of seconds on 2 cores; every other CPU test runs
 eagerly). GPU runs compile the model by default, so the model code must trace without graph breaks."""
 
+import pytest
 import torch
 
 import train_gpt as tg
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager_forward_and_backward():
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2))

@@ -73,6 +73,7 @@ def test_evaluate_hands_attention_one_dtype(cuda_autocast_policy, val):  # noqa:
     assert np.isfinite(result.bpb)
 
 
+@pytest.mark.slow
 def test_ttt_hands_attention_one_dtype(cuda_autocast_policy, val):  # noqa: F811
     cfg = eval_ttt.TTTConfig(window=64, chunk=16, lora_rank=4, doc_batch=3)
     result = eval_ttt.ttt_evaluate(tiny_model(), val, cfg)

@@ -213,6 +213,7 @@ def test_byte_totals_are_the_decoded_utf8_lengths(val, small_dir, model, tmp_pat
 # 1 vs 2 processes (torchrun, gloo), through eval_ttt.py's command line
 
 
+@pytest.mark.slow
 def test_two_processes_score_like_one(model, small_dir, tmp_path):
     checkpoint = save_checkpoint(model, small_dir, tmp_path / "tiny.pt")
     common = ["--checkpoint", str(checkpoint), "--mode", "strided", "--window", "64", "--stride", "24"]

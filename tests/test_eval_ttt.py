@@ -238,6 +238,7 @@ def test_rope_ntk_alpha_one_changes_nothing(model, val):
     assert not np.allclose(stretched[4], before[4])
 
 
+@pytest.mark.slow
 def test_ttt_two_processes_score_like_one(checkpoint, tmp_path, capsys):
     """Documents shared out over 2 gloo processes by train_gpt.assign_documents, sums all-reduced: same per-document
     results and token losses as one process."""
@@ -285,6 +286,7 @@ def train_tiny_model(sample_dir: Path, steps: int = 100, seed: int = 0) -> tg.GP
     return model.eval()
 
 
+@pytest.mark.slow
 def test_ttt_beats_strided_on_long_documents(sample_data, tmp_path):
     model = train_tiny_model(sample_data)
     stream = tg.TokenStream(tg.split_pattern(str(sample_data), "val"), 1024)

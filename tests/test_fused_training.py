@@ -101,6 +101,7 @@ def check_compiled_fused_model(device, backend, tolerance):
         assert error <= tolerance, f"gradient of {name}: compiled vs eager max error {error:.1e} of max |eager|"
 
 
+@pytest.mark.slow
 def test_compiled_fused_model_is_one_graph_and_matches_eager():
     """CPU: the interpreted kernels inside a graph that Dynamo and AOTAutograd trace (aot_eager backend)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -34,6 +34,11 @@ rms_module = kernels.rms_norm
 rotary_module = kernels.rotary_qk
 ns_module = kernels.newton_schulz
 
+def fast_first(values: list) -> list:
+    """Parameters of which only the first runs in the fast loop (`./test.sh -m "not slow"`); the whole suite runs all."""
+    return [values[0]] + [pytest.param(v, marks=pytest.mark.slow) for v in values[1:]]
+
+
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 FP32_TOL = 2e-5
 BF16_TOL = 1e-2
@@ -141,9 +146,9 @@ def ce_inputs(n_tokens=37, vocab=101, scale=3.0, seed=0):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("softcap", [0.0, 15.0], ids=["no_cap", "cap15"])
-@pytest.mark.parametrize("max_block_v", [4096, 32], ids=["one_block", "blocks_of_32"])
+@pytest.mark.parametrize("dtype", fast_first([torch.float32, torch.bfloat16]), ids=["fp32", "bf16"])
+@pytest.mark.parametrize("softcap", fast_first([15.0, 0.0]), ids=["cap15", "no_cap"])
+@pytest.mark.parametrize("max_block_v", fast_first([32, 4096]), ids=["blocks_of_32", "one_block"])
 def test_softcap_cross_entropy(dtype, softcap, max_block_v, monkeypatch):
     monkeypatch.setattr(ce_module, "MAX_BLOCK_V", max_block_v)
     logits64, targets = ce_inputs()
@@ -192,7 +197,7 @@ def test_softcap_cross_entropy_all_ignored():
 
 
 @needs_triton
-@pytest.mark.parametrize("chunk_size", [13, 10, 64], ids=["divides_N", "does_not_divide_N", "larger_than_N"])
+@pytest.mark.parametrize("chunk_size", fast_first([10, 13, 64]), ids=["does_not_divide_N", "divides_N", "larger_than_N"])
 def test_linear_softcap_cross_entropy(chunk_size):
     n_tokens, width, vocab, softcap = 39, 48, 101, 15.0
     x64 = randn(n_tokens, width, seed=1)
@@ -310,9 +315,9 @@ def test_relu2_linear_leading_dims():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", fast_first([torch.float32, torch.bfloat16]), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("max_block_cols", [8192, 32], ids=["single_pass", "two_pass"])
-@pytest.mark.parametrize("eps", [None, 1e-5], ids=["eps_default", "eps_1e-5"])
+@pytest.mark.parametrize("eps", fast_first([None, 1e-5]), ids=["eps_default", "eps_1e-5"])
 def test_rms_norm(dtype, max_block_cols, eps, monkeypatch):
     monkeypatch.setattr(rms_module, "MAX_BLOCK_COLS", max_block_cols)
     x64 = randn(5, 7, 70, seed=1)  # 35 rows of width 70
@@ -339,8 +344,8 @@ def rotary_tables(n_tokens, half_dim, seed=7):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("head_dim", [12, 64])
+@pytest.mark.parametrize("dtype", fast_first([torch.float32, torch.bfloat16]), ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", fast_first([12, 64]))
 def test_rotary_qk(dtype, head_dim):
     n_tokens, q_heads, kv_heads = 13, 6, 2  # GQA: fewer kv heads
     # q and k are views into one packed qkv projection, as in the model (non-contiguous token stride)
@@ -494,12 +499,12 @@ def check_compiled_matches_eager(name, dtype, backend):
 
 
 @needs_triton
-@pytest.mark.parametrize("name", sorted(kernels.OPS))
+@pytest.mark.parametrize("name", fast_first(["rms_norm", *sorted(set(kernels.OPS) - {"rms_norm"})]))
 def test_compiled_op_matches_eager(name):
     check_compiled_matches_eager(name, torch.float32, backend="aot_eager")
 
 
-@pytest.mark.parametrize("name", sorted(kernels.OPS))
+@pytest.mark.parametrize("name", fast_first(["rms_norm", *sorted(set(kernels.OPS) - {"rms_norm"})]))
 def test_compiled_op_on_cpu_without_triton_is_the_reference(name, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the dispatch reads it at call time (and so at trace time)
     args, kwargs, leaves = op_case(name, "cpu", torch.float32)
@@ -558,7 +563,7 @@ def registered_op_cases():
 
 
 @needs_triton
-@pytest.mark.parametrize("case", sorted(registered_op_cases()))
+@pytest.mark.parametrize("case", fast_first(sorted(registered_op_cases())))
 def test_registered_op_opcheck(case):
     """torch.library.opcheck: schema, autograd registration, fake implementation against the real one, and tracing
     with dynamic shapes (as varlen batches would be compiled)."""
@@ -581,6 +586,7 @@ def test_autotuners_built_at_import_and_keyed_without_row_count():
 # Compiled kernels: without a GPU, at least check that every kernel compiles for an H100
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA tests run the compiled kernels")
 @pytest.mark.skipif(not _common.HAS_TRITON, reason="Triton is not installed")
 def test_kernels_compile_for_h100():

@@ -152,6 +152,7 @@ def test_new_output_layout(made, logs):
     assert f"{sub['val_bpb']['mean']:.5f}" in readme and "MODEL_DIM=32" in readme and "python train_gpt.py" in readme
 
 
+@pytest.mark.slow
 def test_verify_via_subprocess(made):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "record.py"), "verify", str(made.parent.parent)],
                           capture_output=True, text=True)

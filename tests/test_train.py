@@ -44,6 +44,7 @@ def test_bad_values_name_the_variable(env, variable):
         tg.Hyperparameters.from_env(env)
 
 
+@pytest.mark.slow
 def test_bad_value_is_one_line_before_any_work(tmp_path):
     env = {**os.environ, "NUM_LAYERS": "0", "LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
@@ -53,6 +54,7 @@ def test_bad_value_is_one_line_before_any_work(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line(tmp_path):
     env = {**os.environ, "DATA_PATH": str(tmp_path / "nowhere"), "LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
@@ -331,6 +333,7 @@ def baseline_run(tmp_path_factory, sample_data):
     return tmp, log, losses
 
 
+@pytest.mark.slow
 def test_log_starts_with_the_exact_source_and_ends_with_the_final_line(baseline_run):
     tmp, log, losses = baseline_run
     source = (ROOT / "train_gpt.py").read_bytes()
@@ -353,6 +356,7 @@ def test_log_starts_with_the_exact_source_and_ends_with_the_final_line(baseline_
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_model(baseline_run, sample_data, tmp_path):
     base_tmp, _, base_losses = baseline_run
     _, losses = run_training(tmp_path, sample_data, "two", nproc=2)
@@ -360,6 +364,7 @@ def test_two_processes_train_the_same_model(baseline_run, sample_data, tmp_path)
     assert_same_weights(final_weights(tmp_path, "two"), final_weights(base_tmp, "base"), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_run(baseline_run, sample_data, tmp_path):
     base_tmp, _, base_losses = baseline_run
     checkpoint = base_tmp / "ckpt" / "base_step3.pt"
@@ -369,6 +374,7 @@ def test_resume_gives_the_uninterrupted_run(baseline_run, sample_data, tmp_path)
     assert_same_weights(final_weights(tmp_path, "resumed"), final_weights(base_tmp, "base"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compile_warmup_steps_are_undone(baseline_run, sample_data, tmp_path):
     base_tmp, _, base_losses = baseline_run
     log, losses = run_training(tmp_path, sample_data, "warm", WARMUP_STEPS="2")
@@ -377,6 +383,7 @@ def test_compile_warmup_steps_are_undone(baseline_run, sample_data, tmp_path):
     assert_same_weights(final_weights(tmp_path, "warm"), final_weights(base_tmp, "base"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(sample_data, tmp_path):
     env = {**os.environ, **TINY_RUN, "DATA_PATH": str(sample_data), "RUN_ID": "nan", "LOG_DIR": str(tmp_path / "logs"),
            "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MATRIX_LR": "1e30", "TIED_EMBED_LR": "1e30", "SCALAR_LR": "1e30"}
@@ -387,6 +394,7 @@ def test_nan_loss_stops_with_a_clear_message(sample_data, tmp_path):
     assert not (tmp_path / "ckpt" / "nan.pt").exists()  # no final checkpoint of a diverged model
 
 
+@pytest.mark.slow
 def test_run_sh_cpu_path_writes_log_and_loadable_checkpoint(tmp_path, sample_data):
     env = {**os.environ, **TINY_RUN, "RUN_ID": "runsh", "LOG_DIR": str(tmp_path / "logs"),
            "CHECKPOINT_DIR": str(tmp_path / "ckpt")}
