@@ -1,8 +1,8 @@
 """Turn a local text corpus into token shards for train_gpt.py.
 
     python data/prepare_corpus.py --input FILE(.jsonl|.jsonl.gz|.txt|dir) --out DIR
-        [--tokenizer MODEL | --vocab-size 1024] [--val-docs 60] [--shard-tokens 100000000] [--name PREFIX]
-        [--character-coverage 0.9995]
+        [--tokenizer MODEL | --vocab-size 1024] [--val-docs 60] [--val-select spread|first]
+        [--shard-tokens 100000000] [--name PREFIX] [--character-coverage 0.9995]
 
 Input
   .jsonl / .jsonl.gz  one JSON object per line with a string field "text" (other fields are ignored, blank lines too).
@@ -12,8 +12,17 @@ Input
                       file name.
   All text must be UTF-8. Empty documents are skipped (counted in the manifest as input.skipped_empty_documents).
 
+Validation documents (--val-select)
+  spread (default)  --val-docs documents evenly spaced over the whole corpus: with N documents and k = --val-docs,
+                    document j of the validation split is input document floor((2j + 1) N / 2k), j = 0 .. k-1 (the
+                    middle of each of k equal stretches). A local corpus is often in some order (by date, by topic,
+                    by file name); taking its head as validation would score a model on one end of that order only.
+  first             the first --val-docs documents: for corpora that are already shuffled, such as FineWeb, whose
+                    validation set is by convention its first documents.
+  Positions count the non-empty documents. The choice is recorded in the manifest (parameters.val_select).
+
 Output (DIR)
-  {PREFIX}_val_000000.bin, ...    the first --val-docs documents (default 60)
+  {PREFIX}_val_000000.bin, ...    the --val-docs validation documents (default 60), in input order
   {PREFIX}_train_000000.bin, ...  the other documents, in input order
       shards of at most --shard-tokens tokens (default 100,000,000, like the FineWeb shards); a document may continue
       from one shard into the next. Every document is BOS (id 1) followed by its tokens; no EOS.
@@ -54,6 +63,7 @@ import re
 import sys
 import time
 import zlib
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,7 +84,9 @@ SEPARATOR = b"<|endoftext|>"
 TRAIN_THREADS = 4  # fixed, not the machine's core count: sentencepiece records it in the model file
 MAX_SENTENCE_BYTES = 1 << 30  # documents are whole "sentences" for the trainer; none may be dropped for length
 ENCODE_BATCH_BYTES = 2 << 20  # text per sp.encode call: bounds the memory of the Python id lists
-MANIFEST_FORMAT = 1
+VAL_SELECT_CHOICES = ("spread", "first")
+DEFAULT_VAL_SELECT = "spread"
+MANIFEST_FORMAT = 2  # 2: parameters.val_select (format 1 had no such field and always took the first documents)
 
 
 class PrepareError(Exception):
@@ -210,6 +222,21 @@ def input_sha256(path: str, kind: str) -> str:
     return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
+def validation_positions(documents: int, val_docs: int, select: str) -> list[int]:
+    """Input positions (among the non-empty documents, ascending) of the validation split.
+
+    spread: the middle document of each of `val_docs` equal stretches of the corpus, floor((2j + 1) N / 2k). Integer
+    arithmetic, so the same counts always give the same positions; consecutive positions differ by at least
+    floor(N / k) >= 1, so they are distinct. first: 0 .. k-1."""
+    if not 0 < val_docs <= documents:
+        raise ValueError(f"need 0 < val_docs <= documents, got {val_docs} and {documents}")
+    if select == "first":
+        return list(range(val_docs))
+    if select == "spread":
+        return [(2 * j + 1) * documents // (2 * val_docs) for j in range(val_docs)]
+    raise ValueError(f"unknown validation selection {select!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -305,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tokenizer", help="use this SentencePiece model instead of training one (copied to DIR)")
     group.add_argument("--vocab-size", type=int, help=f"pieces of the trained tokenizer (default {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS,
-                   help=f"the first N documents are the validation split (default {DEFAULT_VAL_DOCS})")
+                   help=f"documents in the validation split (default {DEFAULT_VAL_DOCS})")
+    p.add_argument("--val-select", choices=VAL_SELECT_CHOICES, default=DEFAULT_VAL_SELECT,
+                   help="which documents are validation: 'spread' (default) evenly spaced over the whole corpus, for"
+                        " local corpora that are in some order; 'first' the first --val-docs, for corpora that are"
+                        " already shuffled (FineWeb)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"at most this many tokens per shard (default {DEFAULT_SHARD_TOKENS:_})")
     p.add_argument("--name", help="shard file prefix (default: the input's name, peps.jsonl.gz -> peps)")
@@ -365,25 +396,26 @@ def run(args) -> dict:
     check_out_dir(args.out, prefix)
 
     # Pass 1: validate every document and count them before anything is written or trained.
-    documents = val_bytes = train_bytes = empty = 0
+    document_bytes = array("q")  # UTF-8 bytes of each non-empty document (8 bytes per document)
+    empty = 0
     for _, nbytes in iter_all_documents(args.input, kind):
         if nbytes == 0:
             empty += 1
             continue
-        if documents < args.val_docs:
-            val_bytes += nbytes
-        else:
-            train_bytes += nbytes
         if nbytes > MAX_SENTENCE_BYTES:
-            raise PrepareError(args.input, f"document {documents} has {nbytes} bytes, more than the tokenizer trainer"
-                                           f" takes ({MAX_SENTENCE_BYTES})")
-        documents += 1
+            raise PrepareError(args.input, f"document {len(document_bytes)} has {nbytes} bytes, more than the tokenizer"
+                                           f" trainer takes ({MAX_SENTENCE_BYTES})")
+        document_bytes.append(nbytes)
+    documents = len(document_bytes)
     if documents == 0:
         raise PrepareError(args.input, "the corpus is empty (no non-empty " +
                            (".txt files in the directory)" if kind == "dir" else "documents)"))
     if args.val_docs >= documents:
         raise PrepareError(args.input, f"--val-docs {args.val_docs} leaves no training documents: the corpus has only"
                                        f" {documents} documents (pass a smaller --val-docs)")
+    val_positions = frozenset(validation_positions(documents, args.val_docs, args.val_select))
+    val_bytes = sum(document_bytes[i] for i in val_positions)
+    train_bytes = sum(document_bytes) - val_bytes
 
     # Pass 2: the tokenizer (trained on the train split only, in input order), still in memory.
     import sentencepiece as spm
@@ -396,7 +428,7 @@ def run(args) -> dict:
         print(f"training a {settings['vocab_size']}-piece BPE tokenizer on {documents - args.val_docs} documents"
               f" ({train_bytes / 1e6:.1f} MB)", flush=True)
         t0 = time.perf_counter()
-        train_texts = (text for i, (text, _) in enumerate(iter_documents(args.input, kind)) if i >= args.val_docs)
+        train_texts = (text for i, (text, _) in enumerate(iter_documents(args.input, kind)) if i not in val_positions)
         model_bytes = train_tokenizer(train_texts, settings, args.input)
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         print(f"trained in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -421,7 +453,7 @@ def run(args) -> dict:
                 ids_list = sp.encode([t for t, _ in batch], num_threads=threads)
                 decoded = sp.decode(ids_list, num_threads=threads)
                 for (text, nbytes), ids, back in zip(batch, ids_list, decoded):
-                    split = "val" if index < args.val_docs else "train"
+                    split = "val" if index in val_positions else "train"
                     doc = np.empty(len(ids) + 1, dtype=np.int64)
                     doc[0] = BOS_ID
                     doc[1:] = ids
@@ -470,7 +502,8 @@ def run(args) -> dict:
             "input": {"name": os.path.basename(os.path.normpath(args.input)), "kind": kind,
                       "sha256": input_sha256(args.input, kind), "documents": documents,
                       "skipped_empty_documents": empty},
-            "parameters": {"val_docs": args.val_docs, "shard_tokens": args.shard_tokens, "name": prefix,
+            "parameters": {"val_docs": args.val_docs, "val_select": args.val_select,
+                           "shard_tokens": args.shard_tokens, "name": prefix,
                            "vocab_size": None if given is not None else settings["vocab_size"],
                            "character_coverage": None if given is not None else args.character_coverage,
                            "tokenizer": None if given is None else os.path.basename(args.tokenizer)},

@@ -100,6 +100,19 @@ def prepared(tmp_path_factory, corpus_docs):
     return {"input": src, "out": out, "docs": corpus_docs}
 
 
+def spread_positions(documents: int, val_docs: int) -> list[int]:
+    """The validation positions of --val-select spread, as data/README.md specifies them: the middle document of each
+    of val_docs equal stretches of the corpus, floor((2j + 1) N / 2k)."""
+    return [(2 * j + 1) * documents // (2 * val_docs) for j in range(val_docs)]
+
+
+def expected_split(docs: list[str], val_docs: int, select: str = "spread") -> dict[str, list[str]]:
+    """Both splits, each in input order."""
+    positions = set(spread_positions(len(docs), val_docs) if select == "spread" else range(val_docs))
+    return {"val": [d for i, d in enumerate(docs) if i in positions],
+            "train": [d for i, d in enumerate(docs) if i not in positions]}
+
+
 def read_documents(out, vocab_size=None):
     """Documents of both splits, read back through train_gpt.TokenStream and split at BOS."""
     vocab_size = vocab_size or VOCAB
@@ -370,8 +383,9 @@ def test_round_trip_jsonl_with_trained_tokenizer(prepared):
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     assert sp.vocab_size() == VOCAB and sp.bos_id() == 1
     read = read_documents(out)
-    decoded = [sp.decode(d[1:].tolist()) for split in ("val", "train") for d in read[split][1]]
-    assert decoded == docs
+    expected = expected_split(docs, 7)
+    for split in ("val", "train"):
+        assert [sp.decode(d[1:].tolist()) for d in read[split][1]] == expected[split]
     for split in ("val", "train"):
         stream, split_docs = read[split]
         assert all(d[0] == 1 and (d[1:] != 1).all() for d in split_docs)  # BOS first, never inside
@@ -394,8 +408,9 @@ def test_manifest(prepared):
     training = manifest["tokenizer"]["training"]
     assert training["normalization_rule_name"] == "identity" and training["byte_fallback"] is True
     assert training["add_dummy_prefix"] is False and training["remove_extra_whitespaces"] is False
+    assert manifest["format"] == 2 and manifest["parameters"]["val_select"] == "spread"  # the default
     read = read_documents(out)
-    for split, split_docs in (("val", docs[:7]), ("train", docs[7:])):
+    for split, split_docs in expected_split(docs, 7).items():
         entry = manifest["splits"][split]
         stream = read[split][0]
         assert entry["documents"] == len(split_docs) == stream.num_docs
@@ -421,16 +436,18 @@ def test_round_trip_other_inputs_with_given_tokenizer(tmp_path, prepared, kind):
     assert code == 0
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     read = read_documents(out)
+    expected = expected_split(docs, 5)
     assert len(read["val"][1]) == 5
-    assert [sp.decode(d[1:].tolist()) for s in ("val", "train") for d in read[s][1]] == docs
+    assert [sp.decode(d[1:].tolist()) for s in ("val", "train") for d in read[s][1]] == \
+        expected["val"] + expected["train"]
     assert (out / "tokenizer.model").read_bytes() == model.read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["tokenizer"] == "tokenizer.model" and manifest["tokenizer"]["training"] is None
     assert manifest["input"]["kind"] == kind and manifest["parameters"]["name"] == "c"
     tokens = np.concatenate([read["val"][0].read(0, read["val"][0].num_tokens),
                              read["train"][0].read(0, read["train"][0].num_tokens)])
-    expected = np.concatenate([[1] + sp.encode(d) for d in docs])
-    np.testing.assert_array_equal(tokens, expected)
+    np.testing.assert_array_equal(tokens, np.concatenate([[1] + sp.encode(d) for d in expected["val"] +
+                                                          expected["train"]]))
 
 
 def test_rerun_replaces_own_shards(tmp_path, prepared):
@@ -458,6 +475,78 @@ def test_u2581_is_counted_as_not_round_trip(tmp_path, prepared, capsys):
     assert "warning: 1 of 4 documents do not decode back" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# --val-select: spread (default) or first
+
+
+@pytest.mark.parametrize("documents,val_docs", [(701, 60), (48, 7), (10, 10), (10, 9), (5, 1), (1000, 3)])
+def test_spread_positions_cover_the_whole_corpus(documents, val_docs):
+    positions = prepare_corpus.validation_positions(documents, val_docs, "spread")
+    assert positions == spread_positions(documents, val_docs)
+    assert len(set(positions)) == val_docs and positions == sorted(positions)
+    assert 0 <= positions[0] and positions[-1] < documents
+    # one position in each of the val_docs equal stretches [floor(j N / k), (j + 1) N / k)
+    assert all(j * documents // val_docs <= p and p * val_docs < (j + 1) * documents for j, p in enumerate(positions))
+    assert prepare_corpus.validation_positions(documents, val_docs, "first") == list(range(val_docs))
+    with pytest.raises(ValueError):
+        prepare_corpus.validation_positions(documents, val_docs, "random")
+
+
+def numbered_documents(count: int) -> list[str]:
+    """Documents that say where they are in the corpus (an ordered corpus, like the PEPs sorted by number)."""
+    return [f"document {i:03d} of an ordered corpus; " + "words " * (i % 7 + 3) for i in range(count)]
+
+
+@pytest.mark.parametrize("select", ["spread", "first", None])
+def test_val_select(tmp_path, prepared, select):
+    """spread takes validation documents from the whole corpus (first and last thirds both), first keeps the old
+    behaviour (the head of the corpus); both keep every document exactly once, in input order, and the manifest names
+    the choice. No option means spread."""
+    docs = numbered_documents(60)
+    src = tmp_path / "ordered.jsonl"
+    write_jsonl(src, docs)
+    out = tmp_path / "out"
+    extra = ["--val-select", select] if select else []
+    code = prepare_corpus.main(["--input", str(src), "--out", str(out), "--val-docs", "6",
+                                "--tokenizer", str(prepared["out"] / "tokenizer.model"), *extra])
+    assert code == 0
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    read = read_documents(out)
+    got = {split: [sp.decode(d[1:].tolist()) for d in read[split][1]] for split in ("val", "train")}
+    numbers = [int(text.split()[1]) for text in got["val"]]
+    if select == "first":
+        assert numbers == [0, 1, 2, 3, 4, 5]
+    else:
+        assert numbers == [5, 15, 25, 35, 45, 55]
+        assert any(n < 20 for n in numbers) and any(n >= 40 for n in numbers)
+    assert got == expected_split(docs, 6, select or "spread")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["val_select"] == (select or "spread")
+    assert manifest["splits"]["val"]["documents"] == 6 and manifest["splits"]["train"]["documents"] == 54
+    assert manifest["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in got["val"])
+
+
+def test_val_select_counts_non_empty_documents(tmp_path, prepared):
+    """Empty documents are skipped before positions are counted, so they cannot shift the split."""
+    docs = numbered_documents(12)
+    src = tmp_path / "gaps.txt"
+    write_txt(src, [d for i, d in enumerate(docs) for d in ([d, ""] if i % 3 == 0 else [d])])
+    out = tmp_path / "out"
+    assert prepare_corpus.main(["--input", str(src), "--out", str(out), "--val-docs", "3",
+                                "--tokenizer", str(prepared["out"] / "tokenizer.model")]) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    val = [sp.decode(d[1:].tolist()) for d in read_documents(out)["val"][1]]
+    assert val == [docs[2], docs[6], docs[10]]
+
+
+def test_val_select_rejects_unknown_choice(tmp_path, error_inputs):
+    tmp, _ = error_inputs
+    result = run_cli(PREPARE, "--input", tmp / "three.jsonl", "--out", tmp_path / "o", "--val-select", "middle")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and "--val-select" in result.stderr and "middle" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_deterministic_across_processes(tmp_path, corpus_docs):
     src = tmp_path / "d.txt"
     write_txt(src, corpus_docs)
@@ -470,6 +559,7 @@ def test_deterministic_across_processes(tmp_path, corpus_docs):
         outs.append(out)
     names = sorted(os.listdir(outs[0]))
     assert names == sorted(os.listdir(outs[1])) and len(names) > 4
+    assert json.loads((outs[0] / "manifest.json").read_text())["parameters"]["val_select"] == "spread"
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 

@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""
+compare_logs.py: our training loss against parameter-golf's (or any other log's), per token trained on.
+
+  python tools/compare_logs.py OURS.txt PEER.txt --out parity.png
+      [--ours-tokens-per-step N] [--peer-tokens-per-step N] [--labels ours,parameter-golf] [--title TEXT]
+
+Both logs are read for their `step:N/M train_loss:X ...` lines (our train_gpt.py and parameter-golf's train_gpt.py both
+write them). A step is turned into tokens with the log's tokens per step: the flag if given, else what the log states
+(ours: `hparam train_batch_tokens=N`; parameter-golf: `train_batch_tokens:N train_seq_len:...`). The source code at the
+top of a log is skipped: our `#### file NAME bytes=N ...` blocks, and parameter-golf's script text before its first
+line of 100 `=`.
+
+Writes a PNG with two panels, both losses against tokens and their difference (ours minus peer, the peer interpolated
+linearly), and prints a table: the two losses at a quarter, half, three quarters and the end of the token range both
+logs cover, and the mean difference over the last 20% of that range.
+
+What a train-loss comparison can and cannot show: each logged value is the loss of one step's batch, so the two curves
+are comparable point by point only when both runs read the same documents in the same order (ours with DOC_SHUFFLE=0;
+parameter-golf always reads the shards in order). Ours does not score a document's last token against the next
+document's BOS and never attends across documents; parameter-golf does both, which shifts its train loss. The common
+evaluator (eval_ttt.py on both final models) is the comparison that counts; this plot shows where in training two runs
+part ways. Bad input: one line `error: <file>: <problem>`, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+STEP_LINE = re.compile(r"step:(\d+)/(\d+) train_loss:(\S+)")
+OUR_BATCH_LINE = re.compile(r"hparam train_batch_tokens=(\d+)")
+PEER_BATCH_LINE = re.compile(r"train_batch_tokens:(\d+)(?:\s|$)")
+EMBEDDED_HEADER = re.compile(rb"#### file (\S+) bytes=(\d+) sha256=[0-9a-f]{64}\n")
+PEER_CODE_END = "=" * 100  # parameter-golf prints its own source, then this line
+TABLE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+LAST_FRACTION = 0.2
+
+
+class LogError(Exception):
+    """Bad input: reported as `error: <path>: <problem>`."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class LossCurve:
+    label: str
+    steps: np.ndarray  # int, ascending, unique
+    losses: np.ndarray  # float
+    tokens_per_step: int
+    tokens_per_step_source: str  # "flag" or "log"
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.steps.astype(np.float64) * self.tokens_per_step
+
+
+def _skip_embedded_code(data: bytes, path) -> bytes:
+    """The log without our `#### file NAME bytes=N sha256=H` ... `#### end NAME` blocks at its top."""
+    pos = 0
+    while data.startswith(b"#### file ", pos):
+        m = EMBEDDED_HEADER.match(data, pos)
+        if not m:
+            raise LogError(path, f"malformed `#### file` header at byte {pos}")
+        name, size = m.group(1), int(m.group(2))
+        trailer = b"\n#### end " + name + b"\n"
+        end = m.end() + size
+        if not data.startswith(trailer, end):
+            raise LogError(path, f"embedded {name.decode(errors='replace')} is truncated (no `#### end` line after"
+                                 f" {size} bytes)")
+        pos = end + len(trailer)
+    return data[pos:]
+
+
+def read_curve(path: str | os.PathLike, label: str, tokens_per_step: int | None = None) -> LossCurve:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LogError(path, "no such file" if isinstance(e, FileNotFoundError) else f"cannot read: {e.strerror}")
+    lines = _skip_embedded_code(data, path).decode("utf-8", errors="replace").splitlines()
+    if PEER_CODE_END in lines:
+        lines = lines[lines.index(PEER_CODE_END) + 1:]
+    stated, losses = None, {}
+    for line in lines:
+        m = OUR_BATCH_LINE.fullmatch(line.strip()) or PEER_BATCH_LINE.match(line)
+        if m and stated is None:
+            stated = int(m.group(1))
+        m = STEP_LINE.match(line)
+        if m:
+            try:
+                value = float(m.group(3))
+            except ValueError:
+                raise LogError(path, f"train_loss {m.group(3)!r} on line `{line.strip()[:80]}` is not a number") from None
+            losses[int(m.group(1))] = value  # a resumed run may repeat steps: the last value counts
+    if not losses:
+        raise LogError(path, "no `step:N/M train_loss:X` lines")
+    if tokens_per_step is None:
+        if stated is None:
+            raise LogError(path, "the log does not say how many tokens a step trains on (no `hparam"
+                                 " train_batch_tokens=N` or `train_batch_tokens:N` line); give it with the flag")
+        tokens_per_step, source = stated, "log"
+    else:
+        source = "flag"
+    if tokens_per_step <= 0:
+        raise LogError(path, f"tokens per step must be positive, got {tokens_per_step}")
+    steps = np.array(sorted(losses), dtype=np.int64)
+    return LossCurve(label, steps, np.array([losses[s] for s in steps]), tokens_per_step, source)
+
+
+def common_range(a: LossCurve, b: LossCurve) -> tuple[float, float]:
+    lo, hi = max(a.tokens[0], b.tokens[0]), min(a.tokens[-1], b.tokens[-1])
+    if lo > hi:
+        raise ValueError(f"its tokens {b.tokens[0]:,.0f}..{b.tokens[-1]:,.0f} do not overlap with {a.label}'s"
+                         f" {a.tokens[0]:,.0f}..{a.tokens[-1]:,.0f}")
+    return lo, hi
+
+
+def at(curve: LossCurve, tokens) -> np.ndarray:
+    """The curve's loss at these token counts, linear between logged steps."""
+    return np.interp(tokens, curve.tokens, curve.losses)
+
+
+def difference(ours: LossCurve, peer: LossCurve) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, ours - peer) at every logged point of either curve inside the range both cover."""
+    lo, hi = common_range(ours, peer)
+    points = np.union1d(ours.tokens, peer.tokens)
+    points = points[(points >= lo) & (points <= hi)]
+    return points, at(ours, points) - at(peer, points)
+
+
+@dataclass
+class Summary:
+    rows: list[tuple[float, float, float]]  # (tokens, ours, peer)
+    last_from: float
+    last_to: float
+    last_points: int
+    last_mean_difference: float
+
+
+def summarize(ours: LossCurve, peer: LossCurve) -> Summary:
+    lo, hi = common_range(ours, peer)
+    marks = [lo + f * (hi - lo) for f in TABLE_FRACTIONS]
+    rows = [(t, float(at(ours, t)), float(at(peer, t))) for t in marks]
+    points, diff = difference(ours, peer)
+    start = hi - LAST_FRACTION * (hi - lo)
+    last = points >= start
+    return Summary(rows, start, hi, int(last.sum()), float(diff[last].mean()))
+
+
+def summary_text(ours: LossCurve, peer: LossCurve, summary: Summary) -> str:
+    width = max(len(ours.label), len(peer.label), 10)
+    lines = [f"{'tokens':>12}  {ours.label:>{width}}  {peer.label:>{width}}  {'difference':>10}"]
+    for tokens, a, b in summary.rows:
+        lines.append(f"{tokens:>12,.0f}  {a:>{width}.4f}  {b:>{width}.4f}  {a - b:>+10.4f}")
+    lines.append(f"mean difference ({ours.label} - {peer.label}) over the last {LAST_FRACTION:.0%} of the common"
+                 f" range (tokens {summary.last_from:,.0f}..{summary.last_to:,.0f}, {summary.last_points} points):"
+                 f" {summary.last_mean_difference:+.4f}")
+    for c in (ours, peer):
+        lines.append(f"{c.label}: {len(c.steps)} logged steps, {c.tokens_per_step:,} tokens per step"
+                     f" (from the {c.tokens_per_step_source})")
+    return "\n".join(lines)
+
+
+def plot(ours: LossCurve, peer: LossCurve, out: Path, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    scale, unit = (1e6, "M") if max(ours.tokens[-1], peer.tokens[-1]) >= 1e6 else (1e3, "k")
+    for i, c in enumerate((ours, peer)):
+        top.plot(c.tokens / scale, c.losses, "o-", ms=2.5, lw=1, color=f"C{i}", label=c.label)
+    points, diff = difference(ours, peer)
+    bottom.plot(points / scale, diff, "o-", ms=2.5, lw=1, color="C2")
+    lo, hi = common_range(ours, peer)
+    start = hi - LAST_FRACTION * (hi - lo)
+    last = points >= start
+    mean = float(diff[last].mean())
+    bottom.hlines(mean, start / scale, hi / scale, colors="C3", lw=2,
+                  label=f"mean over the last {LAST_FRACTION:.0%}: {mean:+.4f}")
+    bottom.axhline(0.0, color="0.5", lw=0.8)
+    top.set_ylabel("train loss (nats per token)")
+    bottom.set_ylabel(f"{ours.label} − {peer.label}")
+    bottom.set_xlabel(f"tokens trained on ({unit})")
+    # on a long run the first steps (loss ~7) would squash the rest of the curve; short logs are shown whole
+    finite = np.concatenate([c.losses[np.isfinite(c.losses)] for c in (ours, peer)])
+    if len(finite) >= 40:
+        low, high = finite.min(), np.quantile(finite, 0.95)
+        if high > low:
+            top.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"train loss per token: {ours.label} vs {peer.label}")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="compare_logs.py", description=__doc__.strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ours", help="our training log (logs/<RUN_ID>.txt)")
+    parser.add_argument("peer", help="the other log (parameter-golf's logs/<RUN_ID>.txt, or any log with"
+                                     " `step:N/M train_loss:X` lines)")
+    parser.add_argument("--out", required=True, help="output image (.png)")
+    parser.add_argument("--ours-tokens-per-step", type=int, help="default: the log's hparam train_batch_tokens")
+    parser.add_argument("--peer-tokens-per-step", type=int, help="default: the log's train_batch_tokens")
+    parser.add_argument("--labels", default="ours,parameter-golf", help="two comma-separated names")
+    parser.add_argument("--title")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",")
+    if len(labels) != 2 or not all(labels):
+        parser.error(f"--labels needs two comma-separated names, got {args.labels!r}")
+    try:
+        ours = read_curve(args.ours, labels[0], args.ours_tokens_per_step)
+        peer = read_curve(args.peer, labels[1], args.peer_tokens_per_step)
+        try:
+            common_range(ours, peer)
+        except ValueError as e:
+            raise LogError(args.peer, str(e)) from None
+        summary = summarize(ours, peer)
+        plot(ours, peer, Path(args.out), args.title)
+    except LogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary_text(ours, peer, summary))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
