@@ -9,12 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source tools/bootstrap.sh
 
-SAMPLE_DIR=data/datasets/peps_sp1024
+SAMPLE_DIR=data/datasets/peps_sp1024_spread
 FINEWEB_DIR=data/datasets/fineweb10B_sp1024
 prepare_sample() {
+  # The validation documents are spread over the corpus (--val-select spread, issue 9). data/datasets/peps_sp1024/
+  # holds the older split (the 60 oldest PEPs), on which the first cpu_5min record was scored.
   if [ ! -f "$SAMPLE_DIR/manifest.json" ]; then
     echo "run.sh: preparing the bundled sample into $SAMPLE_DIR (once)"
-    "$PYTHON" data/prepare_corpus.py --input data/sample/peps.jsonl.gz --out "$SAMPLE_DIR" --val-docs 60
+    "$PYTHON" data/prepare_corpus.py --input data/sample/peps.jsonl.gz --out "$SAMPLE_DIR" --val-docs 60 \
+      --val-select spread
   fi
 }
 
@@ -33,7 +36,7 @@ if [ "$gpus" -gt 0 ]; then
   fi
   # gradient accumulation makes up for fewer GPUs; the micro-batch count must be a multiple of the GPU count
   if [ $((8 % gpus)) -ne 0 ]; then export TRAIN_MICRO_BATCHES=${TRAIN_MICRO_BATCHES:-$gpus}; fi
-  exec torchrun --standalone --nproc_per_node="$gpus" train_gpt.py
+  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$gpus" train_gpt.py
 fi
 
 prepare_sample

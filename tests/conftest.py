@@ -18,7 +18,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
-SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024"
+SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024_spread"
 
 
 def prepare_sample() -> Path:
@@ -27,7 +27,8 @@ def prepare_sample() -> Path:
 
     if not (SAMPLE_DIR / "manifest.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "data" / "prepare_corpus.py"), "--input",
-                        str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "--out", str(SAMPLE_DIR), "--val-docs", "60"],
+                        str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "--out", str(SAMPLE_DIR), "--val-docs", "60",
+                        "--val-select", "spread"],
                        check=True, capture_output=True)
     return SAMPLE_DIR
 

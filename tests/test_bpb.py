@@ -51,9 +51,18 @@ def table_and_decoded_bytes(sp, tables, text):
 
 
 @pytest.fixture(scope="module")
+def val_and_train_docs(sample_docs) -> tuple[list[str], list[str]]:
+    """The sample's validation and training documents as prepare_corpus.py splits them (--val-select spread)."""
+    positions = set(prepare_corpus.validation_positions(len(sample_docs), VAL_DOCS, "spread"))
+    return ([d for i, d in enumerate(sample_docs) if i in positions],
+            [d for i, d in enumerate(sample_docs) if i not in positions])
+
+
+@pytest.fixture(scope="module")
 def prepared_sample(sample_data):
     """The sample as run.sh prepares it (tests/conftest.py runs `prepare_corpus.py --input data/sample/peps.jsonl.gz
-    --out data/datasets/peps_sp1024 --val-docs 60` once): tokenizer trained on the 641 other documents."""
+    --out data/datasets/peps_sp1024_spread --val-docs 60 --val-select spread` once): tokenizer trained on the 641
+    other documents."""
     sp = spm.SentencePieceProcessor(model_file=str(sample_data / "tokenizer.model"))
     manifest = json.loads((sample_data / "manifest.json").read_text(encoding="utf-8"))
     return sample_data, sp, manifest
@@ -64,7 +73,7 @@ def lossless_sp(prepared_sample):
     return prepared_sample[1]
 
 
-def test_sample_validation_documents_bytes(sample_docs, prepared_sample):
+def test_sample_validation_documents_bytes(val_and_train_docs, prepared_sample):
     """Every validation document, read back from the shards: table bytes == decoded bytes == raw UTF-8 bytes."""
     data_path, sp, manifest = prepared_sample
     assert manifest["tokenizer"]["training"]["normalization_rule_name"] == "identity"
@@ -73,7 +82,8 @@ def test_sample_validation_documents_bytes(sample_docs, prepared_sample):
     stream = train_gpt.TokenStream(train_gpt.split_pattern(str(data_path), "val"), 1024)
     assert stream.num_docs == VAL_DOCS
     total = non_ascii = 0
-    for i, doc in enumerate(sample_docs[:VAL_DOCS]):
+    assert manifest["parameters"]["val_select"] == "spread"
+    for i, doc in enumerate(val_and_train_docs[0]):
         ids = stream.document(i)
         table_bytes = train_gpt.document_bytes(tables, ids)
         decoded = sp.decode(ids.tolist())
@@ -86,13 +96,13 @@ def test_sample_validation_documents_bytes(sample_docs, prepared_sample):
     assert total == manifest["splits"]["val"]["bytes"] == manifest["splits"]["val"]["decoded_bytes"]
 
 
-def test_sample_tokenizer_is_the_one_prepare_corpus_trains(sample_docs, prepared_sample):
-    """The prepared sample is current and reproducible: training again on documents 60.. with the settings its
-    manifest records gives the same model file, byte for byte."""
+def test_sample_tokenizer_is_the_one_prepare_corpus_trains(val_and_train_docs, prepared_sample):
+    """The prepared sample is current and reproducible: training again on its training documents with the settings
+    its manifest records gives the same model file, byte for byte."""
     _, sp, manifest = prepared_sample
     settings = manifest["tokenizer"]["training"]
     assert settings == prepare_corpus.trainer_settings(settings["vocab_size"], settings["character_coverage"])
-    model = prepare_corpus.train_tokenizer(iter(sample_docs[VAL_DOCS:]), settings, str(SAMPLE))
+    model = prepare_corpus.train_tokenizer(iter(val_and_train_docs[1]), settings, str(SAMPLE))
     assert hashlib.sha256(model).hexdigest() == manifest["tokenizer"]["sha256"]
 
 

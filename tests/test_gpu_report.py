@@ -275,7 +275,7 @@ def test_report_rows_and_missing_parts(tmp_path, pytest_output):
 
     fa3 = rows["train step, default model, ATTN_BACKEND=fa3 FUSED=0 COMPILE=0"]
     assert "| not available (does not load on cpu, CUDA-only) |" in fa3
-    assert "`python tools/bench_train.py --data data/datasets/peps_sp1024 --steps 20 --env WARMUP_STEPS=5 " \
+    assert "`python tools/bench_train.py --data data/datasets/peps_sp1024_spread --steps 20 --env WARMUP_STEPS=5 " \
            "--backends fa3 --configs 'FUSED=0 COMPILE=0'`" in fa3
     reference = rows["train step, default model, ATTN_BACKEND=reference FUSED=0 COMPILE=0"]
     assert "328.6 ms/step, 0.006M tokens/s, peak 546 MiB, fused: none, compile: 0 recompiles, 0 graph breaks" in \

@@ -102,7 +102,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--data", default=str(ROOT / "data" / "datasets" / "peps_sp1024"))
+    parser.add_argument("--data", default=str(ROOT / "data" / "datasets" / "peps_sp1024_spread"))
     parser.add_argument("--backends", default=None,
                         help="comma-separated ATTN_BACKEND values (default: every backend of train_gpt.py)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,

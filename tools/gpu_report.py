@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FINEWEB_DIR = ROOT / "data" / "datasets" / "fineweb10B_sp1024"
 FINEWEB_TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
-SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024"  # where run.sh prepares the sample too
+SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024_spread"  # where run.sh prepares the sample too
 SAMPLE_INPUT = ROOT / "data" / "sample" / "peps.jsonl.gz"
 
 FULL_BUDGET_S = 20 * 60
@@ -125,7 +125,7 @@ def build_plan(quick: bool, data: DataChoice, raw_dir: Path, run_id: str, extra_
              condition=f"only if one of {', '.join(NEEDED_MODULES)} cannot be imported"),
         Part("02_data", "data: prepare the bundled sample",
              [python, "data/prepare_corpus.py", "--input", str(SAMPLE_INPUT), "--out", str(data.path),
-              "--val-docs", "60"], 90, condition="only if the data is not there yet"),
+              "--val-docs", "60", "--val-select", "spread"], 90, condition="only if the data is not there yet"),
         Part("03_cuda_tests", "CUDA tests (`-m cuda`)", [python, "-m", "pytest", "tests", "-m", "cuda", *PYTEST_ARGS],
              100, kind="pytest", needs=TEST_NEEDS),
     ]
