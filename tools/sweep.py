@@ -187,11 +187,7 @@ def plot_sweep(out_dir: str, rows: list[dict]) -> None:
     ax.set_xlabel("evaluation time (s)")
     ax.set_ylabel("bits per byte")
     ax.set_title("BPB against evaluation time")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(_tmp_png(out_dir, "bpb_vs_time.png"))
-    plt.close(fig)
-    os.replace(_tmp_png(out_dir, "bpb_vs_time.png"), os.path.join(out_dir, "bpb_vs_time.png"))
+    save_figure(fig, ax, out_dir, "bpb_vs_time.png")
 
     ttt = [r for r in points if r["mode"] == "ttt"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -211,11 +207,18 @@ def plot_sweep(out_dir: str, rows: list[dict]) -> None:
     ax.set_xlabel("TTT chunk size (tokens)")
     ax.set_ylabel("bits per byte")
     ax.set_title("BPB against TTT chunk size")
+    save_figure(fig, ax, out_dir, "bpb_vs_chunk.png")
+
+
+def save_figure(fig, ax, out_dir: str, name: str) -> None:
+    """Legend, layout, and an atomic write of out_dir/name (a half-written PNG never carries the real name)."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(_tmp_png(out_dir, "bpb_vs_chunk.png"))
+    fig.savefig(_tmp_png(out_dir, name))
     plt.close(fig)
-    os.replace(_tmp_png(out_dir, "bpb_vs_chunk.png"), os.path.join(out_dir, "bpb_vs_chunk.png"))
+    os.replace(_tmp_png(out_dir, name), os.path.join(out_dir, name))
 
 
 def _tmp_png(out_dir: str, name: str) -> str:
