@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """
-record.py: package, verify and rank speedrun records. Standard library only (no torch needed to check a record).
+record.py: package, verify and rank speedrun records. Standard library only (no torch needed to check a record),
+but for the dataset fingerprint, which uses tools/audit.py when the record's dataset is on the machine.
 
 A record is a folder records/<track>/<YYYY-MM-DD>_<Name>/ holding README.md, submission.json, the exact code that
 produced it (train_gpt.py, kernels/*.py, eval_ttt.py: copied out of the training logs, which embed it byte for byte),
@@ -21,6 +22,9 @@ verify checks, for each record (a folder with submission.json; a PATH that is no
               MAX_WALLCLOCK_SECONDS <= budget may overrun by one average step: the cap is checked after each step;
               evaluation time is not counted); hardware: the GPU model in the `gpus:` line and world_size <= the
               track's GPUs, or no GPU for a cpu track
+  dataset     when a log's DATA_PATH (relative to the repository) is on this machine, tools/audit.py's fingerprint of
+              it equals the log's: tokenizer sha256, val_data documents/tokens/bytes, number of train shards (this
+              check imports numpy, sentencepiece and torch; without them it is skipped with a warning)
   statistics  one-sided Welch t-test of the seeds' final val_loss against the previous record of the track (the best
               record dated strictly earlier, by mean val_loss, among records/<track>/*/ with "record": true):
               H0: new_mean >= prev_mean - margin. A submission that claims "record": true fails when p >= alpha
@@ -122,6 +126,7 @@ class TrainLog:
     fused_ops: str = ""
     tokenizer_sha256: str = ""
     val_data: dict[str, int] = field(default_factory=dict)
+    train_data: dict[str, int] = field(default_factory=dict)
     run: dict[str, int] = field(default_factory=dict)  # model_params, world_size, grad_accum, micro_batch_tokens
     train_steps: list[dict] = field(default_factory=list)
     val_steps: list[dict] = field(default_factory=list)
@@ -231,6 +236,8 @@ def parse_log(path: str | os.PathLike) -> TrainLog:
             log.tokenizer_sha256 = m.group(1) if m else ""
         elif line.startswith("val_data: "):
             log.val_data = {k: int(v) for k, v in _KV.findall(line) if v.isdigit()}
+        elif line.startswith("train_data: "):
+            log.train_data = {k: int(v) for k, v in _KV.findall(line) if v.isdigit()}
         elif line.startswith("model_params:"):
             log.run = {k: int(v) for k, v in _KV.findall(line) if v.isdigit()}
         elif line.startswith("checkpoint: ") and "(resumable" not in line:
@@ -657,6 +664,30 @@ def significance(sub: dict, folder: Path, margin: float, alpha: float) -> tuple[
     return f"{desc} ({verdict}; not claimed as a record)", None
 
 
+def dataset_fingerprint(logs: list[TrainLog], fail) -> list[str]:
+    """tools/audit.py's fingerprint checks of each log's dataset (DATA_PATH relative to the repository, where records'
+    runs start), when it is on this machine: tokenizer sha256, val_data documents/tokens/bytes, train shards. They
+    need numpy, sentencepiece and torch (train_gpt.py's reader and byte tables); without them they are skipped with a
+    warning. Returns the datasets checked."""
+    tools = str(Path(__file__).resolve().parent)
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    checked, cache = [], {}
+    try:
+        from audit import record_fingerprint_problems
+
+        for lg in logs:
+            problems, data = record_fingerprint_problems(lg.hparams, lg.tokenizer_sha256, lg.val_data, lg.train_data,
+                                                         REPO, cache)
+            for p in problems:
+                fail(lg.name, p)
+            if data is not None and data not in checked:
+                checked.append(data)
+    except ImportError as e:
+        warn(f"dataset fingerprints not checked ({e})")
+    return checked
+
+
 def verify_record(folder: Path, margin: float = DEFAULT_MARGIN, alpha: float = DEFAULT_ALPHA) -> tuple[list[str], str]:
     """(failure lines, each naming a file; a one-line summary)."""
     failures: list[str] = []
@@ -710,6 +741,7 @@ def verify_record(folder: Path, margin: float = DEFAULT_MARGIN, alpha: float = D
             fail(lg.name, f"the log's seed is {lg.seed}, not the {m.group(1)} of its name")
     for lg, problem in log_set_problems(logs, track):
         fail(lg.name, problem)
+    checked = dataset_fingerprint(logs, fail)
 
     # (a) code: every file in the folder equals the code embedded in each log, and nothing embedded is missing
     code = folder_code_files(folder)
@@ -778,7 +810,8 @@ def verify_record(folder: Path, margin: float = DEFAULT_MARGIN, alpha: float = D
         desc, problem = significance(sub, folder, margin, alpha)
         if problem:
             fail("submission.json", problem)
-        summary = (f"{len(values)} seeds, val_bpb {mean:.5f} ± {std if std is not None else 0:.5f}; {desc}")
+        summary = (f"{len(values)} seeds, val_bpb {mean:.5f} ± {std if std is not None else 0:.5f}; {desc}; "
+                   + (f"dataset {', '.join(checked)} matches the logs" if checked else "dataset not on this machine"))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         fail("submission.json", f"seeds unreadable for the statistics ({type(e).__name__})")
     return failures, summary
