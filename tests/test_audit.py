@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import audit  # noqa: E402
 import record  # noqa: E402
+import record_check  # noqa: E402
+import run_log  # noqa: E402
 import train_gpt  # noqa: E402
 from data import prepare_corpus, shards  # noqa: E402
 
@@ -592,7 +594,7 @@ def retarget_log(src: Path, dest: Path, data: Path, fp: dict, **override) -> Pat
 
 @pytest.mark.skipif(not (FIXTURE_LOGS / "tiny_seed1.txt").is_file(), reason="no fixture logs")
 def test_record_verify_checks_the_dataset_fingerprint(clean, tmp_path, capsys):
-    hp = record.parse_log(FIXTURE_LOGS / "tiny_seed1.txt").hparams
+    hp = run_log.parse_log(FIXTURE_LOGS / "tiny_seed1.txt").hparams
     fp = audit.fingerprint(str(clean), str(clean / "tokenizer.model"), int(hp["vocab_size"]), int(hp["val_max_docs"]))
     assert fp["val_documents"] == int(hp["val_max_docs"]) and fp["train_shards"] == len(list(clean.glob("*_train_*")))
     logs = [retarget_log(FIXTURE_LOGS / f"tiny_seed{s}.txt", tmp_path / f"tiny_seed{s}.txt", clean, fp)
@@ -600,14 +602,14 @@ def test_record_verify_checks_the_dataset_fingerprint(clean, tmp_path, capsys):
     assert record.main(["new", "--name", "Fp", "--track", "cpu_5min", "--date", "2026-11-23", "--records-dir",
                         str(tmp_path / "records"), *map(str, logs)]) == 0
     folder = tmp_path / "records" / "cpu_5min" / "2026-11-23_Fp"
-    failures, summary = record.verify_record(folder)
+    failures, summary = record_check.verify_record(folder)
     assert failures == [] and f"dataset {clean} matches the logs" in summary
     # a log that disagrees with the dataset: every seed's log says so (the logs must agree with each other)
     for key, value in (("val_bytes", fp["val_bytes"] + 1), ("train_shards", fp["train_shards"] + 1),
                        ("tokenizer_sha256", "0" * 64)):
         for s in (1, 2, 3):
             retarget_log(FIXTURE_LOGS / f"tiny_seed{s}.txt", folder / f"train_seed{s}.log", clean, fp, **{key: value})
-        failures, _ = record.verify_record(folder)
+        failures, _ = record_check.verify_record(folder)
         fp_failures = [f for f in failures if "dataset fingerprint" in f]
         assert len(fp_failures) == 3, failures
         word = {"val_bytes": "val_data bytes:", "train_shards": "train_data shards:",
@@ -619,5 +621,5 @@ def test_record_verify_checks_the_dataset_fingerprint(clean, tmp_path, capsys):
     for s in (1, 2, 3):
         retarget_log(FIXTURE_LOGS / f"tiny_seed{s}.txt", folder / f"train_seed{s}.log", clean_copy, fp)
     shutil.move(str(clean_copy), str(moved))
-    failures, summary = record.verify_record(folder)
+    failures, summary = record_check.verify_record(folder)
     assert failures == [] and "dataset not on this machine" in summary

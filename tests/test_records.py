@@ -12,7 +12,9 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,12 +22,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import scipy.stats
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import plot  # noqa: E402
 from conftest import prepare_sample  # noqa: E402
 import record  # noqa: E402
+import record_check  # noqa: E402
+import run_log  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "record_logs"
 SEEDS = (1, 2, 3)
@@ -102,7 +107,7 @@ def copy_of(made, tmp_path):
 
 
 def failures_of(folder: Path) -> list[str]:
-    failures, _ = record.verify_record(folder)
+    failures, _ = record_check.verify_record(folder)
     return failures
 
 
@@ -137,19 +142,34 @@ def test_verify_passes(which, made, capsys):
 
 def test_new_output_layout(made, logs):
     names = sorted(p.relative_to(made).as_posix() for p in made.rglob("*") if p.is_file())
-    parsed = record.parse_log(logs[0])
+    parsed = run_log.parse_log(logs[0])
     assert set(names) == {"README.md", "submission.json", *parsed.code, *(f"train_seed{s}.log" for s in SEEDS)}
     for name, data in parsed.code.items():  # the code comes from the logs, byte for byte
         assert (made / name).read_bytes() == data
     sub = json.loads((made / "submission.json").read_text())
     assert [s["seed"] for s in sub["seeds"]] == list(SEEDS)
-    finals = [record.parse_log(p).final for p in logs]
+    finals = [run_log.parse_log(p).final for p in logs]
     assert [s["val_bpb"] for s in sub["seeds"]] == [f["val_bpb"] for f in finals]
     assert sub["val_bpb"]["mean"] == pytest.approx(sum(f["val_bpb"] for f in finals) / 3, rel=1e-12)
     assert sub["hardware"]["gpus"].startswith("none") and sub["versions"]["torch"]
     assert sub["evaluation"] == {**sub["evaluation"], "mode": "strided", "window": 128, "stride": 64}
     readme = (made / "README.md").read_text()
     assert f"{sub['val_bpb']['mean']:.5f}" in readme and "MODEL_DIM=32" in readme and "python train_gpt.py" in readme
+
+
+def test_reproduce_command_replays_exactly_the_overrides(logs, tmp_path):
+    lg = run_log.parse_log(logs[0])
+    words = shlex.split(record.reproduce_command(lg))
+    assert words[:3] == [f"DATA_PATH={lg.hparams['data_path']}", "SEED=<seed>", "RUN_ID=seed<seed>"]
+    assert words[-2:] == ["python", "train_gpt.py"]
+    given = {k: v for k, v in TINY_ENV.items() if k != "OMP_NUM_THREADS"}  # the one variable that is not a hyperparameter
+    assert dict(w.split("=", 1) for w in words[3:-2]) == given
+    # a log from before the env_overrides: line: every hyperparameter, spelled out
+    old = tmp_path / "old.txt"
+    old.write_bytes(b"".join(line for line in logs[0].read_bytes().splitlines(keepends=True)
+                             if not line.startswith(b"env_overrides:")))
+    old_words = shlex.split(record.reproduce_command(run_log.parse_log(old)))
+    assert len(old_words) - 5 == len(lg.hparams) - len(record_check.PER_RUN_HPARAMS) and "MODEL_DIM=32" in old_words
 
 
 @pytest.mark.slow
@@ -289,7 +309,7 @@ def test_new_refuses_bad_log_sets(logs, tmp_path, capsys):
     assert code == 1 and "seed 1 used twice" in err
     other = tmp_path / "other.txt"
     data = logs[1].read_bytes()
-    other.write_bytes(set_embedded(data, "train_gpt.py", record.parse_log(logs[1]).code["train_gpt.py"] + b"# x\n"))
+    other.write_bytes(set_embedded(data, "train_gpt.py", run_log.parse_log(logs[1]).code["train_gpt.py"] + b"# x\n"))
     code, _, err = run_cli(capsys, "new", "--name", "X", "--track", TRACK, "--records-dir", tmp_path, logs[0], other)
     assert code == 1 and f"{other}: embeds different code than" in err and "train_gpt.py" in err
     other.write_bytes(re.sub(rb"\nhparam matrix_lr=[^\n]*", b"\nhparam matrix_lr=0.05", data))
@@ -305,90 +325,68 @@ def test_new_refuses_bad_log_sets(logs, tmp_path, capsys):
 
 
 def test_tracks():
-    assert record.get_track("8xh100_10min").budget_seconds == 600
-    assert record.get_track("cpu_5min").budget_seconds == 300 and record.get_track("cpu_5min").gpus == 0
-    unknown = record.get_track("4xa100_20min")
+    assert record_check.get_track("8xh100_10min").budget_seconds == 600
+    assert record_check.get_track("cpu_5min").budget_seconds == 300 and record_check.get_track("cpu_5min").gpus == 0
+    unknown = record_check.get_track("4xa100_20min")
     assert (unknown.budget_seconds, unknown.gpus, unknown.gpu_model, unknown.known) == (1200, 4, "A100", False)
     for bad in ("gpu", "8xh100", "8xh100_0min", "cpu-5min"):
-        with pytest.raises(record.RecordError):
-            record.get_track(bad)
+        with pytest.raises(record_check.RecordError):
+            record_check.get_track(bad)
 
 
 def test_budget_and_hardware(logs):
-    lg = record.parse_log(logs[0])
-    cpu = record.get_track("cpu_5min")
-    assert record.track_problems(lg, cpu) == []
+    lg = run_log.parse_log(logs[0])
+    cpu = record_check.get_track("cpu_5min")
+    assert record_check.track_problems(lg, cpu) == []
     steps = lg.final["steps"]
     lg.final["train_time"] = 300_000 + 0.5 * 300_000 / steps  # stopped by its own 300 s cap: one step of overrun is ok
-    assert record.track_problems(lg, cpu) == []
+    assert record_check.track_problems(lg, cpu) == []
     lg.final["train_time"] = 400_000
-    assert "exceeds the cpu_5min budget of 300s" in record.track_problems(lg, cpu)[0]
+    assert "exceeds the cpu_5min budget of 300s" in record_check.track_problems(lg, cpu)[0]
     lg.final["train_time"] = 300_001
     lg.hparams["max_wallclock_seconds"] = "0.0"  # no cap: no allowance
-    assert "exceeds" in record.track_problems(lg, cpu)[0]
+    assert "exceeds" in record_check.track_problems(lg, cpu)[0]
     lg.final["train_time"] = 1000
     lg.gpus, lg.run["world_size"] = "8 x NVIDIA H100 80GB HBM3", 8
-    assert record.track_problems(lg, record.get_track("8xh100_10min")) == []
-    assert "CPU track" in record.track_problems(lg, cpu)[0]
-    assert "world_size 8 exceeds" in record.track_problems(lg, record.get_track("1xh100_10min"))[0]
+    assert record_check.track_problems(lg, record_check.get_track("8xh100_10min")) == []
+    assert "CPU track" in record_check.track_problems(lg, cpu)[0]
+    assert "world_size 8 exceeds" in record_check.track_problems(lg, record_check.get_track("1xh100_10min"))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Statistics: Student-t tail, Welch t-test, significance against the previous record
 
 
-@pytest.mark.parametrize("t, dof, p", [
-    (2.015, 5, 0.05), (3.365, 5, 0.01), (1.476, 5, 0.10), (4.032, 5, 0.005),
-    (1.812, 10, 0.05), (2.764, 10, 0.01), (2.920, 2, 0.05), (6.965, 2, 0.01),
-    (1.697, 30, 0.05), (2.457, 30, 0.01), (12.706, 1, 0.025), (1.645, 1e6, 0.05), (2.326, 1e6, 0.01),
-])
-def test_student_t_table(t, dof, p):
-    # table values have 3-4 significant digits
-    assert record.student_t_sf(t, dof) == pytest.approx(p, rel=2e-3)
-    assert record.student_t_sf(-t, dof) == pytest.approx(1 - p, rel=1e-3)
-
-
-def test_student_t_closed_forms():
-    for t in (-3.0, -0.5, 0.0, 0.3, 1.0, 2.5, 40.0):
-        cauchy = 0.5 - math.atan(t) / math.pi  # dof 1
-        dof2 = 0.5 - t / (2 * math.sqrt(t * t + 2))  # dof 2
-        assert record.student_t_sf(t, 1) == pytest.approx(cauchy, rel=1e-12, abs=1e-15)
-        assert record.student_t_sf(t, 2) == pytest.approx(dof2, rel=1e-12, abs=1e-15)
-    for x in (0.0, 0.1, 0.5, 0.93, 1.0):
-        assert record.regularized_incomplete_beta(1, 1, x) == pytest.approx(x, abs=1e-14)
-        assert record.regularized_incomplete_beta(3.5, 1, x) == pytest.approx(x ** 3.5, abs=1e-14)
-    assert record.regularized_incomplete_beta(7.25, 7.25, 0.5) == pytest.approx(0.5, abs=1e-14)
-
-
-def t_sf_by_quadrature(t: float, dof: float) -> float:
-    """P(T > t) by Simpson's rule on the density over [0, t] (an independent check of the continued fraction)."""
-    log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
-    n = 20_000
-    h = t / n
-    def density(x):
-        return math.exp(log_c - (dof + 1) / 2 * math.log1p(x * x / dof))
-
-    total = sum((1 if i in (0, n) else 4 if i % 2 else 2) * density(i * h) for i in range(n + 1))
-    return 0.5 - total * h / 3
+@pytest.mark.parametrize("seed", range(6))
+def test_welch_agrees_with_scipy(seed):
+    """Our one-sided Welch test is scipy's two-sample Welch t-test, shifted by the margin and one-sided."""
+    rng = random.Random(seed)
+    new = [rng.gauss(3.0, 0.01) for _ in range(rng.randint(2, 6))]
+    prev = [rng.gauss(3.01, 0.02) for _ in range(rng.randint(2, 6))]
+    margin = 0.005
+    ours = record_check.welch_test(new, prev, margin)
+    theirs = scipy.stats.ttest_ind([p - margin for p in prev], new, equal_var=False, alternative="greater")
+    assert ours.t == pytest.approx(theirs.statistic, rel=1e-9)
+    assert ours.p == pytest.approx(theirs.pvalue, rel=1e-9)
 
 
 def test_welch_hand_computed():
     new = [3.00, 3.01, 3.02]  # mean 3.01, variance 1e-4
     prev = [3.05, 3.07, 3.09]  # mean 3.07, variance 4e-4
-    result = record.welch_test(new, prev, margin=0.005)
+    result = record_check.welch_test(new, prev, margin=0.005)
     # t = (3.07 - 0.005 - 3.01) / sqrt(1e-4/3 + 4e-4/3); dof = (5e-4/3)^2 / ((1e-4/3)^2/2 + (4e-4/3)^2/2) = 50/17
     assert result.t == pytest.approx(0.055 / math.sqrt(5e-4 / 3), rel=1e-9)
     assert result.dof == pytest.approx(50 / 17, rel=1e-9)
-    assert result.p == pytest.approx(t_sf_by_quadrature(result.t, result.dof), rel=1e-6)
+    assert result.p == pytest.approx(scipy.stats.t.sf(result.t, result.dof), rel=1e-12)
     assert 0.01 < result.p < 0.02
     # equal samples: t = margin / se, p > 0.5 is impossible only when the margin is 0
-    same = record.welch_test(new, new, margin=0.0)
+    same = record_check.welch_test(new, new, margin=0.0)
     assert same.t == 0 and same.p == pytest.approx(0.5)
     # one value per sample and no spread: the sign decides
-    assert record.welch_test([1.0], [2.0], 0.005).p == 0.0
-    assert record.welch_test([2.0], [2.0], 0.005).p == 1.0
+    assert record_check.welch_test([1.0], [2.0], 0.005).p == 0.0
+    assert record_check.welch_test([2.0], [2.0], 0.005).p == 1.0
     # a previous record of a single seed contributes no variance and no degrees of freedom
-    single = record.welch_test(new, [3.07], 0.005)
+    single = record_check.welch_test(new, [3.07], 0.005)
     assert single.dof == pytest.approx(2) and single.t == pytest.approx(0.055 / math.sqrt(1e-4 / 3))
 
 
@@ -417,7 +415,7 @@ def test_significance_against_previous_record(logs, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "verify", same)
     assert code == 0 and "significant at alpha=0.01" in out
     # only earlier records count: the previous record itself has nothing before it
-    assert record.significance(psub, prev, 0.005, 0.01) == (
+    assert record_check.significance(psub, prev, 0.005, 0.01) == (
         "first record of its track: no previous record to test against", None)
 
 
@@ -437,7 +435,7 @@ def eval_results(code_sha256: str, tokenizer_sha256: str) -> dict:
 
 
 def test_eval_results(logs, tmp_path, capsys):
-    parsed = record.parse_log(logs[0])
+    parsed = run_log.parse_log(logs[0])
     eval_code = parsed.code.get("eval_ttt.py")
     results_path = FIXTURES / "eval_seed1.json"  # real: eval_ttt.py's TTT on the checkpoint of tiny_seed1
     if eval_code is None or logs[0].parent != FIXTURES or not results_path.is_file():
@@ -452,7 +450,7 @@ def test_eval_results(logs, tmp_path, capsys):
         results_path.write_text(json.dumps(eval_results(hashlib.sha256(eval_code).hexdigest(),
                                                         parsed.tokenizer_sha256)))
     results = json.loads(results_path.read_text())
-    assert record.eval_problems(results) == []
+    assert record_check.eval_problems(results) == []
     folder = new_record(capsys, tmp_path / "records", logs, "Ttt", "2026-11-22", "--eval", results_path)
     assert (folder / "eval_ttt.py").read_bytes() == eval_code
     sub = json.loads((folder / "submission.json").read_text())
@@ -463,18 +461,18 @@ def test_eval_results(logs, tmp_path, capsys):
 
     # a wrong bpb in the results JSON: named, and submission.json no longer agrees with it
     bad = dict(results, bpb=results["bpb"] * (1 + 1e-6))
-    (folder / record.EVAL_FILE).write_text(json.dumps(bad))
+    (folder / record_check.EVAL_FILE).write_text(json.dumps(bad))
     failures = "\n".join(failures_of(folder))
-    assert f"{record.EVAL_FILE}: bpb" in failures and "recomputed from `docs`" in failures
+    assert f"{record_check.EVAL_FILE}: bpb" in failures and "recomputed from `docs`" in failures
     assert "submission.json: eval_results.bpb" in failures
     # totals
     nbytes = results["bytes"]
     expected = [f"bytes {nbytes - 1} != sum of docs' bytes {nbytes}"]
-    assert record.eval_problems(dict(results, bytes=nbytes - 1)) == expected
-    assert "loss" in record.eval_problems(dict(results, loss=results["loss"] * 1.01))[0]
+    assert record_check.eval_problems(dict(results, bytes=nbytes - 1)) == expected
+    assert "loss" in record_check.eval_problems(dict(results, loss=results["loss"] * 1.01))[0]
     synthetic = eval_results("0" * 64, "0" * 64)
-    assert record.eval_problems(synthetic) == []
-    assert record.eval_problems(dict(synthetic, tokens=141)) == ["tokens 141 != sum of docs' tokens 140"]
+    assert record_check.eval_problems(synthetic) == []
+    assert record_check.eval_problems(dict(synthetic, tokens=141)) == ["tokens 141 != sum of docs' tokens 140"]
 
     # results of other code are refused by `new`
     other = tmp_path / "other.json"

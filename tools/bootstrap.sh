@@ -8,7 +8,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 missing=()
 for pair in numpy:numpy sentencepiece:sentencepiece triton:triton huggingface_hub:huggingface_hub \
-            matplotlib:matplotlib tqdm:tqdm pytest:pytest; do
+            matplotlib:matplotlib tqdm:tqdm pytest:pytest scipy:scipy; do
   module=${pair%%:*}
   package=${pair##*:}
   "$PYTHON" -c "import $module" 2>/dev/null || missing+=("$package")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import parse_log  # noqa: E402
+from run_log import parse_log  # noqa: E402
 
 
 def curves(path: Path) -> tuple[str, list[float], list[float], list[float]]:
