@@ -48,12 +48,13 @@ def generate_logs(dest: Path, with_eval: bool = False) -> list[Path]:
     dest/tiny_seed<N>.txt (and, with_eval, the results of eval_ttt.py's TTT on seed 1's checkpoint to
     dest/eval_seed1.json)."""
     dest.mkdir(parents=True, exist_ok=True)
-    data_path = str(prepare_sample())
+    data_path = os.path.relpath(prepare_sample(), REPO)  # as run.sh names it, so any clone finds its own copy
     out = []
     with tempfile.TemporaryDirectory() as work:
         for seed in SEEDS:
-            env = {**os.environ, **TINY_ENV, "DATA_PATH": data_path, "RUN_ID": f"tiny_seed{seed}", "SEED": str(seed)}
-            subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=work, env=env, check=True,
+            env = {**os.environ, **TINY_ENV, "DATA_PATH": data_path, "RUN_ID": f"tiny_seed{seed}", "SEED": str(seed),
+                   "LOG_DIR": str(Path(work, "logs")), "CHECKPOINT_DIR": str(Path(work, "checkpoints"))}
+            subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=REPO, env=env, check=True,
                            stdout=subprocess.DEVNULL)
             out.append(dest / f"tiny_seed{seed}.txt")
             shutil.copyfile(Path(work, "logs", f"tiny_seed{seed}.txt"), out[-1])
