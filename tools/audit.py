@@ -496,26 +496,18 @@ class ConventionTables:
         return self.base_bytes[ids] + (self.leading_space[ids] & ~self.is_boundary[prev_ids])
 
 
-def convention_tables(sp, size: int) -> ConventionTables:
+def convention_tables(sp, exact) -> ConventionTables:
     """The lookup tables of the convention many BPB scripts copy: a piece's UTF-8 length without its leading "▁"
     (any other "▁" counted as its 3 UTF-8 bytes), one space byte for the leading "▁" unless the previous token is a
-    boundary (control, unknown, unused); byte-fallback pieces one byte."""
-    base = np.zeros(size, dtype=np.int64)
-    space = np.zeros(size, dtype=bool)
-    boundary = np.ones(size, dtype=bool)
-    for token in range(sp.vocab_size()):
-        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
-            continue
-        boundary[token] = False
-        if sp.is_byte(token):
-            base[token] = 1
-            continue
-        piece = sp.id_to_piece(token)
-        if piece.startswith("\u2581"):
-            space[token] = True
-            piece = piece[1:]
-        base[token] = len(piece.encode("utf-8"))
-    return ConventionTables(base, space, boundary)
+    boundary (control, unknown, unused); byte-fallback pieces one byte. Built from the project's exact tables
+    (train_gpt.build_byte_tables), of which it differs in exactly those two rules: an inner "▁" is 1 byte there (it decodes to a space), and the
+    leading space is dropped after a boundary only for tokenizers whose decoder strips it."""
+    base = exact.base_bytes.copy()
+    for token in np.flatnonzero(~exact.is_boundary):
+        if not sp.is_byte(int(token)):
+            piece = sp.id_to_piece(int(token))
+            base[token] += 2 * piece[1 if exact.leading_space[token] else 0:].count("\u2581")  # 3 bytes, not 1
+    return ConventionTables(base, exact.leading_space, exact.is_boundary)
 
 
 def doc_sums(tables, tokens: np.ndarray, starts: np.ndarray, bos: int) -> np.ndarray:
@@ -792,7 +784,7 @@ class Auditor:
         self.manifest, self.manifest_path, self.manifest_problem = read_manifest(a.data_dir)
         # exact tables (the project's), sized to every uint16 id: ids past the tokenizer count 0 bytes
         self.tables = train_gpt.build_byte_tables(self.sp, 1 << 16)
-        self.convention = convention_tables(self.sp, 1 << 16)
+        self.convention = convention_tables(self.sp, self.tables)
 
     # -- passes --------------------------------------------------------------------------------------------------------
 
