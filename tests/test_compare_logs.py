@@ -44,16 +44,23 @@ def test_reads_parameter_golf_log():
     assert compare_logs.read_curve(PEER, "peer", tokens_per_step=2048).tokens[-1] == 8 * 2048
 
 
+def our_log_lines() -> bytes:
+    """The fixture's lines after its embedded code."""
+    return OURS.read_bytes().rsplit(b"\n#### end ", 1)[1].split(b"\n", 1)[1]
+
+
+def embedded(name: str, content: bytes) -> bytes:
+    import hashlib
+
+    return (b"#### file %s bytes=%d sha256=%s\n" % (name.encode(), len(content), hashlib.sha256(content).hexdigest()
+            .encode()) + content + b"\n#### end %s\n" % name.encode())
+
+
 def test_source_code_at_the_top_is_not_read(tmp_path):
     """Lines of code that look like log lines are skipped, in both layouts."""
     fake = "step:999/999 train_loss:0.0001 train_time:1ms\nhparam train_batch_tokens=7\n"
-    embedded = fake.encode()
-    import hashlib
-
     ours = tmp_path / "ours.txt"
-    ours.write_bytes(b"#### file train_gpt.py bytes=%d sha256=%s\n" % (len(embedded), hashlib.sha256(embedded)
-                     .hexdigest().encode()) + embedded + b"\n#### end train_gpt.py\n" + OURS.read_bytes().split(
-                     b"#### end eval_ttt.py\n", 1)[1])
+    ours.write_bytes(embedded("train_gpt.py", fake.encode()) + our_log_lines())
     assert list(compare_logs.read_curve(ours, "ours").steps) == list(range(1, 9))
     assert compare_logs.read_curve(ours, "ours").tokens_per_step == 1024
     peer = tmp_path / "peer.txt"
@@ -100,7 +107,8 @@ def test_difference_interpolates_between_logged_steps():
         assert d == pytest.approx(ours_here - peer_losses[int(t) // 512])
 
 
-@pytest.mark.parametrize("case", ["missing file", "no train loss", "no tokens per step", "no overlap", "bad number"])
+@pytest.mark.parametrize("case", ["missing file", "no train loss", "no tokens per step", "no overlap", "bad number",
+                                  "bad number in ours", "truncated embedded code"])
 def test_bad_input_is_one_error_line(tmp_path, capsys, case):
     out = tmp_path / "x.png"
     peer_lines = PEER.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -119,10 +127,19 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, case):
         bad.write_text(PEER.read_text(encoding="utf-8"), encoding="utf-8")
         args += ["--peer-tokens-per-step", "1000000"]
         expected = "do not overlap"
-    else:
+    elif case == "bad number":
         bad.write_text(PEER.read_text(encoding="utf-8").replace("train_loss:6.2459", "train_loss:6.2.459"),
                        encoding="utf-8")
         expected = "is not a number"
+    elif case == "bad number in ours":
+        bad.write_bytes(re.sub(rb"(?m)^(step:5/8 train_loss:)[0-9.]+", rb"\g<1>6.2.459", OURS.read_bytes()))
+        args = [str(bad), str(PEER)]
+        expected = "'6.2.459' at step 5 is not a number"
+    else:
+        block = embedded("train_gpt.py", b"x = 1\n" * 20)
+        bad.write_bytes(block[:-40] + our_log_lines())  # the end of the file and its `#### end` line are missing
+        args = [str(bad), str(PEER)]
+        expected = "truncated"
     assert compare_logs.main(args + ["--out", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {bad}: ") and expected in err[0], err

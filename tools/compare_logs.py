@@ -5,11 +5,12 @@ compare_logs.py: our training loss against parameter-golf's (or any other log's)
   python tools/compare_logs.py OURS.txt PEER.txt --out parity.png
       [--ours-tokens-per-step N] [--peer-tokens-per-step N] [--labels ours,parameter-golf] [--title TEXT]
 
-Both logs are read for their `step:N/M train_loss:X ...` lines (our train_gpt.py and parameter-golf's train_gpt.py both
-write them). A step is turned into tokens with the log's tokens per step: the flag if given, else what the log states
-(ours: `hparam train_batch_tokens=N`; parameter-golf: `train_batch_tokens:N train_seq_len:...`). The source code at the
-top of a log is skipped: our `#### file NAME bytes=N ...` blocks, and parameter-golf's script text before its first
-line of 100 `=`.
+Both logs are read for their `step:N/M train_loss:X ...` lines. A log that starts with our embedded code (`#### file
+NAME bytes=N ...`) is read by tools/run_log.py, the one reader of our logs; any other log is read as parameter-golf's:
+its script text, printed before its first line of 100 `=`, is skipped, and every later line that starts with
+`step:N/M train_loss:X` counts. A step is turned into tokens with the log's tokens per step: the flag if given, else
+what the log states (ours: `hparam train_batch_tokens=N`; parameter-golf: `train_batch_tokens:N train_seq_len:...`).
+Either log may be of either kind (two of our runs, or two of theirs, compare the same way).
 
 Writes a PNG with two panels, both losses against tokens and their difference (ours minus peer, the peer interpolated
 linearly), and prints a table: the two losses at a quarter, half, three quarters and the end of the token range both
@@ -35,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_log import parse_log  # noqa: E402
+
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) train_loss:(\S+)")
-OUR_BATCH_LINE = re.compile(r"hparam train_batch_tokens=(\d+)")
 PEER_BATCH_LINE = re.compile(r"train_batch_tokens:(\d+)(?:\s|$)")
-EMBEDDED_HEADER = re.compile(rb"#### file (\S+) bytes=(\d+) sha256=[0-9a-f]{64}\n")
 PEER_CODE_END = "=" * 100  # parameter-golf prints its own source, then this line
 TABLE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 LAST_FRACTION = 0.2
@@ -64,21 +66,39 @@ class LossCurve:
         return self.steps.astype(np.float64) * self.tokens_per_step
 
 
-def _skip_embedded_code(data: bytes, path) -> bytes:
-    """The log without our `#### file NAME bytes=N sha256=H` ... `#### end NAME` blocks at its top."""
-    pos = 0
-    while data.startswith(b"#### file ", pos):
-        m = EMBEDDED_HEADER.match(data, pos)
-        if not m:
-            raise LogError(path, f"malformed `#### file` header at byte {pos}")
-        name, size = m.group(1), int(m.group(2))
-        trailer = b"\n#### end " + name + b"\n"
-        end = m.end() + size
-        if not data.startswith(trailer, end):
-            raise LogError(path, f"embedded {name.decode(errors='replace')} is truncated (no `#### end` line after"
-                                 f" {size} bytes)")
-        pos = end + len(trailer)
-    return data[pos:]
+def _our_log(path: Path) -> tuple[dict[int, float], int | None]:
+    """(step -> train loss, stated tokens per step) of one of our logs, through run_log.parse_log."""
+    log = parse_log(path)
+    damaged = [p for p in log.problems if "embedded" in p or "#### file" in p or "unreadable line" in p]
+    if damaged:
+        raise LogError(path, damaged[0])
+    losses = {}
+    for row in log.train_steps:
+        value = row["train_loss"]
+        if not isinstance(value, (int, float)):
+            raise LogError(path, f"train_loss {value!r} at step {row['step']} is not a number")
+        losses[row["step"]] = float(value)  # a resumed run may repeat steps: the last value counts
+    stated = log.hparams.get("train_batch_tokens")
+    return losses, int(stated) if stated and stated.isdigit() else None
+
+
+def _peer_log(path: Path, data: bytes) -> tuple[dict[int, float], int | None]:
+    """(step -> train loss, stated tokens per step) of a parameter-golf log."""
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if PEER_CODE_END in lines:  # the script's own text comes first
+        lines = lines[lines.index(PEER_CODE_END) + 1:]
+    stated, losses = None, {}
+    for line in lines:
+        m = PEER_BATCH_LINE.match(line)
+        if m and stated is None:
+            stated = int(m.group(1))
+        m = STEP_LINE.match(line)
+        if m:
+            try:
+                losses[int(m.group(1))] = float(m.group(3))
+            except ValueError:
+                raise LogError(path, f"train_loss {m.group(3)!r} on line `{line.strip()[:80]}` is not a number") from None
+    return losses, stated
 
 
 def read_curve(path: str | os.PathLike, label: str, tokens_per_step: int | None = None) -> LossCurve:
@@ -87,21 +107,7 @@ def read_curve(path: str | os.PathLike, label: str, tokens_per_step: int | None 
         data = path.read_bytes()
     except OSError as e:
         raise LogError(path, "no such file" if isinstance(e, FileNotFoundError) else f"cannot read: {e.strerror}")
-    lines = _skip_embedded_code(data, path).decode("utf-8", errors="replace").splitlines()
-    if PEER_CODE_END in lines:
-        lines = lines[lines.index(PEER_CODE_END) + 1:]
-    stated, losses = None, {}
-    for line in lines:
-        m = OUR_BATCH_LINE.fullmatch(line.strip()) or PEER_BATCH_LINE.match(line)
-        if m and stated is None:
-            stated = int(m.group(1))
-        m = STEP_LINE.match(line)
-        if m:
-            try:
-                value = float(m.group(3))
-            except ValueError:
-                raise LogError(path, f"train_loss {m.group(3)!r} on line `{line.strip()[:80]}` is not a number") from None
-            losses[int(m.group(1))] = value  # a resumed run may repeat steps: the last value counts
+    losses, stated = _our_log(path) if data.startswith(b"#### file ") else _peer_log(path, data)
     if not losses:
         raise LogError(path, "no `step:N/M train_loss:X` lines")
     if tokens_per_step is None:
