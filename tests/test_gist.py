@@ -461,3 +461,22 @@ def packed_losses_on(model, docs, device):
         losses = model(torch.from_numpy(inputs).long().to(device)[None], torch.from_numpy(targets).to(device)[None],
                        torch.from_numpy(gist_cu).to(device))[0].double().cpu().numpy()
     return np.split(losses[inputs < VOCAB], cu[1:-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a real training run with gists (train_gpt.py as a process), and its checkpoint scored in gist mode
+
+
+@pytest.mark.slow
+def test_training_run_with_gists_logs_and_checkpoints_k_and_l(sample_data, tmp_path, capsys):
+    from test_train import final_weights, run_training
+
+    log, losses = run_training(tmp_path, sample_data, "gist", GIST_TOKENS="2", GIST_SEGMENT="16")
+    assert "hparam gist_tokens=2" in log and "hparam gist_segment=16" in log
+    assert "attention_backend: gist_reference" in log and "gist: tokens:2 segment:16" in log
+    assert all(np.isfinite(v) for v in losses.values()) and len(losses) > 1
+    state = torch.load(tmp_path / "ckpt" / "gist.pt", weights_only=False)
+    assert (state["model_config"]["gist_tokens"], state["model_config"]["gist_segment"]) == (2, 16)
+    assert final_weights(tmp_path, "gist")["gist_emb.weight"].shape[0] == 2
+    assert eval_ttt.main(["--checkpoint", tmp_path / "ckpt" / "gist.pt", "--mode", "gist", "--max-docs", "2"]) == 0
+    assert "eval mode:gist gist_tokens:2 gist_segment:16" in capsys.readouterr().out
