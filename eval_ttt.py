@@ -9,6 +9,9 @@ Modes (every one of them per document: no scored token ever sees another documen
            is first scored with the current adapters (with up to W tokens of input ending at the chunk's end, like
            strided), then the adapters take one Adam step on that chunk's loss. So a chunk's score depends only on the
            tokens before it in its own document.
+  gist     for a model trained with gist tokens (GIST_TOKENS=k, GIST_SEGMENT=L): each document is read segment by
+           segment, L raw tokens at a time, with exactly the training mask: segment j sees its own raw tokens and the
+           gist slots of segments 0..j-1, whose keys and values are computed once, with their segment, and cached.
 
 Usage:
   python eval_ttt.py --checkpoint checkpoints/run.pt --mode ttt --out results.json --dump-token-losses losses.npy
@@ -304,6 +307,109 @@ def ttt_evaluate(model: tg.GPT, val: tg.ValidationSet, cfg: TTTConfig, env: tg.D
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Gist mode: segment by segment, with the gist slots' keys and values cached
+
+
+class GistCache:
+    """The attention of one segment's forward in gist mode (the model's `gist_attend`), over the cached gist keys and
+    values of the document's earlier segments, all visible, then the segment itself, causally (its raw tokens, then
+    its k gist slots). The segment's own gist keys and values (after rotary, as attention sees them) join the cache
+    for the next segments: segment j's forward is over L + k tokens, never over the earlier raw tokens."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # per layer [1, cached slots, Hkv, D]
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.layer, self.new_gists = 0, 0
+
+    def next_segment(self, new_gists: int) -> None:
+        """The next forward is one segment whose last `new_gists` tokens are gist slots to cache."""
+        self.layer, self.new_gists = 0, new_gists
+
+    def __call__(self, q, k, v):
+        """q [1, T, Hq, D], k/v [1, T, Hkv, D] of this segment, at the next layer -> [1, T, Hq, D]."""
+        layer = self.layer
+        self.layer += 1
+        past = 0 if self.keys[layer] is None else self.keys[layer].size(1)
+        keys = k if past == 0 else torch.cat([self.keys[layer], k], dim=1)
+        values = v if past == 0 else torch.cat([self.values[layer], v], dim=1)
+        t = q.size(1)
+        mask = torch.ones(t, past + t, dtype=torch.bool, device=q.device)
+        mask[:, past:] = torch.tril(mask[:, past:])
+        q_heads, k_heads, v_heads = (x[0].transpose(0, 1) for x in (q, keys, values))
+        k_heads, v_heads = tg.repeat_kv(q_heads, k_heads, v_heads, 0)
+        y = torch.nn.functional.scaled_dot_product_attention(q_heads, k_heads, v_heads, attn_mask=mask)
+        if self.new_gists:  # cached: the earlier slots, then this segment's
+            gist_k, gist_v = k[:, -self.new_gists:], v[:, -self.new_gists:]
+            self.keys[layer] = gist_k if past == 0 else torch.cat([self.keys[layer], gist_k], dim=1)
+            self.values[layer] = gist_v if past == 0 else torch.cat([self.values[layer], gist_v], dim=1)
+        return y.transpose(0, 1)[None]
+
+
+@torch.no_grad()
+def gist_document_losses(model: tg.GPT, doc: np.ndarray) -> np.ndarray:
+    """Per-token losses (nats) of one document (BOS first) in gist mode: one forward of at most L + k tokens per
+    segment. Raw tokens have their raw index as rotary position, the slots after segment j position (j + 1) * L, as in
+    training (train_gpt.gist_layout)."""
+    k, seg, vocab = model.config.gist_tokens, model.config.gist_segment, model.config.vocab_size
+    device = next(model.parameters()).device
+    n = len(doc) - 1
+    cache = GistCache(len(model.blocks))
+    losses = []
+    for start in range(0, n, seg):
+        end = min(start + seg, n)
+        gists = k if end < n else 0  # no gist slots after the last segment
+        ids = np.concatenate([doc[start:end], vocab + np.arange(gists)]).astype(np.int64)
+        positions = np.concatenate([np.arange(start, end), np.full(gists, start + seg)])
+        cache.next_segment(gists)
+        with tg.autocast_context(device):
+            cos, sin = model.rotary(torch.from_numpy(positions).to(device)[None])
+            x = model.run_blocks(model.embed_with_gists(torch.from_numpy(ids).to(device)[None]), cos, sin,
+                                 gist_attend=cache)
+            targets = torch.from_numpy(doc[start + 1: end + 1].astype(np.int64)).to(device)
+            losses.append(model.token_losses(x[0, : end - start], targets).double().cpu().numpy())
+    return np.concatenate(losses) if losses else np.zeros(0)
+
+
+def gist_evaluate(model: tg.GPT, val: tg.ValidationSet, env: tg.DistributedEnv | None = None,
+                  keep_token_losses: bool = False) -> tg.EvalResult:
+    """Score every selected document in gist mode; documents are shared out over the ranks as for the other modes."""
+    if not model.config.gist_tokens:
+        raise tg.ConfigError("--mode gist: the checkpoint's model has no gist tokens (trained with GIST_TOKENS=0)")
+    rank, world = (env.rank, env.world_size) if env else (0, 1)
+    device = next(model.parameters()).device
+    start_time = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        losses = {d: gist_document_losses(model, val.document(d)) for d in tg.assign_documents(val.token_counts,
+                                                                                               world)[rank]}
+    finally:
+        model.train(was_training)
+    return tg.gather_result("gist", val, losses, start_time, device, keep_token_losses)
+
+
+def context_slots_per_token(args, model: tg.GPT, val: tg.ValidationSet) -> float:
+    """The mean number of key/value slots a scored token attends to (itself included): raw tokens of its window for
+    flat, strided and ttt; in gist mode its segment's raw tokens up to itself plus the gist slots of earlier segments."""
+    counts = val.token_counts.tolist()
+    if args.mode == "gist":
+        k, seg = model.config.gist_tokens, model.config.gist_segment
+        index = np.arange(max(counts, default=0))
+        slots = index % seg + 1 + (index // seg) * k  # of the token predicting from position `index`
+        return sum(int(slots[:n].sum()) for n in counts) / max(sum(counts), 1)
+    if args.mode == "flat":
+        windows = [w[1:] for w in tg.flat_windows(val.token_counts, args.window)]
+    elif args.mode == "strided":
+        windows = [w for n in counts for w in tg.strided_windows(n, args.window, args.stride)]
+    else:
+        cfg = TTTConfig(window=args.window, chunk=args.chunk)
+        windows = [chunk_window(n, c, cfg) for n in counts for c in range(-(-n // cfg.chunk))]
+    # a window (start, end, score_from) scores positions score_from..end-1; position p attends to p - start + 1 slots
+    total = sum((end - score_from) * (score_from - start + 1 + end - start) / 2 for start, end, score_from in windows)
+    return total / max(sum(counts), 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -322,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a train_gpt.py checkpoint (.pt)")
     p.add_argument("--data", help="folder with *_val_*.bin shards (default: the checkpoint's DATA_PATH)")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; its sha256 must match)")
-    p.add_argument("--mode", choices=("flat", "strided", "ttt"), default="strided")
+    p.add_argument("--mode", choices=("flat", "strided", "ttt", "gist"), default="strided",
+                   help="gist: for checkpoints trained with GIST_TOKENS > 0, segment by segment with cached gist slots")
     p.add_argument("--window", type=int, help="tokens of input per window or chunk (default: the checkpoint's "
                                                "EVAL_WINDOW)")
     p.add_argument("--stride", type=int, help="strided: tokens scored per window after the first (default: window/2)")
@@ -379,6 +486,10 @@ def resolve(path: str) -> str:
 def run_config(args, model, val, env, keep_token_losses: bool, progress=None) -> tg.EvalResult:
     model.rotary.set_ntk_alpha(args.rope_ntk_alpha)
     try:
+        if args.mode == "gist":
+            return gist_evaluate(model, val, env, keep_token_losses)
+        if model.config.gist_tokens and args.mode == "ttt":
+            raise tg.ConfigError("--mode ttt: not implemented for gist models (use gist, strided or flat)")
         if args.mode == "ttt":
             cfg = TTTConfig(window=args.window, chunk=args.chunk, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
                             lora_targets=parse_targets(args.lora_targets), doc_batch=args.doc_batch, seed=args.seed)
@@ -402,9 +513,12 @@ def config_dict(args, setup: dict) -> dict:
             "rope_ntk_alpha": args.rope_ntk_alpha, "max_docs": args.max_docs}
 
 
-def results_dict(config: dict, result: tg.EvalResult, val: tg.ValidationSet) -> dict:
+def results_dict(config: dict, result: tg.EvalResult, val: tg.ValidationSet,
+                 context_slots: float | None = None) -> dict:
+    """context_slots: the mean number of key/value slots a scored token attends to (context_slots_per_token)."""
     tokens, num_bytes = result.total_tokens, result.total_bytes
     return {"config": config, "bpb": result.bpb, "loss": result.loss, "tokens": tokens, "bytes": num_bytes,
+            "context_slots_per_token": context_slots,
             "seconds": result.seconds, "tokens_per_s": tokens / max(result.seconds, 1e-9),
             "docs": [{"id": int(val.doc_ids[k]), "tokens": int(result.doc_tokens[k]), "bytes": int(result.doc_bytes[k]),
                       "nats": float(result.doc_nats[k])} for k in range(val.num_docs)]}
@@ -422,12 +536,14 @@ def gather_token_losses(result: tg.EvalResult, val: tg.ValidationSet, device) ->
     return flat.numpy()
 
 
-def summary_line(args, result: tg.EvalResult, val) -> str:
+def summary_line(args, result: tg.EvalResult, val, model_config: tg.ModelConfig | None = None) -> str:
     if args.mode == "ttt":
         knobs = (f"window:{args.window} chunk:{args.chunk} lora_rank:{args.lora_rank} lora_lr:{args.lora_lr:g} "
                  f"lora_targets:{','.join(parse_targets(args.lora_targets))} doc_batch:{args.doc_batch}")
     elif args.mode == "strided":
         knobs = f"window:{args.window} stride:{args.stride}"
+    elif args.mode == "gist":
+        knobs = f"gist_tokens:{model_config.gist_tokens} gist_segment:{model_config.gist_segment}"
     else:
         knobs = f"window:{args.window}"
     return (f"eval mode:{args.mode} {knobs} rope_ntk_alpha:{args.rope_ntk_alpha:g} val_loss:{result.loss:.6f} "
@@ -485,8 +601,11 @@ def load(args, env: tg.DistributedEnv) -> Loaded:
     the checkpoint (in place) and checked before any data is read, then the tokenizer (its sha256 must be the
     checkpoint's) and the validation set."""
     tg.use_fused_ops(tg.parse_fused_ops(args.fused))
-    backend = tg.select_attention_backend(args.attn_backend, env.device)
     model, state = tg.load_model(args.checkpoint, env.device)
+    if model.config.gist_tokens:  # flat and strided windows of a gist model go through the gist mask too
+        backend = "gist_" + tg.select_gist_attention(args.attn_backend, env.device)
+    else:
+        backend = tg.select_attention_backend(args.attn_backend, env.device)
     hyperparameters = state.get("hyperparameters", {})
     fill_defaults(args, hyperparameters)
     check_args(args)
@@ -508,7 +627,8 @@ def load(args, env: tg.DistributedEnv) -> Loaded:
              "code_sha256": tg.sha256_of_file(__file__), "tokenizer": os.path.abspath(tokenizer_path),
              "tokenizer_sha256": tokenizer_sha256, "data": os.path.abspath(data_path), "num_docs": val.num_docs,
              "world_size": env.world_size, "device": _device_name(env.device), "attention_backend": backend,
-             "fused_ops": sorted(tg.FUSED_OPS), "torch": torch.__version__}
+             "fused_ops": sorted(tg.FUSED_OPS), "torch": torch.__version__,
+             "gist_tokens": model.config.gist_tokens, "gist_segment": model.config.gist_segment}
     return Loaded(model, val, setup, hyperparameters)
 
 
@@ -559,14 +679,15 @@ def run(args, env: tg.DistributedEnv) -> int:
     loaded = load(args, env)
     result = run_config(args, loaded.model, loaded.val, env, keep_token_losses=bool(args.dump_token_losses),
                         progress=progress_to_stderr)
-    out = results_dict(config_dict(args, loaded.setup), result, loaded.val)
+    out = results_dict(config_dict(args, loaded.setup), result, loaded.val,
+                       context_slots_per_token(args, loaded.model, loaded.val))
     losses = gather_token_losses(result, loaded.val, env.device) if args.dump_token_losses else None
     if env.is_main:
         if args.out:
             write_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
         if losses is not None:
             write_atomic(args.dump_token_losses, npy_bytes(losses.astype(np.float32)))
-        print(summary_line(args, result, loaded.val), flush=True)
+        print(summary_line(args, result, loaded.val, loaded.model.config), flush=True)
     return 0
 
 

@@ -71,6 +71,10 @@ class ModelConfig:
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    # gist tokens (experiment switch, section 4 "Gist tokens"): after every GIST_SEGMENT raw tokens of a document piece
+    # but the last, GIST_TOKENS learned slots; later segments see those slots instead of the raw tokens. 0: off.
+    gist_tokens: int = 0
+    gist_segment: int = 128
 
     @classmethod
     def from_hyperparameters(cls, hp: ModelConfig) -> ModelConfig:
@@ -158,11 +162,11 @@ class Hyperparameters(ModelConfig):
 
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "train_seq_len",
                      "train_batch_tokens", "train_micro_batches", "muon_backend_steps", "eval_batch_tokens",
-                     "train_log_every"):
+                     "train_log_every", "gist_segment"):
             need(getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("iterations", "warmup_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every",
                      "val_max_docs", "eval_window", "eval_stride", "checkpoint_every", "muon_momentum_warmup_steps",
-                     "train_max_segments"):
+                     "train_max_segments", "gist_tokens"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "adam_eps", "rope_base", "tied_embed_init_std"):
             need(getattr(self, name) > 0, name, "must be > 0")
@@ -184,6 +188,9 @@ class Hyperparameters(ModelConfig):
         need(self.attn_backend in ("auto",) + ATTENTION_BACKENDS, "attn_backend",
              f"must be auto or one of {', '.join(ATTENTION_BACKENDS)}")
         parse_fused_ops(self.fused)  # raises ConfigError on an unknown kernel name
+        need(self.gist_tokens == 0 or self.attn_backend in ("auto", "reference"), "attn_backend",
+             "cannot express the gist attention mask (GIST_TOKENS > 0); use auto (flex_attention on CUDA, the "
+             "dense-mask reference on CPUs) or reference")
 
     def _resolve_defaults(self) -> None:
         if not self.tokenizer_path:
@@ -470,6 +477,48 @@ def default_max_segments(micro_tokens: int) -> int:
     return max(64, micro_tokens // 64)
 
 
+# Gist tokens (GIST_TOKENS=k > 0, GIST_SEGMENT=L): every document piece is read in segments of L raw tokens, and after
+# each segment but the last come k gist slots. A slot's input id is vocab_size + its slot index (0..k-1), which picks a
+# row of the model's gist embedding; its target is IGNORE_INDEX, so a segment's last raw token still predicts the next
+# segment's first raw token. The layout is periodic from each piece's start (L raw, k gists, L raw, ...), so the model
+# recovers every token's segment and kind from cu_seqlens alone (gist_layout in section 4).
+
+
+def gist_piece_lengths(raw_lengths: np.ndarray, gist_tokens: int, gist_segment: int) -> np.ndarray:
+    """Tokens of each piece once its gist slots are in: k after every full segment of L that more tokens follow."""
+    raw_lengths = np.asarray(raw_lengths, dtype=np.int64)
+    return raw_lengths + gist_tokens * np.maximum(-(-raw_lengths // gist_segment) - 1, 0)
+
+
+def gist_micro_batch_length(raw_tokens: int, gist_tokens: int, gist_segment: int) -> int:
+    """The fixed length of a micro-batch of `raw_tokens` raw tokens with gist slots: pieces of n_i raw tokens add
+    k * floor((n_i - 1) / L) slots each, and the sum of those floors is at most floor((raw_tokens - 1) / L)."""
+    return raw_tokens + gist_tokens * ((raw_tokens - 1) // gist_segment)
+
+
+def insert_gist_slots(inputs: np.ndarray, targets: np.ndarray, cu_seqlens: np.ndarray, gist_tokens: int,
+                      gist_segment: int, vocab_size: int, length: int):
+    """(inputs, targets, cu_seqlens) of the pieces with gist slots inserted, padded to `length` tokens.
+
+    Raw tokens keep their order and targets; slot s has input vocab_size + s and an ignored target. The padding (input
+    0, targets ignored) extends the last piece: it comes after every real token, so causal attention keeps it unseen."""
+    raw_lengths = np.diff(cu_seqlens.astype(np.int64))
+    lengths = gist_piece_lengths(raw_lengths, gist_tokens, gist_segment)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(starts[-1])
+    if total > length:
+        raise ValueError(f"{total} tokens with gist slots do not fit a micro-batch of {length}")
+    in_period = (np.arange(total) - np.repeat(starts[:-1], lengths)) % (gist_segment + gist_tokens)
+    is_gist = in_period >= gist_segment
+    new_inputs = np.zeros(length, dtype=inputs.dtype)
+    new_targets = np.full(length, IGNORE_INDEX, dtype=targets.dtype)
+    new_inputs[:total][~is_gist] = inputs
+    new_inputs[:total][is_gist] = vocab_size + in_period[is_gist] - gist_segment
+    new_targets[:total][~is_gist] = targets
+    starts[-1] = length
+    return new_inputs, new_targets, starts.astype(np.int32)
+
+
 @dataclass
 class MicroBatch:
     inputs: np.ndarray | torch.Tensor  # int32 [L]
@@ -487,7 +536,8 @@ class DocumentLoader:
     the stream position, so every rank agrees and a restart from a saved position continues exactly."""
 
     def __init__(self, stream: TokenStream, seq_len: int, batch_tokens: int, micro_batches: int, rank: int,
-                 world_size: int, seed: int, shuffle: bool = True, max_segments: int = 0):
+                 world_size: int, seed: int, shuffle: bool = True, max_segments: int = 0, gist_tokens: int = 0,
+                 gist_segment: int = 128, vocab_size: int = 0):
         if micro_batches % world_size:
             raise ConfigError(f"TRAIN_MICRO_BATCHES={micro_batches}: must be divisible by the world size {world_size}")
         self.stream, self.seq_len, self.rank, self.world_size = stream, seq_len, rank, world_size
@@ -496,6 +546,11 @@ class DocumentLoader:
         self.merged_batches = 0  # micro-batches that had more segments than max_segments (see fit_segments)
         self.micro_batches, self.seed, self.shuffle = micro_batches, seed, shuffle
         self.position = 0  # tokens of the endless stream consumed so far
+        # With gist slots a micro-batch still takes micro_tokens raw tokens of the stream (so every GIST_TOKENS setting
+        # trains on the same tokens) and is padded to one fixed length that fits the most slots it can hold.
+        self.gist_tokens, self.gist_segment, self.vocab_size = gist_tokens, gist_segment, vocab_size
+        self.batch_length = (gist_micro_batch_length(self.micro_tokens, gist_tokens, gist_segment) if gist_tokens
+                             else self.micro_tokens)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -534,6 +589,9 @@ class DocumentLoader:
         inputs, targets = tokens[:-1], tokens[1:].astype(np.int64)
         targets[targets == BOS_ID] = IGNORE_INDEX  # never predict across a document boundary
         cu = segment_boundaries(doc_offsets[doc_offsets < self.micro_tokens], self.micro_tokens, self.seq_len)
+        if self.gist_tokens:
+            inputs, targets, cu = insert_gist_slots(inputs, targets, cu, self.gist_tokens, self.gist_segment,
+                                                    self.vocab_size, self.batch_length)
         merged = len(cu) - 1 > self.max_segments
         return MicroBatch(inputs, targets, fit_segments(cu, targets, self.max_segments), merged)
 
@@ -879,6 +937,109 @@ def causal_attention(q, k, v, cu_seqlens=None, max_seqlen=0):
     return attention(q[0], k[0], v[0], cu_seqlens, max_seqlen).unsqueeze(0)
 
 
+# Gist attention (GIST_TOKENS > 0). FlashAttention cannot express this mask, so it has its own two backends: a dense
+# boolean mask per piece with plain SDPA (the reference; CPUs), and flex_attention with a block mask built from the
+# same per-token ids (CUDA). Within one piece (as the loader lays it out, see insert_gist_slots), token i sees token j
+# iff j <= i and (j is a gist slot or j is in i's segment): a raw token sees its own segment's raw tokens up to itself
+# and the gist slots of earlier segments; a gist slot sees its segment's raw tokens, the slots before it in its segment
+# (and itself), and the slots of earlier segments. Raw tokens of earlier segments are reachable only through the gists.
+# Rotary positions: a raw token has its raw index in the piece (as without gists); the k slots after segment j all
+# take position (j + 1) * L, the position right after the segment's last raw token (their learned embeddings tell
+# them apart).
+
+
+class GistLayout(NamedTuple):
+    """Per-token ids of a packed gist input of N tokens, computed on the device from cu_seqlens."""
+
+    cu_seqlens: torch.Tensor  # int32 [pieces + 1]
+    piece: torch.Tensor  # int64 [N]: which piece (document, or part of one) the token is in
+    segment: torch.Tensor  # int64 [N]: which segment of its piece
+    is_gist: torch.Tensor  # bool [N]
+    positions: torch.Tensor  # int64 [N]: rotary positions
+    block_mask: object = None  # flex_attention's BlockMask on CUDA, None for the reference
+
+
+def gist_layout(cu_seqlens: torch.Tensor, num_tokens: int, gist_tokens: int, gist_segment: int) -> GistLayout:
+    piece = segment_ids(cu_seqlens, num_tokens)
+    offset = torch.arange(num_tokens, device=cu_seqlens.device) - cu_seqlens.to(torch.int64)[piece]
+    segment, in_period = offset // (gist_segment + gist_tokens), offset % (gist_segment + gist_tokens)
+    positions = segment * gist_segment + in_period.clamp(max=gist_segment)
+    return GistLayout(cu_seqlens, piece, segment, in_period >= gist_segment, positions)
+
+
+def gist_mask(layout: GistLayout, rows: slice = slice(None)) -> torch.Tensor:
+    """bool [n, n] over the tokens `rows`: which token (column) each token (row) attends to."""
+    piece, segment, is_gist = layout.piece[rows], layout.segment[rows], layout.is_gist[rows]
+    index = torch.arange(len(piece), device=piece.device)
+    return ((piece[:, None] == piece[None, :]) & (index[None, :] <= index[:, None])
+            & (is_gist[None, :] | (segment[:, None] == segment[None, :])))
+
+
+def gist_attention_reference(q, k, v, layout: GistLayout):
+    """Slow and obvious: for each piece, its dense gist mask and plain SDPA. q [N, Hq, D], k/v [N, Hkv, D]."""
+    out = torch.empty_like(q)
+    bounds = layout.cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            rows = slice(start, end)
+            q_piece, k_piece, v_piece = (t[rows].transpose(0, 1) for t in (q, k, v))
+            k_piece, v_piece = repeat_kv(q_piece, k_piece, v_piece, 0)
+            out[rows] = F.scaled_dot_product_attention(q_piece, k_piece, v_piece,
+                                                       attn_mask=gist_mask(layout, rows)).transpose(0, 1)
+    return out
+
+
+def gist_block_mask(layout: GistLayout, num_tokens: int):
+    """flex_attention's block mask of the gist mask (the same rule as gist_mask, one token pair at a time)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    piece, segment, is_gist = layout.piece, layout.segment, layout.is_gist
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((piece[q_idx] == piece[kv_idx]) & (kv_idx <= q_idx)
+                & (is_gist[kv_idx] | (segment[q_idx] == segment[kv_idx])))
+
+    return create_block_mask(mask_mod, None, None, num_tokens, num_tokens, device=piece.device)
+
+
+_compiled_flex_attention = None
+
+
+def gist_attention_flex(q, k, v, layout: GistLayout):
+    """flex_attention over all N tokens with the layout's block mask (compiled: eager flex materialises N x N)."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    out = _compiled_flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                   block_mask=layout.block_mask, enable_gqa=k.size(1) != q.size(1))
+    return out[0].transpose(0, 1)
+
+
+def gist_attention(q, k, v, layout: GistLayout):
+    """q [1, N, Hq, D], k/v [1, N, Hkv, D] -> [1, N, Hq, D] under the gist mask."""
+    attention = gist_attention_reference if layout.block_mask is None else gist_attention_flex
+    return attention(q[0], k[0], v[0], layout).unsqueeze(0)
+
+
+GIST_ATTENTION_BACKEND = "reference"
+
+
+def select_gist_attention(requested: str, device: torch.device, compiling: bool = False) -> str:
+    """The gist attention backend from now on: flex on CUDA for ATTN_BACKEND=auto, else the reference."""
+    global GIST_ATTENTION_BACKEND
+    if requested not in ("auto", "reference"):
+        raise ConfigError(f"ATTN_BACKEND={requested!r}: cannot express the gist attention mask (GIST_TOKENS > 0); "
+                          f"use auto or reference")
+    name = "flex" if requested == "auto" and device.type == "cuda" else "reference"
+    if name == "reference" and compiling:
+        raise ConfigError("COMPILE=1: the gist reference attention (a loop over pieces) does not compile into one "
+                          "graph; use COMPILE=0 on CPUs (on CUDA, ATTN_BACKEND=auto uses flex_attention)")
+    GIST_ATTENTION_BACKEND = name
+    return name
+
+
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a matmul in; our Triton kernels are not autocast-aware, so callers cast for them."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -908,7 +1069,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(config.model_dim, config.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))  # sharpness per head
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, gist_attend=None):
+        """gist_attend: with gist slots, the attention function (q, k, v) -> y that replaces causal_attention."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -917,7 +1079,10 @@ class CausalSelfAttention(nn.Module):
         # Flash attention takes q, k, v in one dtype. Under CUDA bf16 autocast, torch >= 2.12 runs rms_norm in fp32
         # while the projections run in bf16, so q and k come back fp32: bring them to v's (the matmul) dtype.
         q = (q * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
-        y = causal_attention(q, k.to(v.dtype), v, cu_seqlens, max_seqlen).reshape(B, T, -1)
+        if gist_attend is not None:
+            y = gist_attend(q, k.to(v.dtype), v).reshape(B, T, -1)
+        else:
+            y = causal_attention(q, k.to(v.dtype), v, cu_seqlens, max_seqlen).reshape(B, T, -1)
         return self.proj(y)
 
 
@@ -947,10 +1112,10 @@ class Block(nn.Module):
         # each block reads a learned mix of the residual stream and the initial embedding
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(config.model_dim), torch.zeros(config.model_dim))))
 
-    def forward(self, x, x0, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, x0, cos, sin, cu_seqlens, max_seqlen, gist_attend=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, cu_seqlens, max_seqlen, gist_attend)
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
         return x
 
@@ -967,6 +1132,9 @@ class GPT(nn.Module):
         self.num_encoder_layers = config.num_layers // 2
         self.num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, config.model_dim))
+        if config.gist_tokens:  # one learned embedding per gist slot index, shared by all segments
+            self.gist_emb = nn.Embedding(config.gist_tokens, config.model_dim)
+            nn.init.normal_(self.gist_emb.weight, std=config.tied_embed_init_std)
 
     def positions(self, input_ids, cu_seqlens):
         B, T = input_ids.shape
@@ -976,16 +1144,45 @@ class GPT(nn.Module):
         return (index - cu_seqlens.to(torch.int64)[segment_ids(cu_seqlens, T)]).unsqueeze(0)
 
     def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=0):
+        if self.config.gist_tokens:
+            return self.gist_hidden_states(input_ids, cu_seqlens)
         cos, sin = self.rotary(self.positions(input_ids, cu_seqlens))
-        x = x0 = rms_norm(self.tok_emb(input_ids))
+        return self.run_blocks(self.tok_emb(input_ids), cos, sin, cu_seqlens, max_seqlen)
+
+    def run_blocks(self, embedded, cos, sin, cu_seqlens=None, max_seqlen=0, gist_attend=None):
+        x = x0 = rms_norm(embedded)
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin, cu_seqlens, max_seqlen)
+            x = block(x, x0, cos, sin, cu_seqlens, max_seqlen, gist_attend)
             if i < self.num_encoder_layers:
                 skips.append(x)
         return rms_norm(x)
+
+    def embed_with_gists(self, input_ids):
+        """Token embeddings, with ids >= vocab_size taken as gist slots (id - vocab_size indexes gist_emb)."""
+        vocab = self.config.vocab_size
+        is_gist = (input_ids >= vocab).unsqueeze(-1)
+        tokens = self.tok_emb(input_ids.clamp(max=vocab - 1))
+        gists = self.gist_emb((input_ids - vocab).clamp(0, self.config.gist_tokens - 1))
+        return torch.where(is_gist, gists.to(tokens.dtype), tokens)
+
+    def gist_hidden_states(self, input_ids, cu_seqlens=None):
+        """hidden_states of a gist model. The input is laid out as the loader lays it out (insert_gist_slots): per
+        piece of cu_seqlens, or per row of a [B, T] batch, L raw tokens, k gist slots, L raw tokens, ..."""
+        B, T = input_ids.shape
+        if cu_seqlens is None:  # rows: each row is one piece of one packed sequence
+            cu_seqlens = torch.arange(0, B * T + 1, T, device=input_ids.device, dtype=torch.int32)
+            input_ids = input_ids.reshape(1, B * T)
+        n = input_ids.size(1)
+        layout = gist_layout(cu_seqlens, n, self.config.gist_tokens, self.config.gist_segment)
+        if GIST_ATTENTION_BACKEND == "flex":
+            layout = layout._replace(block_mask=gist_block_mask(layout, n))
+        cos, sin = self.rotary(layout.positions[None])
+        x = self.run_blocks(self.embed_with_gists(input_ids), cos, sin,
+                            gist_attend=lambda q, k, v: gist_attention(q, k, v, layout))
+        return x.reshape(B, T, -1)
 
     def head(self, x):
         """The tied lm_head's raw logits, before the softcap."""
@@ -1112,12 +1309,13 @@ class Muon(torch.optim.Optimizer):
 
 def optimizer_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Which optimizer trains each parameter, decided by what the parameter is, not by its number of dimensions:
-    Muon orthogonalises the weight matrices of the blocks' linear layers; the embedding and every control tensor
+    Muon orthogonalises the weight matrices of the blocks' linear layers; the embeddings (tokens, gist slots) and
+    every control tensor
     (gains, scales, the 2 x width `resid_mix`, skip weights) go to Adam, as in parameter-golf."""
     linear_weights = {id(m.weight) for m in model.blocks.modules() if isinstance(m, CastedLinear)}
     groups = {"embedding": [], "matrices": [], "scalars": []}
     for name, p in model.named_parameters():
-        if p is model.tok_emb.weight:
+        if p is model.tok_emb.weight or name == "gist_emb.weight":
             groups["embedding"].append((name, p))
         elif id(p) in linear_weights:
             groups["matrices"].append((name, p))
@@ -1336,13 +1534,17 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     log(f"val_data: documents:{val.num_docs} tokens:{int(val.token_counts.sum())} bytes:{int(val.byte_counts.sum())}")
 
     document_loader = DocumentLoader(train_stream, hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches,
-                                     env.rank, env.world_size, hp.seed, hp.doc_shuffle, hp.train_max_segments)
+                                     env.rank, env.world_size, hp.seed, hp.doc_shuffle, hp.train_max_segments,
+                                     hp.gist_tokens, hp.gist_segment, hp.vocab_size)
     loader = PrefetchingLoader(document_loader, device)
     model = GPT(ModelConfig.from_hyperparameters(hp)).to(device)
     optimizers = build_optimizers(model, hp)
     num_params = sum(p.numel() for p in model.parameters())
     log(f"model_params:{num_params} world_size:{env.world_size} grad_accum:{hp.train_micro_batches // env.world_size} "
         f"micro_batch_tokens:{document_loader.micro_tokens}")
+    if hp.gist_tokens:
+        log(f"gist: tokens:{hp.gist_tokens} segment:{hp.gist_segment} attention:{GIST_ATTENTION_BACKEND} "
+            f"micro_batch_slots:{document_loader.batch_length} (raw tokens plus gist slots and padding)")
 
     step, train_ms = 0, 0.0
     if hp.resume:
@@ -1564,17 +1766,25 @@ def score_windows(model: GPT, val: ValidationSet, windows, batch_tokens: int, de
     docs = {doc: val.document(doc) for doc in sorted({w[0] for w in windows})}
     losses = {doc: np.full(len(tokens) - 1, np.nan) for doc, tokens in docs.items()}
     lengths = [end - start for _, start, end, _ in windows]
+    gist_tokens, gist_segment, vocab_size = model.config.gist_tokens, model.config.gist_segment, model.config.vocab_size
     was_training = model.training
     model.eval()
     for batch in pack_windows(lengths, max(batch_tokens, max(lengths, default=1))):
         inputs = np.concatenate([docs[windows[i][0]][windows[i][1]: windows[i][2]] for i in batch])
         targets = np.concatenate([docs[windows[i][0]][windows[i][1] + 1: windows[i][2] + 1] for i in batch])
         cu_seqlens = np.concatenate([[0], np.cumsum([lengths[i] for i in batch])]).astype(np.int32)
+        model_inputs, model_targets, model_cu = inputs, targets.astype(np.int64), cu_seqlens
+        if gist_tokens:  # each window is a piece of its own, read in segments with gist slots after them
+            length = int(gist_piece_lengths(np.diff(cu_seqlens), gist_tokens, gist_segment).sum())
+            model_inputs, model_targets, model_cu = insert_gist_slots(inputs, model_targets, cu_seqlens, gist_tokens,
+                                                                      gist_segment, vocab_size, length)
         with autocast_context(device):
-            token_losses = model(torch.from_numpy(inputs).to(device)[None],
-                                 torch.from_numpy(targets.astype(np.int64)).to(device)[None],
-                                 torch.from_numpy(cu_seqlens).to(device), max(lengths[i] for i in batch))
+            token_losses = model(torch.from_numpy(model_inputs).to(device)[None],
+                                 torch.from_numpy(model_targets).to(device)[None],
+                                 torch.from_numpy(model_cu).to(device), max(lengths[i] for i in batch))
         token_losses = token_losses[0].double().cpu().numpy()
+        if gist_tokens:
+            token_losses = token_losses[model_inputs < vocab_size]  # the raw tokens' losses, in order
         for i, offset in zip(batch, cu_seqlens[:-1].tolist()):
             doc, start, end, score_from = windows[i]
             losses[doc][score_from:end] = token_losses[offset + score_from - start: offset + end - start]
@@ -1784,7 +1994,10 @@ def main() -> int:
     log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None)
     try:
         use_fused_ops(parse_fused_ops(hp.fused))
-        backend = select_attention_backend(hp.attn_backend, env.device, compiling=hp.compile)
+        if hp.gist_tokens:
+            backend = "gist_" + select_gist_attention(hp.attn_backend, env.device, compiling=hp.compile)
+        else:
+            backend = select_attention_backend(hp.attn_backend, env.device, compiling=hp.compile)
         root = Path(__file__).resolve().parent
         log.raw(embedded_source(record_source_files(), root))
         log(versions_line())

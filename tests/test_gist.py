@@ -1,0 +1,482 @@
+"""Gist tokens (GIST_TOKENS=k, GIST_SEGMENT=L, issue 12): the layout and the mask against a brute-force construction
+from the definition, the reference attention against one dense masked SDPA, no leak around the gists, causality and
+per-document independence of the training forward, the loader (same raw tokens, one shape), eval_ttt.py's gist mode
+with cached gist keys/values against one full masked forward, and GIST_TOKENS=0 being the plain model.
+
+The definition (issue 12): a raw token of segment j attends causally to the raw tokens of segment j and to all gist
+slots of earlier segments of its document; a gist slot of segment j attends to segment j's raw tokens, to the gist slots
+before it in segment j (and itself), and to the gist slots of earlier segments. Nothing crosses documents."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_eval_modes import TINY, load_val, save_checkpoint, subset, write_val_shard  # noqa: E402
+from test_eval_modes import one_thread, small_dir, val  # noqa: E402,F401  (the shared fixtures)
+
+import eval_ttt  # noqa: E402
+import train_gpt as tg  # noqa: E402
+
+VOCAB = 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the brute-force construction, straight from the definition
+
+
+def brute_force_tokens(raw_lengths, k: int, seg: int) -> list[tuple]:
+    """(document, segment, kind, slot, raw index) of every token of the documents laid out one after another: each
+    segment's raw tokens, then, unless it is its document's last segment, k gist slots."""
+    tokens = []
+    for doc, n in enumerate(raw_lengths):
+        num_segments = -(-n // seg)
+        for j in range(num_segments):
+            tokens += [(doc, j, "raw", None, r) for r in range(j * seg, min((j + 1) * seg, n))]
+            if j < num_segments - 1:
+                tokens += [(doc, j, "gist", s, None) for s in range(k)]
+    return tokens
+
+
+def brute_force_mask(tokens) -> np.ndarray:
+    n = len(tokens)
+    mask = np.zeros((n, n), dtype=bool)
+    for a, (doc_q, seg_q, kind_q, slot_q, raw_q) in enumerate(tokens):
+        for b, (doc_k, seg_k, kind_k, slot_k, raw_k) in enumerate(tokens):
+            if doc_q != doc_k:
+                continue
+            earlier_gist = kind_k == "gist" and seg_k < seg_q
+            if kind_q == "raw":
+                mask[a, b] = (kind_k == "raw" and seg_k == seg_q and raw_k <= raw_q) or earlier_gist
+            else:
+                mask[a, b] = ((kind_k == "raw" and seg_k == seg_q) or earlier_gist
+                              or (kind_k == "gist" and seg_k == seg_q and slot_k <= slot_q))
+    return mask
+
+
+def random_documents(rng, seg: int, count: int) -> list[int]:
+    """Raw lengths: some shorter than one segment, some exactly whole segments, some ragged."""
+    return [int(rng.choice([rng.integers(1, seg + 1), seg * rng.integers(1, 4), rng.integers(1, 5 * seg)]))
+            for _ in range(count)]
+
+
+def test_layout_and_mask_match_the_definition():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        k, seg = int(rng.integers(1, 5)), int(rng.integers(1, 8))
+        lengths = random_documents(rng, seg, int(rng.integers(1, 5)))
+        tokens = brute_force_tokens(lengths, k, seg)
+        raw = rng.integers(4, VOCAB, sum(lengths)).astype(np.int32)
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        inputs, targets, gist_cu = tg.insert_gist_slots(raw, raw.astype(np.int64), cu, k, seg, VOCAB, len(tokens))
+        # ids: raw tokens in order, slot s as VOCAB + s; targets only on raw tokens
+        expected = np.array([VOCAB + t[3] if t[2] == "gist" else -1 for t in tokens])
+        is_raw = expected < 0
+        expected[is_raw] = raw
+        np.testing.assert_array_equal(inputs, expected)
+        np.testing.assert_array_equal(targets[is_raw], raw)
+        assert (targets[~is_raw] == tg.IGNORE_INDEX).all()
+        layout = tg.gist_layout(torch.from_numpy(gist_cu), len(tokens), k, seg)
+        np.testing.assert_array_equal(layout.is_gist.numpy(), ~is_raw)
+        # rotary positions: a raw token its raw index, the slots after segment j (j + 1) * L
+        positions = [t[4] if t[2] == "raw" else (t[1] + 1) * seg for t in tokens]
+        assert layout.positions.tolist() == positions
+        np.testing.assert_array_equal(tg.gist_mask(layout).numpy(), brute_force_mask(tokens), err_msg=f"trial {trial}")
+
+
+def test_micro_batch_length_holds_any_pieces():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        k, seg = int(rng.integers(1, 20)), int(rng.integers(1, 40))
+        lengths = rng.integers(1, 300, int(rng.integers(1, 12)))
+        bound = tg.gist_micro_batch_length(int(lengths.sum()), k, seg)
+        assert tg.gist_piece_lengths(lengths, k, seg).sum() <= bound
+
+
+def test_loader_trains_the_same_raw_tokens_in_one_shape(tmp_path):
+    from data.shards import write_shard
+
+    rng = np.random.default_rng(2)
+    docs = [np.concatenate([[tg.BOS_ID], rng.integers(4, 50, size=int(n))]) for n in rng.integers(1, 90, size=37)]
+    write_shard(str(tmp_path / "syn_train_000000.bin"), np.concatenate(docs))
+    stream = tg.TokenStream(str(tmp_path / "syn_train_*.bin"), 64)
+    plain = tg.DocumentLoader(stream, 40, 4 * 60, 4, 0, 1, seed=3, max_segments=12)
+    gist = tg.DocumentLoader(stream, 40, 4 * 60, 4, 0, 1, seed=3, max_segments=12, gist_tokens=3, gist_segment=16,
+                             vocab_size=64)
+    assert gist.batch_length == 60 + 3 * (59 // 16)
+    for _ in range(20):
+        for p, g in zip(plain.next_step(), gist.next_step()):
+            assert len(g.inputs) == gist.batch_length and len(g.cu_seqlens) == len(p.cu_seqlens)
+            real = np.zeros(len(g.inputs), dtype=bool)
+            real[:int(g.cu_seqlens[-1])] = True
+            is_raw = g.inputs < 64
+            raw_positions = np.flatnonzero(is_raw)[:60]  # the padding after them is raw id 0 too
+            np.testing.assert_array_equal(g.inputs[raw_positions], p.inputs)
+            np.testing.assert_array_equal(g.targets[raw_positions], p.targets)
+            assert (np.delete(g.targets, raw_positions) == tg.IGNORE_INDEX).all()
+            # the gist slots sit where the layout says they do
+            layout = tg.gist_layout(torch.from_numpy(g.cu_seqlens), len(g.inputs), 3, 16)
+            np.testing.assert_array_equal(layout.is_gist.numpy()[:raw_positions[-1] + 1],
+                                          ~is_raw[:raw_positions[-1] + 1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the model with gists
+
+
+def gist_model(k: int = 3, seg: int = 16, seed: int = 0) -> tg.GPT:
+    """A tiny gist model whose every weight is random and non-zero (as test_eval_modes.tiny_model)."""
+    torch.manual_seed(seed)
+    model = tg.GPT(tg.ModelConfig(vocab_size=VOCAB, gist_tokens=k, gist_segment=seg, **TINY))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                embedding = name in ("tok_emb.weight", "gist_emb.weight")
+                p.normal_(0.0, 0.3 if embedding else 1.0 / p.shape[1] ** 0.5)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def packed_losses(model: tg.GPT, docs: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-document raw-token losses of one training-style forward over the documents packed as pieces, with the gist
+    slots inserted as the loader inserts them."""
+    k, seg = model.config.gist_tokens, model.config.gist_segment
+    raw = np.concatenate([d[:-1] for d in docs]).astype(np.int32)
+    targets = np.concatenate([d[1:] for d in docs]).astype(np.int64)
+    cu = np.concatenate([[0], np.cumsum([len(d) - 1 for d in docs])]).astype(np.int32)
+    length = int(tg.gist_piece_lengths(np.diff(cu), k, seg).sum())
+    inputs, targets, gist_cu = tg.insert_gist_slots(raw, targets, cu, k, seg, VOCAB, length)
+    with torch.no_grad():
+        losses = model(torch.from_numpy(inputs).long()[None], torch.from_numpy(targets)[None],
+                       torch.from_numpy(gist_cu))[0].double().numpy()
+    return np.split(losses[inputs < VOCAB], cu[1:-1])
+
+
+def random_docs(rng, lengths) -> list[np.ndarray]:
+    return [np.concatenate([[tg.BOS_ID], rng.integers(4, VOCAB, n - 1)]) for n in lengths]
+
+
+def test_reference_attention_is_one_dense_masked_sdpa():
+    rng = np.random.default_rng(3)
+    for k, seg in ((1, 3), (4, 5), (2, 16)):
+        lengths = random_documents(rng, seg, 4)
+        cu = torch.from_numpy(np.concatenate([[0], np.cumsum(tg.gist_piece_lengths(np.array(lengths), k, seg))]))
+        n = int(cu[-1])
+        layout = tg.gist_layout(cu.to(torch.int32), n, k, seg)
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        q, key, v = (torch.randn(n, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), key.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
+            attn_mask=tg.gist_mask(layout)).transpose(0, 1)
+        torch.testing.assert_close(tg.gist_attention_reference(q, key, v, layout), dense, rtol=1e-10, atol=1e-10)
+
+
+def test_no_leak_around_the_gists():
+    """Segment j sees earlier segments only through the gist slots. Zeroing the slots' values alone would not cut that
+    path (the slots' keys still move the softmax's normaliser), so the hook zeroes their keys and values: then the
+    losses of segment j do not change when raw tokens of earlier segments are replaced; with the slots intact they do."""
+    k, seg = 3, 16
+    model = gist_model(k, seg)
+    rng = np.random.default_rng(4)
+    doc = random_docs(rng, [70])[0]  # 69 raw inputs: segments 0..4
+    changed = doc.copy()
+    changed[1:2 * seg] = rng.integers(4, VOCAB, 2 * seg - 1)  # raw inputs of segments 0 and 1 (not BOS)
+    raw_length = len(doc) - 1
+    is_gist = torch.from_numpy(tg.insert_gist_slots(doc[:-1].astype(np.int32), doc[1:].astype(np.int64),
+                                                    np.array([0, raw_length], dtype=np.int32), k, seg, VOCAB,
+                                                    int(tg.gist_piece_lengths(np.array([raw_length]), k, seg)[0]))[0]
+                               >= VOCAB)
+
+    def zero_gists(module, args, out):
+        return out.masked_fill(is_gist[None, :, None], 0.0)
+
+    # the losses of segments 2.. are those of positions 2L.. (their inputs), which see no changed token directly
+    original, replaced = packed_losses(model, [doc])[0], packed_losses(model, [changed])[0]
+    assert not np.allclose(original[2 * seg:], replaced[2 * seg:], atol=1e-4)  # through the gists, they do see them
+    handles = [m.register_forward_hook(zero_gists) for block in model.blocks for m in (block.attn.c_k, block.attn.c_v)]
+    try:
+        original, replaced = packed_losses(model, [doc])[0], packed_losses(model, [changed])[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    np.testing.assert_allclose(original[2 * seg:], replaced[2 * seg:], rtol=0, atol=1e-6)
+    assert not np.allclose(original[:2 * seg - 1], replaced[:2 * seg - 1], atol=1e-4)  # (the test can see changes)
+
+
+def test_training_forward_is_causal():
+    model = gist_model(4, 8)
+    rng = np.random.default_rng(5)
+    doc = random_docs(rng, [61])[0]
+    for t in (5, 8, 23, 40):  # inside a segment, at a segment's end, ...
+        changed = doc.copy()
+        changed[t + 1:] = rng.integers(4, VOCAB, len(doc) - t - 1)
+        before, after = packed_losses(model, [doc])[0], packed_losses(model, [changed])[0]
+        np.testing.assert_array_equal(before[:t], after[:t])  # losses[i] predicts token i + 1
+        assert not np.allclose(before[t:], after[t:])
+
+
+def test_packed_documents_do_not_see_each_other():
+    model = gist_model(2, 8)
+    docs = random_docs(np.random.default_rng(6), [30, 5, 17, 41, 9])
+    together = packed_losses(model, docs)
+    for i, doc in enumerate(docs):
+        np.testing.assert_allclose(packed_losses(model, [doc])[0], together[i], rtol=1e-5, atol=1e-6)
+    order = [3, 0, 4, 1, 2]
+    for i, losses in zip(order, packed_losses(model, [docs[i] for i in order])):
+        np.testing.assert_allclose(losses, together[i], rtol=1e-5, atol=1e-6)
+    # rows (no cu_seqlens): each row one piece, as packed
+    rows = np.stack([docs[0], docs[0][::-1].copy()])
+    raw_length = rows.shape[1] - 1
+    length = int(tg.gist_piece_lengths(np.array([raw_length]), 2, 8)[0])
+    inputs = [tg.insert_gist_slots(r[:-1].astype(np.int32), r[1:].astype(np.int64), np.array([0, raw_length], np.int32),
+                                   2, 8, VOCAB, length) for r in rows]
+    with torch.no_grad():
+        batched = model(torch.from_numpy(np.stack([i[0] for i in inputs])).long(),
+                        torch.from_numpy(np.stack([i[1] for i in inputs])))
+    np.testing.assert_allclose(batched[0].double().numpy()[inputs[0][0] < VOCAB], together[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_reaches_the_gist_embeddings():
+    model = gist_model(3, 8).train().requires_grad_(True)
+    docs = random_docs(np.random.default_rng(7), [40, 20])
+    raw = np.concatenate([d[:-1] for d in docs]).astype(np.int32)
+    cu = np.array([0, 39, 58], dtype=np.int32)
+    inputs, targets, gist_cu = tg.insert_gist_slots(raw, np.concatenate([d[1:] for d in docs]).astype(np.int64), cu,
+                                                    3, 8, VOCAB, tg.gist_micro_batch_length(58, 3, 8))
+    model(torch.from_numpy(inputs).long()[None], torch.from_numpy(targets)[None], torch.from_numpy(gist_cu)).sum() \
+        .backward()
+    assert model.gist_emb.weight.grad.abs().sum(1).gt(0).all()  # every slot index is used and learns
+    assert ("gist_emb.weight", model.gist_emb.weight) in tg.optimizer_groups(model)["embedding"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GIST_TOKENS=0 is the plain model
+
+
+def pre_gist_forward(model: tg.GPT, ids, targets, cu_seqlens, max_seqlen):
+    """GPT.forward's training losses as written before gist tokens existed (the embedding, the block loop with its
+    U-Net skips, the head), on the model's own modules."""
+    cos, sin = model.rotary(model.positions(ids, cu_seqlens))
+    x = x0 = tg.rms_norm(model.tok_emb(ids))
+    skips = []
+    for i, block in enumerate(model.blocks):
+        if i >= model.num_encoder_layers and skips:
+            x = x + model.skip_weights[i - model.num_encoder_layers].to(x.dtype) * skips.pop()
+        x = block(x, x0, cos, sin, cu_seqlens, max_seqlen)
+        if i < model.num_encoder_layers:
+            skips.append(x)
+    x = tg.rms_norm(x)
+    return model.token_losses(x.flatten(0, 1), targets.flatten()).view_as(targets)
+
+
+def test_gist_tokens_zero_is_the_plain_model_bit_for_bit():
+    torch.manual_seed(0)
+    plain = tg.GPT(tg.ModelConfig(vocab_size=VOCAB, **TINY))
+    assert not hasattr(plain, "gist_emb")
+    assert all("gist" not in name for name in plain.state_dict())
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    plain.train()
+    docs = random_docs(np.random.default_rng(8), [50, 12, 33])
+    ids = torch.from_numpy(np.concatenate([d[:-1] for d in docs]).astype(np.int64))[None]
+    targets = torch.from_numpy(np.concatenate([d[1:] for d in docs]).astype(np.int64))[None]
+    cu = torch.tensor([0, 49, 60, 92], dtype=torch.int32)
+    with torch.no_grad():
+        assert torch.equal(plain(ids, targets, cu, 64), pre_gist_forward(plain, ids, targets, cu, 64))
+    hp = tg.Hyperparameters.from_env({})
+    assert (hp.gist_tokens, hp.gist_segment) == (0, 128)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_bad_gist_settings_are_one_clear_error():
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND='fa3': cannot express the gist attention mask"):
+        tg.Hyperparameters.from_env({"GIST_TOKENS": "4", "ATTN_BACKEND": "fa3"})
+    with pytest.raises(tg.ConfigError, match="GIST_SEGMENT"):
+        tg.Hyperparameters.from_env({"GIST_TOKENS": "4", "GIST_SEGMENT": "0"})
+    with pytest.raises(tg.ConfigError, match="GIST_TOKENS"):
+        tg.Hyperparameters.from_env({"GIST_TOKENS": "-1"})
+    with pytest.raises(tg.ConfigError, match="COMPILE=1"):
+        tg.select_gist_attention("auto", torch.device("cpu"), compiling=True)
+    assert tg.select_gist_attention("auto", torch.device("cpu")) == "reference"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# eval_ttt.py --mode gist
+
+
+@pytest.fixture(scope="module")
+def model() -> tg.GPT:
+    return gist_model(k=4, seg=32)
+
+
+def full_forward_losses(model, val) -> dict:
+    """Every document in one masked forward (a strided window longer than any document)."""
+    return tg.evaluate(model, val, "strided", 1024, 4096, stride=512, keep_token_losses=True).token_losses
+
+
+def test_cached_gist_mode_is_one_full_masked_forward(model, val):
+    cached = eval_ttt.gist_evaluate(model, val, keep_token_losses=True)
+    full = full_forward_losses(model, val)
+    for k in range(val.num_docs):
+        np.testing.assert_allclose(cached.token_losses[k], full[k], rtol=1e-5, atol=1e-5)
+    assert cached.total_tokens == int(val.token_counts.sum()) and cached.total_bytes == int(val.byte_counts.sum())
+
+
+def test_cached_segments_never_run_over_earlier_raw_tokens(model, val):
+    """Each segment's forward holds at most L + k tokens of its own and k slots per earlier segment."""
+    seen = []
+    original = eval_ttt.GistCache.__call__
+
+    def spy(self, q, k, v):
+        past = 0 if self.keys[self.layer] is None else self.keys[self.layer].size(1)
+        seen.append((q.size(1), past))
+        return original(self, q, k, v)
+
+    eval_ttt.GistCache.__call__ = spy
+    try:
+        eval_ttt.gist_document_losses(model, val.document(4))  # 409 targets: 13 segments of 32
+    finally:
+        eval_ttt.GistCache.__call__ = original
+    per_segment = seen[::len(model.blocks)]
+    assert [t for t, _ in per_segment] == [36] * 12 + [409 - 12 * 32]
+    assert [past for _, past in per_segment] == [4 * j for j in range(13)]
+
+
+def test_gist_mode_is_causal(model, val, small_dir, tmp_path):
+    import shutil
+
+    doc = val.document(4)
+    for t in (40, 63, 150):
+        changed = doc.copy()
+        changed[t + 1:] = np.random.default_rng(t).integers(4, VOCAB, len(doc) - t - 1)
+        write_val_shard(tmp_path, [doc, changed])
+        shutil.copyfile(small_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+        losses = eval_ttt.gist_evaluate(model, load_val(tmp_path), keep_token_losses=True).token_losses
+        np.testing.assert_array_equal(losses[0][:t], losses[1][:t])
+        assert not np.allclose(losses[0][t:], losses[1][t:])
+
+
+def test_gist_mode_documents_do_not_depend_on_other_documents(model, val):
+    together = eval_ttt.gist_evaluate(model, val, keep_token_losses=True).token_losses
+    for k in range(val.num_docs):
+        alone = eval_ttt.gist_evaluate(model, subset(val, [k]), keep_token_losses=True).token_losses[0]
+        np.testing.assert_array_equal(alone, together[k])
+    order = [3, 0, 5, 1, 4, 2]
+    reordered = eval_ttt.gist_evaluate(model, subset(val, order), keep_token_losses=True).token_losses
+    for i, k in enumerate(order):
+        np.testing.assert_array_equal(reordered[i], together[k])
+    # and two ranks' shares (as under torchrun) score each document as one process does
+    for rank in (0, 1):
+        env = tg.DistributedEnv(rank, 2, torch.device("cpu"))
+        mine = eval_ttt.gist_evaluate(model, val, env, keep_token_losses=True).token_losses
+        for k, losses in mine.items():
+            np.testing.assert_array_equal(losses, together[k])
+
+
+def test_cli_gist_mode_results_and_context(model, val, small_dir, tmp_path, capsys):
+    checkpoint = save_checkpoint(model, small_dir, tmp_path / "gist.pt")
+    rebuilt, state = tg.load_model(str(checkpoint), torch.device("cpu"))
+    assert (state["model_config"]["gist_tokens"], state["model_config"]["gist_segment"]) == (4, 32)
+    assert torch.equal(rebuilt.gist_emb.weight, model.gist_emb.weight)
+    out = tmp_path / "gist.json"
+    assert eval_ttt.main(["--checkpoint", checkpoint, "--mode", "gist", "--out", out]) == 0
+    results = json.loads(out.read_text())
+    expected = eval_ttt.gist_evaluate(model, val)
+    assert results["bpb"] == pytest.approx(expected.bpb, rel=1e-9)
+    assert results["config"]["gist_tokens"] == 4 and results["config"]["gist_segment"] == 32
+    # context per scored token, counted one token at a time: its segment's raw tokens up to itself, 4 slots per
+    # earlier segment
+    counts = val.token_counts.tolist()
+    slots = [p % 32 + 1 + 4 * (p // 32) for n in counts for p in range(n)]
+    assert results["context_slots_per_token"] == pytest.approx(np.mean(slots))
+    assert "eval mode:gist gist_tokens:4 gist_segment:32" in capsys.readouterr().out
+    # strided W = S = 32 holds each token's own window only
+    assert eval_ttt.main(["--checkpoint", checkpoint, "--mode", "strided", "--window", "32", "--stride", "32",
+                          "--out", out]) == 0
+    assert json.loads(out.read_text())["context_slots_per_token"] == pytest.approx(
+        np.mean([p % 32 + 1 for n in counts for p in range(n)]))
+
+
+def test_gist_mode_on_a_plain_checkpoint_is_one_line(small_dir, tmp_path, capsys):
+    from test_eval_modes import tiny_model
+
+    checkpoint = save_checkpoint(tiny_model(), small_dir, tmp_path / "plain.pt")
+    assert eval_ttt.main(["--checkpoint", checkpoint, "--mode", "gist"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --mode gist: the checkpoint's model has no gist tokens (trained with GIST_TOKENS=0)"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA: flex_attention against the reference
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flex_attention_matches_the_reference_on_cuda():
+    device = torch.device("cuda")
+    rng = np.random.default_rng(9)
+    for k, seg in ((4, 128), (16, 128), (3, 40)):
+        lengths = random_documents(rng, seg, 6)
+        cu = np.concatenate([[0], np.cumsum(tg.gist_piece_lengths(np.array(lengths), k, seg))]).astype(np.int32)
+        n = int(cu[-1])
+        layout = tg.gist_layout(torch.from_numpy(cu).to(device), n, k, seg)
+        layout = layout._replace(block_mask=tg.gist_block_mask(layout, n))
+        gen = torch.Generator(device=device).manual_seed(k)
+        q, key, v = (torch.randn(n, h, 64, generator=gen, device=device, dtype=torch.bfloat16) for h in (8, 4, 4))
+        flex = tg.gist_attention_flex(q, key, v, layout)
+        reference = tg.gist_attention_reference(q.float(), key.float(), v.float(), layout)
+        torch.testing.assert_close(flex.float(), reference, rtol=2e-2, atol=2e-2)
+    # and a whole gist model's losses, flex against the reference
+    model = gist_model(4, 32).to(device)
+    docs = random_docs(rng, [300, 45, 129])
+    tg.select_gist_attention("reference", device)
+    reference = packed_losses_on(model, docs, device)
+    tg.select_gist_attention("auto", device)
+    try:
+        flex = packed_losses_on(model, docs, device)
+    finally:
+        tg.select_gist_attention("reference", torch.device("cpu"))
+    for a, b in zip(flex, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def packed_losses_on(model, docs, device):
+    k, seg = model.config.gist_tokens, model.config.gist_segment
+    raw = np.concatenate([d[:-1] for d in docs]).astype(np.int32)
+    targets = np.concatenate([d[1:] for d in docs]).astype(np.int64)
+    cu = np.concatenate([[0], np.cumsum([len(d) - 1 for d in docs])]).astype(np.int32)
+    inputs, targets, gist_cu = tg.insert_gist_slots(raw, targets, cu, k, seg, VOCAB,
+                                                    int(tg.gist_piece_lengths(np.diff(cu), k, seg).sum()))
+    with torch.no_grad():
+        losses = model(torch.from_numpy(inputs).long().to(device)[None], torch.from_numpy(targets).to(device)[None],
+                       torch.from_numpy(gist_cu).to(device))[0].double().cpu().numpy()
+    return np.split(losses[inputs < VOCAB], cu[1:-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a real training run with gists (train_gpt.py as a process), and its checkpoint scored in gist mode
+
+
+@pytest.mark.slow
+def test_training_run_with_gists_logs_and_checkpoints_k_and_l(sample_data, tmp_path, capsys):
+    from test_train import final_weights, run_training
+
+    log, losses = run_training(tmp_path, sample_data, "gist", GIST_TOKENS="2", GIST_SEGMENT="16")
+    assert "hparam gist_tokens=2" in log and "hparam gist_segment=16" in log
+    assert "attention_backend: gist_reference" in log and "gist: tokens:2 segment:16" in log
+    assert all(np.isfinite(v) for v in losses.values()) and len(losses) > 1
+    state = torch.load(tmp_path / "ckpt" / "gist.pt", weights_only=False)
+    assert (state["model_config"]["gist_tokens"], state["model_config"]["gist_segment"]) == (2, 16)
+    assert final_weights(tmp_path, "gist")["gist_emb.weight"].shape[0] == 2
+    assert eval_ttt.main(["--checkpoint", tmp_path / "ckpt" / "gist.pt", "--mode", "gist", "--max-docs", "2"]) == 0
+    assert "eval mode:gist gist_tokens:2 gist_segment:16" in capsys.readouterr().out
