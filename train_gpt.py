@@ -1310,8 +1310,7 @@ class Muon(torch.optim.Optimizer):
 def optimizer_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Which optimizer trains each parameter, decided by what the parameter is, not by its number of dimensions:
     Muon orthogonalises the weight matrices of the blocks' linear layers; the embeddings (tokens, gist slots) and
-    every control tensor
-    (gains, scales, the 2 x width `resid_mix`, skip weights) go to Adam, as in parameter-golf."""
+    every control tensor (gains, scales, the 2 x width `resid_mix`, skip weights) go to Adam, as in parameter-golf."""
     linear_weights = {id(m.weight) for m in model.blocks.modules() if isinstance(m, CastedLinear)}
     groups = {"embedding": [], "matrices": [], "scalars": []}
     for name, p in model.named_parameters():
