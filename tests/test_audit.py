@@ -130,6 +130,7 @@ def test_constants_agree():
     assert audit.P % 2 == 1 and (audit.P * audit.P_INV) % (1 << 64) == 1
 
 
+@pytest.mark.slow
 def test_clean_dataset_passes(clean, corpus, tmp_path):
     code, report, out = run(clean, "--texts", corpus[0], json_out=tmp_path / "r.json")
     assert code == 0, out
@@ -157,6 +158,7 @@ def test_bytes_equal_decoded_bytes(clean):
     assert report["checks"]["bytes"]["bytes"] == want and code == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [5, 97])
 def test_streaming_does_not_depend_on_chunks(clean, monkeypatch, chunk):
     """Tiny chunks (documents and shingles across every chunk and shard boundary) and threads give the same findings
@@ -498,6 +500,7 @@ def test_claim_results_json_and_submission(clean, tmp_path):
 # Command line
 
 
+@pytest.mark.slow
 def test_usage_errors(clean, tmp_path, capsys):
     """Bad usage or unreadable input: exit status 2 and one line `error: ...` on stderr."""
     cases = [
@@ -525,6 +528,7 @@ def test_usage_errors(clean, tmp_path, capsys):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_json_to_stdout(clean):
     proc = subprocess.run([sys.executable, AUDIT, str(clean), "--json", "-"], capture_output=True, text=True,
                           timeout=120)
@@ -537,6 +541,7 @@ def test_json_to_stdout(clean):
 # The bundled sample
 
 
+@pytest.mark.slow
 def test_bundled_sample(sample_data):
     """The sample as run.sh prepares it: structure, exact overlap, bytes, texts and completeness are clean. The PEPs
     hold a few genuine near-copies (a PEP and its revision, such as 241/314 or 247/452), and wherever they fall on

@@ -96,6 +96,7 @@ def test_sample_validation_documents_bytes(val_and_train_docs, prepared_sample):
     assert total == manifest["splits"]["val"]["bytes"] == manifest["splits"]["val"]["decoded_bytes"]
 
 
+@pytest.mark.slow
 def test_sample_tokenizer_is_the_one_prepare_corpus_trains(val_and_train_docs, prepared_sample):
     """The prepared sample is current and reproducible: training again on its training documents with the settings
     its manifest records gives the same model file, byte for byte."""

@@ -70,6 +70,7 @@ def test_source_code_at_the_top_is_not_read(tmp_path):
     assert 999 not in curve.steps and curve.tokens_per_step == 1024
 
 
+@pytest.mark.slow
 def test_cli_plots_and_prints_the_table(tmp_path):
     out = tmp_path / "plots" / "parity.png"
     result = subprocess.run([sys.executable, str(SCRIPT), str(OURS), str(PEER), "--out", str(out)],

@@ -21,6 +21,7 @@ def loss_and_grads(model, fused_ops, ids, targets, cu_seqlens):
         tg.use_fused_ops(())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [sorted(kernels.OPS), ["softcap_cross_entropy", "rms_norm"]])
 def test_fused_training_step_matches_plain(fused):
     if not kernels.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):

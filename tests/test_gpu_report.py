@@ -106,6 +106,7 @@ def test_bad_arguments_are_one_clear_line(tmp_path):
 # running: budgets and timeouts
 
 
+@pytest.mark.slow
 def test_a_part_is_stopped_at_its_budget_with_its_children_and_later_parts_skip_when_time_ran_out(tmp_path):
     sleeper = ("import subprocess, sys, time\n"
                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
@@ -158,12 +159,14 @@ def pytest_output(tmp_path_factory) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_pytest_counts_and_failures(pytest_output):
     counts = gpu_report.parse_pytest(pytest_output)
     assert (counts["passed"], counts["failed"], counts["skipped"], counts["errors"]) == (2, 1, 1, 0)
     assert counts["failures"] == ["test_sample.py::test_broken"] and counts["complete"]
 
 
+@pytest.mark.slow
 def test_pytest_stopped_before_its_summary_still_counts(pytest_output):
     stopped = pytest_output[:pytest_output.index("FAILURES")]  # a run killed at its budget has no summary line
     counts = gpu_report.parse_pytest(stopped)
@@ -238,6 +241,7 @@ def test_eval_results_json():
 # the report
 
 
+@pytest.mark.slow
 def test_report_rows_and_missing_parts(tmp_path, pytest_output):
     data = sample_data_choice()
     parts = gpu_report.build_plan(False, data, tmp_path, "gpu_report_test", [])

@@ -542,6 +542,7 @@ def test_leaderboard_ranks_by_mean_bpb(made, tmp_path, capsys):
 # Curves
 
 
+@pytest.mark.slow
 def test_plot_two_logs(logs, tmp_path):
     out = tmp_path / "curves.png"
     assert plot.main([str(logs[0]), str(logs[1]), "--out", str(out)]) == 0

@@ -35,6 +35,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_runs_a_grid_and_plots(checkpoint, tmp_path, capsys):
     out_dir = tmp_path / "sweep"
     code, stdout, err = run_sweep(capsys, "--checkpoint", checkpoint, *TTT_ARGS, "--max-docs", "3",
