@@ -2,7 +2,8 @@
 
     python data/prepare_corpus.py --input FILE(.jsonl|.jsonl.gz|.txt|dir) --out DIR
         [--tokenizer MODEL | --vocab-size 1024] [--val-docs 60] [--val-select spread|first]
-        [--shard-tokens 100000000] [--name PREFIX] [--character-coverage 0.9995]
+        [--decontaminate-share 0.2] [--decontaminate-ngram 8]
+        [--shard-tokens 100000000] [--name PREFIX] [--character-coverage 0.9995] [--skip-if-current]
 
 Input
   .jsonl / .jsonl.gz  one JSON object per line with a string field "text" (other fields are ignored, blank lines too).
@@ -21,9 +22,19 @@ Validation documents (--val-select)
                     validation set is by convention its first documents.
   Positions count the non-empty documents. The choice is recorded in the manifest (parameters.val_select).
 
+Near-duplicates of validation documents (--decontaminate-share, --decontaminate-ngram)
+  A corpus can hold revisions of one text (PEP 241 and PEP 314 are versions of one specification). When one revision
+  is a validation document and another trains the model, the validation score measures recall, not prediction. So a
+  training document is dropped when, for some validation document V, at least --decontaminate-share (default 0.2) of
+  V's word n-grams (n = --decontaminate-ngram, default 8; words split on whitespace) occur in it, or at least
+  max(0.5, --decontaminate-share) of its own n-grams occur in V. Dropped documents are neither in the tokenizer's
+  training text nor in the shards; the manifest lists each one (splits.train.dropped: its input position, the
+  validation document it matches, both shares). 0 turns this off. Validation documents are never changed: the
+  validation split is the same set of texts with or without this step. tools/audit.py checks the result on tokens.
+
 Output (DIR)
   {PREFIX}_val_000000.bin, ...    the --val-docs validation documents (default 60), in input order
-  {PREFIX}_train_000000.bin, ...  the other documents, in input order
+  {PREFIX}_train_000000.bin, ...  the other documents (less the dropped near-duplicates), in input order
       shards of at most --shard-tokens tokens (default 100,000,000, like the FineWeb shards); a document may continue
       from one shard into the next. Every document is BOS (id 1) followed by its tokens; no EOS.
   tokenizer.model                 the tokenizer the shards were made with: trained here, or a copy of --tokenizer
@@ -86,7 +97,11 @@ MAX_SENTENCE_BYTES = 1 << 30  # documents are whole "sentences" for the trainer;
 ENCODE_BATCH_BYTES = 2 << 20  # text per sp.encode call: bounds the memory of the Python id lists
 VAL_SELECT_CHOICES = ("spread", "first")
 DEFAULT_VAL_SELECT = "spread"
-MANIFEST_FORMAT = 2  # 2: parameters.val_select (format 1 had no such field and always took the first documents)
+DEFAULT_DECONTAMINATE_SHARE = 0.2
+DEFAULT_DECONTAMINATE_NGRAM = 8
+# 2: parameters.val_select (format 1 had no such field and always took the first documents); 3: parameters.decontaminate
+# and splits.train.dropped
+MANIFEST_FORMAT = 3
 
 
 class PrepareError(Exception):
@@ -237,6 +252,74 @@ def validation_positions(documents: int, val_docs: int, select: str) -> list[int
     raise ValueError(f"unknown validation selection {select!r}")
 
 
+def word_ngram_hashes(text: str, n: int) -> np.ndarray:
+    """The distinct hashes of the text's word n-grams (words split on whitespace), as uint64. Deterministic: each word
+    is its CRC-32, and an n-gram the polynomial of its n word values (no Python hash(), which is salted per process)."""
+    words = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in text.split()), dtype=np.uint64)
+    count = len(words) - n + 1
+    if count <= 0:
+        return np.empty(0, dtype=np.uint64)
+    h = np.zeros(count, dtype=np.uint64)
+    for i in range(n):  # wraps modulo 2**64, which is what a hash wants
+        h = h * np.uint64(1_000_003) + words[i:i + count]
+    return np.unique(h)
+
+
+@dataclass
+class DroppedDocument:
+    input_document: int  # position among the corpus's non-empty documents
+    val_document: int  # index in the validation split of the document it near-duplicates
+    val_share: float  # share of that validation document's n-grams found in this document
+    own_share: float  # share of this document's n-grams found in that validation document
+
+    def manifest(self) -> dict:
+        return {"input_document": self.input_document, "val_document": self.val_document,
+                "val_share": round(self.val_share, 6), "own_share": round(self.own_share, 6)}
+
+
+def near_duplicates_of_validation(read_documents, val_positions: list[int], n: int,
+                                  share: float) -> list[DroppedDocument]:
+    """The training documents to drop (see "Near-duplicates of validation documents" above), in input order.
+
+    read_documents: a function returning a fresh iterator of the corpus's non-empty (text, nbytes), read twice: once
+    for the validation documents' n-grams (all that is held in memory), once streaming the training documents. A
+    training document is dropped for the validation document it shares the largest share of n-grams with."""
+    val_index = {p: j for j, p in enumerate(val_positions)}
+    val_hashes = [np.empty(0, dtype=np.uint64)] * len(val_positions)
+    for position, (text, _) in enumerate(read_documents()):
+        if position in val_index:
+            val_hashes[val_index[position]] = word_ngram_hashes(text, n)
+    # one sorted array of every validation n-gram with the validation document it belongs to
+    owners = np.concatenate([np.full(len(h), j, dtype=np.int64) for j, h in enumerate(val_hashes)] + [np.empty(0, np.int64)])
+    pooled = np.concatenate(val_hashes + [np.empty(0, np.uint64)])
+    order = np.argsort(pooled, kind="stable")
+    pooled, owners = pooled[order], owners[order]
+    val_sizes = np.array([len(h) for h in val_hashes], dtype=np.int64)
+    own_floor = max(0.5, share)
+    dropped = []
+    for position, (text, _) in enumerate(read_documents()):
+        if position in val_index:
+            continue
+        hashes = word_ngram_hashes(text, n)
+        if len(hashes) == 0 or len(pooled) == 0:
+            continue
+        lo = np.searchsorted(pooled, hashes, side="left")
+        hi = np.searchsorted(pooled, hashes, side="right")
+        hit = hi > lo
+        if not hit.any():
+            continue
+        # every (n-gram, validation document) pair the n-grams of this document fall on
+        matched = np.concatenate([owners[a:b] for a, b in zip(lo[hit], hi[hit])])
+        common = np.bincount(matched, minlength=len(val_sizes))
+        val_share = common / np.maximum(val_sizes, 1)
+        own_share = common / len(hashes)
+        candidates = np.flatnonzero((val_share >= share) | (own_share >= own_floor))
+        if len(candidates):
+            j = int(candidates[np.argmax(val_share[candidates])])
+            dropped.append(DroppedDocument(position, j, float(val_share[j]), float(own_share[j])))
+    return dropped
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -337,9 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which documents are validation: 'spread' (default) evenly spaced over the whole corpus, for"
                         " local corpora that are in some order; 'first' the first --val-docs, for corpora that are"
                         " already shuffled (FineWeb)")
+    p.add_argument("--decontaminate-share", type=float, default=DEFAULT_DECONTAMINATE_SHARE,
+                   help="drop training documents holding at least this share of a validation document's word n-grams"
+                        f" (default {DEFAULT_DECONTAMINATE_SHARE}; 0 keeps every document)")
+    p.add_argument("--decontaminate-ngram", type=int, default=DEFAULT_DECONTAMINATE_NGRAM,
+                   help=f"words per n-gram of that comparison (default {DEFAULT_DECONTAMINATE_NGRAM})")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"at most this many tokens per shard (default {DEFAULT_SHARD_TOKENS:_})")
     p.add_argument("--name", help="shard file prefix (default: the input's name, peps.jsonl.gz -> peps)")
+    p.add_argument("--skip-if-current", action="store_true",
+                   help="do nothing when --out already holds this input prepared with these parameters by this version"
+                        " of the script (run.sh and the tests prepare the sample this way)")
     p.add_argument("--character-coverage", type=float, default=None,
                    help=f"SentencePiece character_coverage when training (default {DEFAULT_CHARACTER_COVERAGE}: the"
                         " rarest characters go through byte fallback instead of taking pieces; still lossless)")
@@ -350,6 +441,10 @@ def check_parameters(args) -> None:
     if args.val_docs < 1:
         raise PrepareError("--val-docs", f"must be at least 1, got {args.val_docs}"
                                          " (train_gpt.py evaluates the val split)")
+    if not 0.0 <= args.decontaminate_share <= 1.0:
+        raise PrepareError("--decontaminate-share", f"must be in [0, 1] (0: off), got {args.decontaminate_share}")
+    if args.decontaminate_ngram < 1:
+        raise PrepareError("--decontaminate-ngram", f"must be at least 1, got {args.decontaminate_ngram}")
     if args.shard_tokens < 1:
         raise PrepareError("--shard-tokens", f"must be at least 1, got {args.shard_tokens}")
     if args.vocab_size is not None and not 260 < args.vocab_size <= 65536:
@@ -385,9 +480,47 @@ def check_out_dir(out: str, prefix: str) -> None:
                                     f" along with these; remove them or choose another --out")
 
 
+def manifest_parameters(args, prefix: str) -> dict:
+    """The manifest's `parameters`: every choice that shapes the output (after check_parameters)."""
+    trained = args.tokenizer is None
+    return {"val_docs": args.val_docs, "val_select": args.val_select,
+            "decontaminate": {"share": args.decontaminate_share, "ngram_words": args.decontaminate_ngram},
+            "shard_tokens": args.shard_tokens, "name": prefix,
+            "vocab_size": (args.vocab_size or DEFAULT_VOCAB_SIZE) if trained else None,
+            "character_coverage": args.character_coverage if trained else None,
+            "tokenizer": None if trained else os.path.basename(args.tokenizer)}
+
+
+def is_current(args) -> bool:
+    """DIR already holds what this command would write: a manifest of this format, input sha256 and parameters, with
+    the tokenizer and every shard it lists present at their sizes (contents are not re-hashed)."""
+    try:
+        with open(os.path.join(args.out, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    prefix = args.name if args.name is not None else default_prefix(args.input)
+    kind = input_kind(args.input)
+    if (manifest.get("format") != MANIFEST_FORMAT or manifest.get("parameters") != manifest_parameters(args, prefix)
+            or manifest.get("input", {}).get("sha256") != input_sha256(args.input, kind)
+            or not os.path.isfile(os.path.join(args.out, "tokenizer.model"))):
+        return False
+    header_bytes = 4 * manifest["shard_format"]["header_int32"]
+    for split in manifest["splits"].values():
+        for entry in split["files"]:
+            path = os.path.join(args.out, entry["name"])
+            if not os.path.isfile(path) or os.path.getsize(path) != header_bytes + 2 * entry["tokens"]:
+                return False
+    return True
+
+
 def run(args) -> dict:
-    """Everything but the argument parsing; returns the manifest. Raises PrepareError for bad input."""
+    """Everything but the argument parsing; returns the manifest (None when --skip-if-current found it up to date).
+    Raises PrepareError for bad input."""
     check_parameters(args)
+    if getattr(args, "skip_if_current", False) and is_current(args):
+        print(f"{args.out} is up to date")
+        return None
     given = None
     if args.tokenizer is not None:
         given = load_tokenizer_file(args.tokenizer)  # fail early, before reading a large input
@@ -414,8 +547,19 @@ def run(args) -> dict:
         raise PrepareError(args.input, f"--val-docs {args.val_docs} leaves no training documents: the corpus has only"
                                        f" {documents} documents (pass a smaller --val-docs)")
     val_positions = frozenset(validation_positions(documents, args.val_docs, args.val_select))
+    dropped = []
+    if args.decontaminate_share > 0:
+        dropped = near_duplicates_of_validation(lambda: iter_documents(args.input, kind), sorted(val_positions),
+                                                args.decontaminate_ngram, args.decontaminate_share)
+        if len(dropped) + args.val_docs >= documents:
+            raise PrepareError(args.input, f"every training document near-duplicates a validation document"
+                                           f" ({len(dropped)} dropped); pass a larger --decontaminate-share")
+        if dropped:
+            print(f"dropping {len(dropped)} training document(s) that near-duplicate validation documents"
+                  f" (input positions {', '.join(str(d.input_document) for d in dropped)})", flush=True)
+    dropped_positions = frozenset(d.input_document for d in dropped)
     val_bytes = sum(document_bytes[i] for i in val_positions)
-    train_bytes = sum(document_bytes) - val_bytes
+    train_bytes = sum(document_bytes) - val_bytes - sum(document_bytes[i] for i in dropped_positions)
 
     # Pass 2: the tokenizer (trained on the train split only, in input order), still in memory.
     import sentencepiece as spm
@@ -425,10 +569,12 @@ def run(args) -> dict:
         settings = None
     else:
         settings = trainer_settings(args.vocab_size or DEFAULT_VOCAB_SIZE, args.character_coverage)
-        print(f"training a {settings['vocab_size']}-piece BPE tokenizer on {documents - args.val_docs} documents"
+        print(f"training a {settings['vocab_size']}-piece BPE tokenizer on"
+              f" {documents - args.val_docs - len(dropped)} documents"
               f" ({train_bytes / 1e6:.1f} MB)", flush=True)
         t0 = time.perf_counter()
-        train_texts = (text for i, (text, _) in enumerate(iter_documents(args.input, kind)) if i not in val_positions)
+        train_texts = (text for i, (text, _) in enumerate(iter_documents(args.input, kind))
+                       if i not in val_positions and i not in dropped_positions)
         model_bytes = train_tokenizer(train_texts, settings, args.input)
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         print(f"trained in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -443,17 +589,15 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     try:
-        with tqdm(total=val_bytes + train_bytes, unit="B", unit_scale=True, desc="encoding", file=sys.stderr,
+        with tqdm(total=sum(document_bytes), unit="B", unit_scale=True, desc="encoding", file=sys.stderr,
                   disable=None, mininterval=1.0) as bar:
-            index = 0
-            batch: list[tuple[str, int]] = []
+            batch: list[tuple[int, str, int]] = []  # (input position, text, UTF-8 bytes)
 
             def flush_batch():
-                nonlocal index
-                ids_list = sp.encode([t for t, _ in batch], num_threads=threads)
+                ids_list = sp.encode([text for _, text, _ in batch], num_threads=threads)
                 decoded = sp.decode(ids_list, num_threads=threads)
-                for (text, nbytes), ids, back in zip(batch, ids_list, decoded):
-                    split = "val" if index in val_positions else "train"
+                for (position, text, nbytes), ids, back in zip(batch, ids_list, decoded):
+                    split = "val" if position in val_positions else "train"
                     doc = np.empty(len(ids) + 1, dtype=np.int64)
                     doc[0] = BOS_ID
                     doc[1:] = ids
@@ -466,18 +610,22 @@ def run(args) -> dict:
                     if back != text:
                         s.not_round_trip += 1
                         if s.first_not_round_trip is None:
-                            s.first_not_round_trip = index
-                    index += 1
+                            s.first_not_round_trip = position
                     bar.update(nbytes)
                 batch.clear()
 
             batch_bytes = 0
+            index = 0  # input position of the next document
             for text, nbytes in iter_documents(args.input, kind):
-                batch.append((text, nbytes))
-                batch_bytes += nbytes
+                if index in dropped_positions:  # near-duplicates a validation document: not encoded
+                    bar.update(nbytes)
+                else:
+                    batch.append((index, text, nbytes))
+                    batch_bytes += nbytes
                 if batch_bytes >= ENCODE_BATCH_BYTES:
                     flush_batch()
                     batch_bytes = 0
+                index += 1
             if batch:
                 flush_batch()
         if index != documents:
@@ -502,15 +650,12 @@ def run(args) -> dict:
             "input": {"name": os.path.basename(os.path.normpath(args.input)), "kind": kind,
                       "sha256": input_sha256(args.input, kind), "documents": documents,
                       "skipped_empty_documents": empty},
-            "parameters": {"val_docs": args.val_docs, "val_select": args.val_select,
-                           "shard_tokens": args.shard_tokens, "name": prefix,
-                           "vocab_size": None if given is not None else settings["vocab_size"],
-                           "character_coverage": None if given is not None else args.character_coverage,
-                           "tokenizer": None if given is None else os.path.basename(args.tokenizer)},
+            "parameters": manifest_parameters(args, prefix),
             "shard_format": {"magic": 20240520, "version": 1, "header_int32": 256, "token_dtype": "uint16",
                              "bos_id": BOS_ID, "eos_appended": False},
             "tokenizer": tokenizer_info,
-            "splits": {split: stats[split].manifest() for split in ("val", "train")},
+            "splits": {"val": stats["val"].manifest(),
+                       "train": {**stats["train"].manifest(), "dropped": [d.manifest() for d in dropped]}},
             "sentencepiece_version": spm.__version__,
         }
         manifest_text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=True) + "\n"

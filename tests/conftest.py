@@ -22,14 +22,14 @@ SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024_spread"
 
 
 def prepare_sample() -> Path:
-    """The bundled sample, prepared once exactly as run.sh does it (cached in data/datasets/, like run.sh's)."""
+    """The bundled sample, prepared exactly as run.sh does it (cached in data/datasets/, shared with run.sh's; prepared
+    again only when prepare_corpus.py's output format or the sample changed)."""
     import subprocess
 
-    if not (SAMPLE_DIR / "manifest.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "data" / "prepare_corpus.py"), "--input",
-                        str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "--out", str(SAMPLE_DIR), "--val-docs", "60",
-                        "--val-select", "spread"],
-                       check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "data" / "prepare_corpus.py"), "--input",
+                    str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "--out", str(SAMPLE_DIR), "--val-docs", "60",
+                    "--val-select", "spread", "--skip-if-current"],
+                   check=True, capture_output=True)
     return SAMPLE_DIR
 
 

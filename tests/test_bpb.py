@@ -51,17 +51,19 @@ def table_and_decoded_bytes(sp, tables, text):
 
 
 @pytest.fixture(scope="module")
-def val_and_train_docs(sample_docs) -> tuple[list[str], list[str]]:
-    """The sample's validation and training documents as prepare_corpus.py splits them (--val-select spread)."""
+def val_and_train_docs(sample_docs, prepared_sample) -> tuple[list[str], list[str]]:
+    """The sample's validation and training documents as prepare_corpus.py splits them (--val-select spread; the
+    training documents that near-duplicate a validation document, listed in the manifest, dropped)."""
     positions = set(prepare_corpus.validation_positions(len(sample_docs), VAL_DOCS, "spread"))
+    dropped = {d["input_document"] for d in prepared_sample[2]["splits"]["train"]["dropped"]}
     return ([d for i, d in enumerate(sample_docs) if i in positions],
-            [d for i, d in enumerate(sample_docs) if i not in positions])
+            [d for i, d in enumerate(sample_docs) if i not in positions and i not in dropped])
 
 
 @pytest.fixture(scope="module")
 def prepared_sample(sample_data):
     """The sample as run.sh prepares it (tests/conftest.py runs `prepare_corpus.py --input data/sample/peps.jsonl.gz
-    --out data/datasets/peps_sp1024_spread --val-docs 60 --val-select spread` once): tokenizer trained on the 641
+    --out data/datasets/peps_sp1024_spread --val-docs 60 --val-select spread` once): tokenizer trained on the 630
     other documents."""
     sp = spm.SentencePieceProcessor(model_file=str(sample_data / "tokenizer.model"))
     manifest = json.loads((sample_data / "manifest.json").read_text(encoding="utf-8"))

@@ -337,7 +337,9 @@ def test_prepare_cli_parameter_errors(tmp_path, error_inputs):
     tmp, _ = error_inputs
     for extra, expected in [(["--shard-tokens", "0"], "--shard-tokens"), (["--val-docs", "0"], "--val-docs"),
                             (["--vocab-size", "100"], "--vocab-size"), (["--name", "a/b"], "--name"),
-                            (["--tokenizer", "x.model", "--vocab-size", "300"], "not allowed with")]:
+                            (["--tokenizer", "x.model", "--vocab-size", "300"], "not allowed with"),
+                            (["--decontaminate-share", "1.5"], "--decontaminate-share"),
+                            (["--decontaminate-ngram", "0"], "--decontaminate-ngram")]:
         result = run_cli(PREPARE, "--input", tmp / "three.jsonl", "--out", tmp_path / "o", *extra)
         assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
         assert result.stderr.startswith("error: ") and expected in result.stderr
@@ -408,7 +410,9 @@ def test_manifest(prepared):
     training = manifest["tokenizer"]["training"]
     assert training["normalization_rule_name"] == "identity" and training["byte_fallback"] is True
     assert training["add_dummy_prefix"] is False and training["remove_extra_whitespaces"] is False
-    assert manifest["format"] == 2 and manifest["parameters"]["val_select"] == "spread"  # the default
+    assert manifest["format"] == 3 and manifest["parameters"]["val_select"] == "spread"  # the default
+    assert manifest["parameters"]["decontaminate"] == {"share": 0.2, "ngram_words": 8}  # the default
+    assert manifest["splits"]["train"]["dropped"] == []  # random documents share no long word n-grams
     read = read_documents(out)
     for split, split_docs in expected_split(docs, 7).items():
         entry = manifest["splits"][split]
@@ -462,6 +466,37 @@ def test_rerun_replaces_own_shards(tmp_path, prepared):
                                  "tokenizer.model"]
 
 
+def test_skip_if_current(tmp_path, prepared, capsys):
+    """--skip-if-current leaves an up-to-date folder alone, and prepares again when a parameter, the input, the
+    manifest format or a shard differs."""
+    out = tmp_path / "out"
+    src = tmp_path / "in.jsonl"
+    shutil.copy(prepared["input"], src)
+    args = ["--input", str(src), "--out", str(out), "--tokenizer", str(prepared["out"] / "tokenizer.model"),
+            "--val-docs", "7", "--skip-if-current"]
+
+    def prepare_and_tell(extra=()) -> bool:
+        """True when the folder was (re)written."""
+        capsys.readouterr()
+        assert prepare_corpus.main(args + list(extra)) == 0
+        return "up to date" not in capsys.readouterr().out
+
+    assert prepare_and_tell()  # nothing there yet
+    assert not prepare_and_tell()
+    assert prepare_and_tell(["--val-docs", "6"])  # a parameter
+    assert not prepare_and_tell(["--val-docs", "6"])
+    assert prepare_and_tell()
+    write_jsonl(src, prepared["docs"] + ["one more document"])  # the input
+    assert prepare_and_tell()
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))  # an older script's output
+    assert prepare_and_tell()
+    val_shard = out / manifest["splits"]["val"]["files"][0]["name"]
+    val_shard.write_bytes(val_shard.read_bytes()[:-2])  # a truncated shard
+    assert prepare_and_tell()
+    assert not prepare_and_tell()
+
+
 def test_u2581_is_counted_as_not_round_trip(tmp_path, prepared, capsys):
     src = tmp_path / "odd.jsonl"
     write_jsonl(src, ["plain text", "a \u2581 b", "more plain text", "x"])
@@ -507,8 +542,9 @@ def test_val_select(tmp_path, prepared, select):
     write_jsonl(src, docs)
     out = tmp_path / "out"
     extra = ["--val-select", select] if select else []
-    code = prepare_corpus.main(["--input", str(src), "--out", str(out), "--val-docs", "6",
-                                "--tokenizer", str(prepared["out"] / "tokenizer.model"), *extra])
+    # these templated documents all near-duplicate one another: decontamination would empty the train split
+    code = prepare_corpus.main(["--input", str(src), "--out", str(out), "--val-docs", "6", "--decontaminate-share",
+                                "0", "--tokenizer", str(prepared["out"] / "tokenizer.model"), *extra])
     assert code == 0
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     read = read_documents(out)
@@ -524,6 +560,52 @@ def test_val_select(tmp_path, prepared, select):
     assert manifest["parameters"]["val_select"] == (select or "spread")
     assert manifest["splits"]["val"]["documents"] == 6 and manifest["splits"]["train"]["documents"] == 54
     assert manifest["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in got["val"])
+
+
+def long_words(count: int, seed: int) -> list[str]:
+    """`count` words drawn from a large vocabulary, so that unrelated texts share no 8-word run."""
+    rng = np.random.default_rng(seed)
+    return [f"w{j}" for j in rng.integers(0, 1_000_000, count)]
+
+
+@pytest.mark.parametrize("share", [None, "0"])
+def test_decontaminate_drops_near_duplicates_of_validation_documents(tmp_path, prepared, share):
+    """Training documents that are revisions of, contain, or are excerpts of a validation document are dropped and
+    listed in the manifest; a training document that only shares one phrase with a validation document stays; the
+    validation split is the same either way. --decontaminate-share 0 keeps everything."""
+    docs = [" ".join(long_words(300, seed)) for seed in range(20)]
+    val = expected_split(docs, 4)["val"]  # positions 2, 7, 12, 17
+    revision = val[0].split()
+    for i in range(0, 300, 40):  # a later revision: every 40th word changed
+        revision[i] = "changed"
+    docs[0] = " ".join(revision)  # shares ~77% of val[0]'s 8-grams
+    docs[5] = " ".join(long_words(200, 100)) + " " + val[1] + " " + " ".join(long_words(200, 101))  # contains val[1]
+    docs[9] = " ".join(val[2].split()[100:140])  # an excerpt: 11% of val[2]'s 8-grams, all of its own
+    docs[14] = " ".join(long_words(290, 102) + val[3].split()[50:60])  # one 10-word phrase in common: kept
+    src = tmp_path / "c.jsonl"
+    write_jsonl(src, docs)
+    out = tmp_path / "out"
+    extra = ["--decontaminate-share", share] if share else []
+    assert prepare_corpus.main(["--input", str(src), "--out", str(out), "--val-docs", "4",
+                                "--tokenizer", str(prepared["out"] / "tokenizer.model"), *extra]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    dropped = manifest["splits"]["train"]["dropped"]
+    if share == "0":
+        assert dropped == []
+        assert manifest["parameters"]["decontaminate"]["share"] == 0
+    else:
+        assert [(d["input_document"], d["val_document"]) for d in dropped] == [(0, 0), (5, 1), (9, 2)]
+        assert 0.7 < dropped[0]["val_share"] < 0.85 and dropped[1]["val_share"] == 1.0
+        assert 0.1 < dropped[2]["val_share"] < 0.15 and dropped[2]["own_share"] == 1.0
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    read = read_documents(out)
+    got = {split: [sp.decode(d[1:].tolist()) for d in read[split][1]] for split in ("val", "train")}
+    expected = expected_split(docs, 4)
+    gone = {d["input_document"] for d in dropped}
+    assert got["val"] == expected["val"]
+    assert got["train"] == [d for i, d in enumerate(docs) if i not in gone and d not in expected["val"]]
+    assert manifest["splits"]["train"]["documents"] == 16 - len(gone)
+    assert manifest["input"]["documents"] == 20
 
 
 def test_val_select_counts_non_empty_documents(tmp_path, prepared):
