@@ -19,11 +19,11 @@ Where it puts them (parameter-golf's local layout, under --out, default this dat
   OUT/datasets/manifest.json                       the dataset repo's manifest
 
 Resumable: a file already present is skipped when it is complete: its size equals the hub's (asked once for all
-files), and a shard also passes train_gpt.load_shard (magic, version, size = header + 2 x count), the tokenizer loads
-with SentencePiece and the manifest parses. Anything else is downloaded again. Every file is downloaded into the
-Hugging Face cache, checked, then linked (or copied) to a temporary name next to its destination and renamed into
-place, so an interrupted run never leaves a partial file under a final name. When the hub cannot be reached and every
-file is present and passes the local checks, the run succeeds without the network.
+files), and a shard also passes data/shards.read_shard (the checks of train_gpt.load_shard: magic, version, size =
+header + 2 x count), the tokenizer loads with SentencePiece and the manifest parses. Anything else is downloaded again.
+Every file is downloaded into the Hugging Face cache, checked, then linked (or copied) to a temporary name next to its
+destination and renamed into place, so an interrupted run never leaves a partial file under a final name. When the hub
+cannot be reached and every file is present and passes the local checks, the run succeeds without the network.
 
 Errors: one line on stderr and exit code 2, e.g.
   error: cannot reach the Hugging Face hub (https://huggingface.co): offline mode is enabled (HF_HUB_OFFLINE=1)
@@ -39,10 +39,10 @@ import os
 import shutil
 import sys
 
-if __package__ in (None, ""):  # run as a script: make `data` (and train_gpt) importable
+if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import remove_quietly, temp_path_for
+from data.shards import ShardError, read_shard, remove_quietly, temp_path_for
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
@@ -130,11 +130,9 @@ def hub_download(repo_id: str, revision: str | None, remote_path: str, destinati
 
 def check_shard(path: str):
     """None if `path` is a complete shard, else the problem."""
-    import train_gpt
-
     try:
-        train_gpt.load_shard(path)
-    except train_gpt.DataError as e:
+        read_shard(path)
+    except ShardError as e:
         return str(e).split(": ", 1)[-1]
     return None
 

@@ -71,7 +71,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import ShardError, ShardWriter, remove_quietly, sha256_file, write_temp
+from data.shards import (SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardError, ShardWriter, remove_quietly,
+                         sha256_file, write_temp)
 
 BOS_ID = 1
 DEFAULT_VAL_DOCS = 60
@@ -507,7 +508,8 @@ def run(args) -> dict:
                            "vocab_size": None if given is not None else settings["vocab_size"],
                            "character_coverage": None if given is not None else args.character_coverage,
                            "tokenizer": None if given is None else os.path.basename(args.tokenizer)},
-            "shard_format": {"magic": 20240520, "version": 1, "header_int32": 256, "token_dtype": "uint16",
+            "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_int32": SHARD_HEADER_INTS,
+                             "token_dtype": "uint16",
                              "bos_id": BOS_ID, "eos_appended": False},
             "tokenizer": tokenizer_info,
             "splits": {split: stats[split].manifest() for split in ("val", "train")},

@@ -1,11 +1,12 @@
-"""Writing token shards (the reader, `load_shard`, lives in train_gpt.py).
+"""The shard format for everything outside the record (data/, tools/): its constants, reader and writer.
 
 Shard file: 256 little-endian int32 header ([0] magic 20240520, [1] version 1, [2] number of tokens), then that many
 little-endian uint16 tokens, nothing else. Every file is written to a temporary file in the target directory first and
 renamed into place, so a reader never sees a half-written shard.
 
-Only numpy and the standard library are imported here, so the data tools start fast; the constants are the same as
-train_gpt.py's (tests/test_data.py checks that they agree).
+Only numpy and the standard library are imported here, so the data tools start fast. train_gpt.py, which a record
+carries on its own, keeps its own copy of the constants and the reader (`load_shard`, with the same checks and
+messages); tests/test_data.py checks that the two sides agree.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ MAX_TOKEN_ID = 65535  # tokens are stored as uint16
 
 
 class ShardError(ValueError):
-    """A shard cannot be written. The message starts with the file it is about."""
+    """A shard cannot be written or read. The message starts with the file it is about."""
 
 
 def _header(num_tokens: int) -> bytes:
@@ -99,6 +100,31 @@ def write_shard(path, tokens) -> None:
     path = str(path)
     array = as_uint16_tokens(tokens, path)
     write_bytes_atomic(path, _header(len(array)) + array.tobytes())
+
+
+def read_shard(path) -> np.ndarray:
+    """The tokens of one shard, memory-mapped, after checking magic, version and the exact file size; ShardError
+    naming `path` otherwise (the checks and messages of train_gpt.load_shard)."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise ShardError(f"{path}: shard file not found") from None
+    if size < SHARD_HEADER_BYTES:
+        what = "empty" if size == 0 else f"only {size} bytes"
+        raise ShardError(f"{path}: file is {what}, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    magic, version, num_tokens = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
+    if magic != SHARD_MAGIC:
+        raise ShardError(f"{path}: wrong magic number {magic} (a token shard starts with {SHARD_MAGIC})")
+    if version != SHARD_VERSION:
+        raise ShardError(f"{path}: unsupported shard version {version} (this reader knows version {SHARD_VERSION})")
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        raise ShardError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
+                         f" ({'truncated' if size < expected else 'trailing data'})")
+    if num_tokens == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
 
 
 def sha256_file(path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -127,9 +128,13 @@ def read_documents(out, vocab_size=None):
 # Shard writer and reader
 
 
+# train_gpt.py (self-contained in a record) keeps its own shard reader; data/shards.py holds the one of everything
+# else. The tests here hold the two sides together.
+
+
 def test_constants_agree_with_train_gpt():
-    assert (shards.SHARD_MAGIC, shards.SHARD_VERSION, shards.SHARD_HEADER_INTS) == \
-        (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS)
+    assert (shards.SHARD_MAGIC, shards.SHARD_VERSION, shards.SHARD_HEADER_INTS, shards.SHARD_HEADER_BYTES) == \
+        (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS, train_gpt.SHARD_HEADER_BYTES)
     assert prepare_corpus.BOS_ID == train_gpt.BOS_ID
 
 
@@ -144,9 +149,9 @@ def test_write_shard_round_trip(tmp_path, length):
     assert path.stat().st_size == 1024 + 2 * length
     header = np.fromfile(path, dtype="<i4", count=256)
     assert list(header[:3]) == [20240520, 1, length] and not header[3:].any()
-    loaded = train_gpt.load_shard(path)
-    assert loaded.dtype == np.uint16 and len(loaded) == length
-    np.testing.assert_array_equal(np.asarray(loaded, dtype=np.int64), tokens)
+    for loaded in (train_gpt.load_shard(path), shards.read_shard(path)):
+        assert loaded.dtype == np.uint16 and len(loaded) == length
+        np.testing.assert_array_equal(np.asarray(loaded, dtype=np.int64), tokens)
     assert output_files(tmp_path) == [path.name]  # no temporary file left
 
 
@@ -200,20 +205,30 @@ BAD_SHARDS = {
     "trailing data": (_header(count=4) + b"\x01\x00" * 5, "trailing data"),
     "empty file": (b"", "empty"),
     "short header": (_header()[:100], "only 100 bytes"),
+    "missing": (None, "not found"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SHARDS))
 def test_load_shard_rejects_bad_files(tmp_path, case):
+    """train_gpt's reader and data/shards' reader refuse the same files with the same message, naming the file."""
     data, expected = BAD_SHARDS[case]
     path = tmp_path / "bad_train_000000.bin"
-    path.write_bytes(data)
-    for read in (lambda: train_gpt.load_shard(path), lambda: train_gpt.TokenStream(str(path), 1024)):
-        with pytest.raises(train_gpt.DataError) as info:
+    if data is not None:
+        path.write_bytes(data)
+    readers = [(lambda: train_gpt.load_shard(path), train_gpt.DataError),
+               (lambda: shards.read_shard(path), shards.ShardError)]
+    if data is not None:  # (a missing file is no glob match for TokenStream: another message)
+        readers.append((lambda: train_gpt.TokenStream(str(path), 1024), train_gpt.DataError))
+    messages = []
+    for read, error in readers:
+        with pytest.raises(error) as info:
             read()
         message = str(info.value)
         assert message.startswith(str(path) + ": ") and expected in message and "\n" not in message
-    assert download_fineweb.check_shard(str(path)) is not None
+        messages.append(message)
+    assert len(set(messages)) == 1
+    assert download_fineweb.check_shard(str(path)) == messages[0].removeprefix(f"{path}: ")  # its log line's problem
 
 
 def test_token_stream_rejects_ids_beyond_vocab(tmp_path):
@@ -250,7 +265,6 @@ def test_directory_input_order_and_hash(tmp_path):
     (d / "sub").mkdir()
     (d / "sub" / "0.txt").write_text("nested", encoding="utf-8")
     assert [t for t, _ in prepare_corpus.iter_documents(str(d), "dir")] == ["first", "second"]
-    import hashlib
     listing = "".join(f"{hashlib.sha256(t.encode()).hexdigest()}  {n}\n" for n, t in
                       [("a.txt", "first"), ("b.txt", "second"), ("e.txt", "")])
     assert prepare_corpus.input_sha256(str(d), "dir") == hashlib.sha256(listing.encode()).hexdigest()
@@ -409,6 +423,9 @@ def test_manifest(prepared):
     assert training["normalization_rule_name"] == "identity" and training["byte_fallback"] is True
     assert training["add_dummy_prefix"] is False and training["remove_extra_whitespaces"] is False
     assert manifest["format"] == 2 and manifest["parameters"]["val_select"] == "spread"  # the default
+    assert manifest["shard_format"] == {"magic": train_gpt.SHARD_MAGIC, "version": train_gpt.SHARD_VERSION,
+                                        "header_int32": train_gpt.SHARD_HEADER_INTS, "token_dtype": "uint16",
+                                        "bos_id": train_gpt.BOS_ID, "eos_appended": False}
     read = read_documents(out)
     for split, split_docs in expected_split(docs, 7).items():
         entry = manifest["splits"][split]
