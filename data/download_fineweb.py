@@ -42,7 +42,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import ShardError, read_shard, remove_quietly, temp_path_for
+from data.shards import ShardError, read_shard, write_atomic
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
@@ -117,7 +117,11 @@ def hub_download(repo_id: str, revision: str | None, remote_path: str, destinati
         cached = hf_hub_download(repo_id, name, subfolder=folder or None, repo_type="dataset", revision=revision)
     except Exception as e:  # noqa: BLE001
         raise _hub_failure(e, repo_id, remote_path) from None
-    source = os.path.realpath(cached)
+    link_or_copy(os.path.realpath(cached), destination)
+
+
+def link_or_copy(source: str, destination: str) -> None:
+    """`destination` (a new file) becomes a hard link to `source`, or a copy where links are impossible."""
     try:
         os.link(source, destination)
     except OSError:
@@ -199,16 +203,14 @@ class Fetcher:
             raise HubUnreachable(self.offline_reason)
         print(f"download {self.repo_id}/{remote_path} -> {local_path}"
               + ("" if problem == "missing" else f" (local file {problem})"), flush=True)
-        os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-        tmp = temp_path_for(local_path)
-        try:
+
+        def download_and_check(tmp: str) -> None:
             hub_download(self.repo_id, self.revision, remote_path, tmp)
             bad = local_problem(tmp, expected, check)
             if bad is not None:
                 raise DownloadError(f"{self.repo_id}/{remote_path}: the downloaded file is not usable: {bad}")
-            os.replace(tmp, local_path)
-        finally:
-            remove_quietly(tmp)
+
+        write_atomic(local_path, download_and_check)
         self.downloaded += 1
 
 
@@ -218,15 +220,7 @@ def place_alias(source: str, alias: str) -> None:
         with open(source, "rb") as a, open(alias, "rb") as b:
             if a.read() == b.read():
                 return
-    tmp = temp_path_for(alias)
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, alias)
-    finally:
-        remove_quietly(tmp)
+    write_atomic(alias, lambda tmp: link_or_copy(source, tmp))
 
 
 def dataset_dir_for_variant(variant: str) -> str:

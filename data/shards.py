@@ -1,12 +1,13 @@
-"""The shard format for everything outside the record (data/, tools/): its constants, reader and writer.
+"""The shard format for everything outside the record (data/, tools/): its constants, reader and writer; and the
+atomic file writer and file sha256 that code uses.
 
 Shard file: 256 little-endian int32 header ([0] magic 20240520, [1] version 1, [2] number of tokens), then that many
 little-endian uint16 tokens, nothing else. Every file is written to a temporary file in the target directory first and
 renamed into place, so a reader never sees a half-written shard.
 
 Only numpy and the standard library are imported here, so the data tools start fast. train_gpt.py, which a record
-carries on its own, keeps its own copy of the constants and the reader (`load_shard`, with the same checks and
-messages); tests/test_data.py checks that the two sides agree.
+carries on its own, keeps its own copy of the constants, the reader (`load_shard`, with the same checks and messages),
+`write_atomic` and `sha256_of_file`; tests/test_data.py checks that the two sides agree.
 """
 
 from __future__ import annotations
@@ -71,21 +72,29 @@ def remove_quietly(path: str) -> None:
         pass
 
 
-def write_temp(path, data: bytes) -> str:
-    """Write `data` to a new temporary file next to `path` (not yet renamed); returns the temporary path."""
+def write_temp(path, content) -> str:
+    """Create a new temporary file next to `path` (not yet renamed) and return its name. `content` is the bytes, or a
+    function that creates the file under the name it is given (writes it, links it, downloads to it). On any error
+    the temporary file is removed."""
     tmp = temp_path_for(str(path))
     try:
-        with _open_new(tmp) as f:
-            f.write(data)
+        if callable(content):
+            content(tmp)
+        else:
+            with _open_new(tmp) as f:
+                f.write(content)
     except BaseException:
         remove_quietly(tmp)
         raise
     return tmp
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
-    tmp = write_temp(path, data)
+def write_atomic(path, content) -> None:
+    """Write `content` (bytes, or a function creating the file; see write_temp) to `path` through a temporary file in
+    the same folder (created if missing) and os.replace: a reader never sees half a file, and a failure leaves
+    `path` as it was and no temporary file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = write_temp(path, content)
     try:
         os.replace(tmp, str(path))
     except BaseException:
@@ -99,7 +108,7 @@ def write_shard(path, tokens) -> None:
     Raises ShardError naming `path`, before creating any file, if a token id is outside [0, 65535]."""
     path = str(path)
     array = as_uint16_tokens(tokens, path)
-    write_bytes_atomic(path, _header(len(array)) + array.tobytes())
+    write_atomic(path, _header(len(array)) + array.tobytes())
 
 
 def read_shard(path) -> np.ndarray:
@@ -128,11 +137,8 @@ def read_shard(path) -> np.ndarray:
 
 
 def sha256_file(path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ShardWriter:

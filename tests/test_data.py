@@ -128,14 +128,41 @@ def read_documents(out, vocab_size=None):
 # Shard writer and reader
 
 
-# train_gpt.py (self-contained in a record) keeps its own shard reader; data/shards.py holds the one of everything
-# else. The tests here hold the two sides together.
+# train_gpt.py (self-contained in a record) keeps its own shard reader, atomic writer and sha256 helper; data/shards.py
+# holds those of everything else. The tests here hold the two sides together.
 
 
 def test_constants_agree_with_train_gpt():
     assert (shards.SHARD_MAGIC, shards.SHARD_VERSION, shards.SHARD_HEADER_INTS, shards.SHARD_HEADER_BYTES) == \
         (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS, train_gpt.SHARD_HEADER_BYTES)
     assert prepare_corpus.BOS_ID == train_gpt.BOS_ID
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) + 7])  # empty, tiny, more than one 1 MiB block
+def test_sha256_helpers_agree(tmp_path, size):
+    path = tmp_path / "blob"
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert train_gpt.sha256_of_file(str(path)) == shards.sha256_file(path) == expected
+
+
+@pytest.mark.parametrize("module", [train_gpt, shards], ids=["train_gpt", "shards"])
+def test_write_atomic(tmp_path, module):
+    """Bytes or a function writing the temporary file; the folder is created; a failure leaves the old file and no
+    temporary file."""
+    path = tmp_path / "sub" / "out.bin"
+    module.write_atomic(str(path), b"first")
+    module.write_atomic(str(path), lambda tmp: Path(tmp).write_bytes(b"second"))
+    assert path.read_bytes() == b"second"
+
+    def fail(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        module.write_atomic(str(path), fail)
+    assert path.read_bytes() == b"second" and os.listdir(path.parent) == ["out.bin"]
 
 
 @pytest.mark.parametrize("length", [0, 1, 7919])
