@@ -42,7 +42,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import ShardError, read_shard, write_atomic
+from data.files import write_atomic
+from data.shards import ShardError, read_shard
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"

@@ -1,22 +1,21 @@
-"""The shard format for everything outside the record (data/, tools/): its constants, reader and writer; and the
-atomic file writer and file sha256 that code uses.
+"""The shard format for everything outside the record (data/, tools/): its constants, reader and writer.
 
 Shard file: 256 little-endian int32 header ([0] magic 20240520, [1] version 1, [2] number of tokens), then that many
 little-endian uint16 tokens, nothing else. Every file is written to a temporary file in the target directory first and
 renamed into place, so a reader never sees a half-written shard.
 
 Only numpy and the standard library are imported here, so the data tools start fast. train_gpt.py, which a record
-carries on its own, keeps its own copy of the constants, the reader (`load_shard`, with the same checks and messages),
-`write_atomic` and `sha256_of_file`; tests/test_data.py checks that the two sides agree.
+carries on its own, keeps its own copy of the constants and the reader (`load_shard`, with the same checks and
+messages); tests/test_data.py checks that the two sides agree.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 
 import numpy as np
+
+from data.files import open_new, remove_quietly, temp_path_for, write_atomic
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -53,55 +52,6 @@ def as_uint16_tokens(tokens, path) -> np.ndarray:
     return array.astype("<u2", copy=False)
 
 
-def temp_path_for(path: str) -> str:
-    """A fresh temporary name in the directory of `path` (hidden, so no shard glob matches it)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _open_new(path: str):
-    # O_EXCL: never follow or reuse an existing file; mode 0o666 minus the umask, like a normal open().
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    return os.fdopen(fd, "wb")
-
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def write_temp(path, content) -> str:
-    """Create a new temporary file next to `path` (not yet renamed) and return its name. `content` is the bytes, or a
-    function that creates the file under the name it is given (writes it, links it, downloads to it). On any error
-    the temporary file is removed."""
-    tmp = temp_path_for(str(path))
-    try:
-        if callable(content):
-            content(tmp)
-        else:
-            with _open_new(tmp) as f:
-                f.write(content)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-    return tmp
-
-
-def write_atomic(path, content) -> None:
-    """Write `content` (bytes, or a function creating the file; see write_temp) to `path` through a temporary file in
-    the same folder (created if missing) and os.replace: a reader never sees half a file, and a failure leaves
-    `path` as it was and no temporary file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = write_temp(path, content)
-    try:
-        os.replace(tmp, str(path))
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-
-
 def write_shard(path, tokens) -> None:
     """Write one shard holding `tokens` (any integer array-like) atomically.
 
@@ -136,11 +86,6 @@ def read_shard(path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
 
 
-def sha256_file(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 class ShardWriter:
     """Streams the documents of one split into `{prefix}_{split}_{index:06d}.bin` files of at most `max_tokens` tokens.
 
@@ -167,7 +112,7 @@ class ShardWriter:
                              " use a larger --shard-tokens")
         self._final = os.path.join(self.directory, self.name(index))
         self._tmp = temp_path_for(self._final)
-        self._file = _open_new(self._tmp)
+        self._file = open_new(self._tmp)
         self._file.write(_header(0))
         self._count = 0
 

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import train_gpt  # noqa: E402
-from data import download_fineweb, prepare_corpus, shards  # noqa: E402
+from data import download_fineweb, files, prepare_corpus, shards  # noqa: E402
 
 PREPARE = str(ROOT / "data" / "prepare_corpus.py")
 DOWNLOAD = str(ROOT / "data" / "download_fineweb.py")
@@ -129,7 +129,7 @@ def read_documents(out, vocab_size=None):
 
 
 # train_gpt.py (self-contained in a record) keeps its own shard reader, atomic writer and sha256 helper; data/shards.py
-# holds those of everything else. The tests here hold the two sides together.
+# and data/files.py hold those of everything else. The tests here hold the two sides together.
 
 
 def test_constants_agree_with_train_gpt():
@@ -144,10 +144,10 @@ def test_sha256_helpers_agree(tmp_path, size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     path.write_bytes(data)
     expected = hashlib.sha256(data).hexdigest()
-    assert train_gpt.sha256_of_file(str(path)) == shards.sha256_file(path) == expected
+    assert train_gpt.sha256_of_file(str(path)) == files.sha256_file(path) == expected
 
 
-@pytest.mark.parametrize("module", [train_gpt, shards], ids=["train_gpt", "shards"])
+@pytest.mark.parametrize("module", [train_gpt, files], ids=["train_gpt", "files"])
 def test_write_atomic(tmp_path, module):
     """Bytes or a function writing the temporary file; the folder is created; a failure leaves the old file and no
     temporary file."""
