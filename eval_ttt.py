@@ -551,15 +551,6 @@ def summary_line(args, result: tg.EvalResult, val, model_config: tg.ModelConfig 
             f"time:{result.seconds:.2f}s tokens_per_s:{result.total_tokens / max(result.seconds, 1e-9):.0f}")
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Temporary file in the same folder, then rename: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -684,9 +675,9 @@ def run(args, env: tg.DistributedEnv) -> int:
     losses = gather_token_losses(result, loaded.val, env.device) if args.dump_token_losses else None
     if env.is_main:
         if args.out:
-            write_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
+            tg.write_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
         if losses is not None:
-            write_atomic(args.dump_token_losses, npy_bytes(losses.astype(np.float32)))
+            tg.write_atomic(args.dump_token_losses, npy_bytes(losses.astype(np.float32)))
         print(summary_line(args, result, loaded.val, loaded.model.config), flush=True)
     return 0
 

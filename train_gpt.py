@@ -378,13 +378,13 @@ def shard_index(path: str, tokens: np.ndarray) -> tuple[np.ndarray, int]:
     except (OSError, KeyError, ValueError):
         pass  # no cache yet, or an unreadable one: scan
     bos, max_id = scan_shard(tokens)
-    tmp = f"{cache}.tmp{os.getpid()}.npz"
-    try:
-        np.savez(tmp, key=key, bos=bos, max_id=np.array(max_id))
-        os.replace(tmp, cache)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
+            np.savez(f, key=key, bos=bos, max_id=np.array(max_id))
+
+    with contextlib.suppress(OSError):
+        write_atomic(cache, save)
     return bos, max_id
 
 
@@ -723,11 +723,8 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
 
 
 def sha256_of_file(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
@@ -1847,12 +1844,23 @@ def gather_result(mode: str, val: ValidationSet, losses: dict, start_time: float
 # 8. Checkpoints, logging and main
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint under the real name."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def write_atomic(path: str, content) -> None:
+    """Write `content` (bytes, or a function that writes the file under the temporary name it is given) to a temporary
+    file beside `path` (the folder is created if missing), then rename it: a crash never leaves half a file under the
+    real name, and a failure leaves no temporary file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def checkpoint_metadata(hp: Hyperparameters, tokenizer_sha256: str) -> dict:
@@ -1868,18 +1876,20 @@ def checkpoint_metadata(hp: Hyperparameters, tokenizer_sha256: str) -> dict:
 def save_final_checkpoint(model: GPT, hp, tokenizer_sha256, step, result: EvalResult, env) -> str:
     path = os.path.join(hp.checkpoint_dir, f"{hp.run_id}.pt")
     if env.is_main:
-        atomic_torch_save({"kind": "final", "model": model.state_dict(), "step": step, "val_bpb": result.bpb,
-                           "val_mode": result.mode, **checkpoint_metadata(hp, tokenizer_sha256)}, path)
+        checkpoint = {"kind": "final", "model": model.state_dict(), "step": step, "val_bpb": result.bpb,
+                      "val_mode": result.mode, **checkpoint_metadata(hp, tokenizer_sha256)}
+        write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
     return path
 
 
 def save_resumable_checkpoint(model, optimizers, loader, step, train_ms, hp, tokenizer_sha256, env) -> str:
     path = os.path.join(hp.checkpoint_dir, f"{hp.run_id}_step{step}.pt")
     if env.is_main:
-        atomic_torch_save({"kind": "resumable", "model": model.state_dict(),
-                           "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
-                           "step": step, "train_time_ms": train_ms, "rng": rng_states(),
-                           **checkpoint_metadata(hp, tokenizer_sha256)}, path)
+        checkpoint = {"kind": "resumable", "model": model.state_dict(),
+                      "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
+                      "step": step, "train_time_ms": train_ms, "rng": rng_states(),
+                      **checkpoint_metadata(hp, tokenizer_sha256)}
+        write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
     if is_distributed():
         dist.barrier()
     return path

@@ -19,11 +19,11 @@ Where it puts them (parameter-golf's local layout, under --out, default this dat
   OUT/datasets/manifest.json                       the dataset repo's manifest
 
 Resumable: a file already present is skipped when it is complete: its size equals the hub's (asked once for all
-files), and a shard also passes train_gpt.load_shard (magic, version, size = header + 2 x count), the tokenizer loads
-with SentencePiece and the manifest parses. Anything else is downloaded again. Every file is downloaded into the
-Hugging Face cache, checked, then linked (or copied) to a temporary name next to its destination and renamed into
-place, so an interrupted run never leaves a partial file under a final name. When the hub cannot be reached and every
-file is present and passes the local checks, the run succeeds without the network.
+files), and a shard also passes data/shards.read_shard (the checks of train_gpt.load_shard: magic, version, size =
+header + 2 x count), the tokenizer loads with SentencePiece and the manifest parses. Anything else is downloaded again.
+Every file is downloaded into the Hugging Face cache, checked, then linked (or copied) to a temporary name next to its
+destination and renamed into place, so an interrupted run never leaves a partial file under a final name. When the hub
+cannot be reached and every file is present and passes the local checks, the run succeeds without the network.
 
 Errors: one line on stderr and exit code 2, e.g.
   error: cannot reach the Hugging Face hub (https://huggingface.co): offline mode is enabled (HF_HUB_OFFLINE=1)
@@ -39,10 +39,11 @@ import os
 import shutil
 import sys
 
-if __package__ in (None, ""):  # run as a script: make `data` (and train_gpt) importable
+if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import remove_quietly, temp_path_for
+from data.files import write_atomic
+from data.shards import ShardError, read_shard
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
@@ -117,7 +118,11 @@ def hub_download(repo_id: str, revision: str | None, remote_path: str, destinati
         cached = hf_hub_download(repo_id, name, subfolder=folder or None, repo_type="dataset", revision=revision)
     except Exception as e:  # noqa: BLE001
         raise _hub_failure(e, repo_id, remote_path) from None
-    source = os.path.realpath(cached)
+    link_or_copy(os.path.realpath(cached), destination)
+
+
+def link_or_copy(source: str, destination: str) -> None:
+    """`destination` (a new file) becomes a hard link to `source`, or a copy where links are impossible."""
     try:
         os.link(source, destination)
     except OSError:
@@ -130,11 +135,9 @@ def hub_download(repo_id: str, revision: str | None, remote_path: str, destinati
 
 def check_shard(path: str):
     """None if `path` is a complete shard, else the problem."""
-    import train_gpt
-
     try:
-        train_gpt.load_shard(path)
-    except train_gpt.DataError as e:
+        read_shard(path)
+    except ShardError as e:
         return str(e).split(": ", 1)[-1]
     return None
 
@@ -201,16 +204,14 @@ class Fetcher:
             raise HubUnreachable(self.offline_reason)
         print(f"download {self.repo_id}/{remote_path} -> {local_path}"
               + ("" if problem == "missing" else f" (local file {problem})"), flush=True)
-        os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-        tmp = temp_path_for(local_path)
-        try:
+
+        def download_and_check(tmp: str) -> None:
             hub_download(self.repo_id, self.revision, remote_path, tmp)
             bad = local_problem(tmp, expected, check)
             if bad is not None:
                 raise DownloadError(f"{self.repo_id}/{remote_path}: the downloaded file is not usable: {bad}")
-            os.replace(tmp, local_path)
-        finally:
-            remove_quietly(tmp)
+
+        write_atomic(local_path, download_and_check)
         self.downloaded += 1
 
 
@@ -220,15 +221,7 @@ def place_alias(source: str, alias: str) -> None:
         with open(source, "rb") as a, open(alias, "rb") as b:
             if a.read() == b.read():
                 return
-    tmp = temp_path_for(alias)
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, alias)
-    finally:
-        remove_quietly(tmp)
+    write_atomic(alias, lambda tmp: link_or_copy(source, tmp))
 
 
 def dataset_dir_for_variant(variant: str) -> str:

@@ -82,7 +82,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import ShardError, ShardWriter, remove_quietly, sha256_file, write_temp
+from data.files import remove_quietly, sha256_file, write_temp
+from data.shards import SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardError, ShardWriter
 
 BOS_ID = 1
 DEFAULT_VAL_DOCS = 60
@@ -505,11 +506,10 @@ def is_current(args) -> bool:
             or manifest.get("input", {}).get("sha256") != input_sha256(args.input, kind)
             or not os.path.isfile(os.path.join(args.out, "tokenizer.model"))):
         return False
-    header_bytes = 4 * manifest["shard_format"]["header_int32"]
     for split in manifest["splits"].values():
         for entry in split["files"]:
             path = os.path.join(args.out, entry["name"])
-            if not os.path.isfile(path) or os.path.getsize(path) != header_bytes + 2 * entry["tokens"]:
+            if not os.path.isfile(path) or os.path.getsize(path) != SHARD_HEADER_BYTES + 2 * entry["tokens"]:
                 return False
     return True
 
@@ -651,7 +651,8 @@ def run(args) -> dict:
                       "sha256": input_sha256(args.input, kind), "documents": documents,
                       "skipped_empty_documents": empty},
             "parameters": manifest_parameters(args, prefix),
-            "shard_format": {"magic": 20240520, "version": 1, "header_int32": 256, "token_dtype": "uint16",
+            "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_int32": SHARD_HEADER_INTS,
+                             "token_dtype": "uint16",
                              "bos_id": BOS_ID, "eos_appended": False},
             "tokenizer": tokenizer_info,
             "splits": {"val": stats["val"].manifest(),

@@ -1,20 +1,21 @@
-"""Writing token shards (the reader, `load_shard`, lives in train_gpt.py).
+"""The shard format for everything outside the record (data/, tools/): its constants, reader and writer.
 
 Shard file: 256 little-endian int32 header ([0] magic 20240520, [1] version 1, [2] number of tokens), then that many
 little-endian uint16 tokens, nothing else. Every file is written to a temporary file in the target directory first and
 renamed into place, so a reader never sees a half-written shard.
 
-Only numpy and the standard library are imported here, so the data tools start fast; the constants are the same as
-train_gpt.py's (tests/test_data.py checks that they agree).
+Only numpy and the standard library are imported here, so the data tools start fast. train_gpt.py, which a record
+carries on its own, keeps its own copy of the constants and the reader (`load_shard`, with the same checks and
+messages); tests/test_data.py checks that the two sides agree.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 
 import numpy as np
+
+from data.files import open_new, remove_quietly, temp_path_for, write_atomic
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -24,7 +25,7 @@ MAX_TOKEN_ID = 65535  # tokens are stored as uint16
 
 
 class ShardError(ValueError):
-    """A shard cannot be written. The message starts with the file it is about."""
+    """A shard cannot be written or read. The message starts with the file it is about."""
 
 
 def _header(num_tokens: int) -> bytes:
@@ -51,62 +52,38 @@ def as_uint16_tokens(tokens, path) -> np.ndarray:
     return array.astype("<u2", copy=False)
 
 
-def temp_path_for(path: str) -> str:
-    """A fresh temporary name in the directory of `path` (hidden, so no shard glob matches it)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _open_new(path: str):
-    # O_EXCL: never follow or reuse an existing file; mode 0o666 minus the umask, like a normal open().
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    return os.fdopen(fd, "wb")
-
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def write_temp(path, data: bytes) -> str:
-    """Write `data` to a new temporary file next to `path` (not yet renamed); returns the temporary path."""
-    tmp = temp_path_for(str(path))
-    try:
-        with _open_new(tmp) as f:
-            f.write(data)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-    return tmp
-
-
-def write_bytes_atomic(path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
-    tmp = write_temp(path, data)
-    try:
-        os.replace(tmp, str(path))
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-
-
 def write_shard(path, tokens) -> None:
     """Write one shard holding `tokens` (any integer array-like) atomically.
 
     Raises ShardError naming `path`, before creating any file, if a token id is outside [0, 65535]."""
     path = str(path)
     array = as_uint16_tokens(tokens, path)
-    write_bytes_atomic(path, _header(len(array)) + array.tobytes())
+    write_atomic(path, _header(len(array)) + array.tobytes())
 
 
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def read_shard(path) -> np.ndarray:
+    """The tokens of one shard, memory-mapped, after checking magic, version and the exact file size; ShardError
+    naming `path` otherwise (the checks and messages of train_gpt.load_shard)."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise ShardError(f"{path}: shard file not found") from None
+    if size < SHARD_HEADER_BYTES:
+        what = "empty" if size == 0 else f"only {size} bytes"
+        raise ShardError(f"{path}: file is {what}, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    magic, version, num_tokens = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
+    if magic != SHARD_MAGIC:
+        raise ShardError(f"{path}: wrong magic number {magic} (a token shard starts with {SHARD_MAGIC})")
+    if version != SHARD_VERSION:
+        raise ShardError(f"{path}: unsupported shard version {version} (this reader knows version {SHARD_VERSION})")
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        raise ShardError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
+                         f" ({'truncated' if size < expected else 'trailing data'})")
+    if num_tokens == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
 
 
 class ShardWriter:
@@ -135,7 +112,7 @@ class ShardWriter:
                              " use a larger --shard-tokens")
         self._final = os.path.join(self.directory, self.name(index))
         self._tmp = temp_path_for(self._final)
-        self._file = _open_new(self._tmp)
+        self._file = open_new(self._tmp)
         self._file.write(_header(0))
         self._count = 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import train_gpt  # noqa: E402
-from data import download_fineweb, prepare_corpus, shards  # noqa: E402
+from data import download_fineweb, files, prepare_corpus, shards  # noqa: E402
 
 PREPARE = str(ROOT / "data" / "prepare_corpus.py")
 DOWNLOAD = str(ROOT / "data" / "download_fineweb.py")
@@ -127,10 +128,41 @@ def read_documents(out, vocab_size=None):
 # Shard writer and reader
 
 
+# train_gpt.py (self-contained in a record) keeps its own shard reader, atomic writer and sha256 helper; data/shards.py
+# and data/files.py hold those of everything else. The tests here hold the two sides together.
+
+
 def test_constants_agree_with_train_gpt():
-    assert (shards.SHARD_MAGIC, shards.SHARD_VERSION, shards.SHARD_HEADER_INTS) == \
-        (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS)
+    assert (shards.SHARD_MAGIC, shards.SHARD_VERSION, shards.SHARD_HEADER_INTS, shards.SHARD_HEADER_BYTES) == \
+        (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS, train_gpt.SHARD_HEADER_BYTES)
     assert prepare_corpus.BOS_ID == train_gpt.BOS_ID
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) + 7])  # empty, tiny, more than one 1 MiB block
+def test_sha256_helpers_agree(tmp_path, size):
+    path = tmp_path / "blob"
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert train_gpt.sha256_of_file(str(path)) == files.sha256_file(path) == expected
+
+
+@pytest.mark.parametrize("module", [train_gpt, files], ids=["train_gpt", "files"])
+def test_write_atomic(tmp_path, module):
+    """Bytes or a function writing the temporary file; the folder is created; a failure leaves the old file and no
+    temporary file."""
+    path = tmp_path / "sub" / "out.bin"
+    module.write_atomic(str(path), b"first")
+    module.write_atomic(str(path), lambda tmp: Path(tmp).write_bytes(b"second"))
+    assert path.read_bytes() == b"second"
+
+    def fail(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        module.write_atomic(str(path), fail)
+    assert path.read_bytes() == b"second" and os.listdir(path.parent) == ["out.bin"]
 
 
 @pytest.mark.parametrize("length", [0, 1, 7919])
@@ -144,9 +176,9 @@ def test_write_shard_round_trip(tmp_path, length):
     assert path.stat().st_size == 1024 + 2 * length
     header = np.fromfile(path, dtype="<i4", count=256)
     assert list(header[:3]) == [20240520, 1, length] and not header[3:].any()
-    loaded = train_gpt.load_shard(path)
-    assert loaded.dtype == np.uint16 and len(loaded) == length
-    np.testing.assert_array_equal(np.asarray(loaded, dtype=np.int64), tokens)
+    for loaded in (train_gpt.load_shard(path), shards.read_shard(path)):
+        assert loaded.dtype == np.uint16 and len(loaded) == length
+        np.testing.assert_array_equal(np.asarray(loaded, dtype=np.int64), tokens)
     assert output_files(tmp_path) == [path.name]  # no temporary file left
 
 
@@ -200,20 +232,30 @@ BAD_SHARDS = {
     "trailing data": (_header(count=4) + b"\x01\x00" * 5, "trailing data"),
     "empty file": (b"", "empty"),
     "short header": (_header()[:100], "only 100 bytes"),
+    "missing": (None, "not found"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SHARDS))
 def test_load_shard_rejects_bad_files(tmp_path, case):
+    """train_gpt's reader and data/shards' reader refuse the same files with the same message, naming the file."""
     data, expected = BAD_SHARDS[case]
     path = tmp_path / "bad_train_000000.bin"
-    path.write_bytes(data)
-    for read in (lambda: train_gpt.load_shard(path), lambda: train_gpt.TokenStream(str(path), 1024)):
-        with pytest.raises(train_gpt.DataError) as info:
+    if data is not None:
+        path.write_bytes(data)
+    readers = [(lambda: train_gpt.load_shard(path), train_gpt.DataError),
+               (lambda: shards.read_shard(path), shards.ShardError)]
+    if data is not None:  # (a missing file is no glob match for TokenStream: another message)
+        readers.append((lambda: train_gpt.TokenStream(str(path), 1024), train_gpt.DataError))
+    messages = []
+    for read, error in readers:
+        with pytest.raises(error) as info:
             read()
         message = str(info.value)
         assert message.startswith(str(path) + ": ") and expected in message and "\n" not in message
-    assert download_fineweb.check_shard(str(path)) is not None
+        messages.append(message)
+    assert len(set(messages)) == 1
+    assert download_fineweb.check_shard(str(path)) == messages[0].removeprefix(f"{path}: ")  # its log line's problem
 
 
 def test_token_stream_rejects_ids_beyond_vocab(tmp_path):
@@ -250,7 +292,6 @@ def test_directory_input_order_and_hash(tmp_path):
     (d / "sub").mkdir()
     (d / "sub" / "0.txt").write_text("nested", encoding="utf-8")
     assert [t for t, _ in prepare_corpus.iter_documents(str(d), "dir")] == ["first", "second"]
-    import hashlib
     listing = "".join(f"{hashlib.sha256(t.encode()).hexdigest()}  {n}\n" for n, t in
                       [("a.txt", "first"), ("b.txt", "second"), ("e.txt", "")])
     assert prepare_corpus.input_sha256(str(d), "dir") == hashlib.sha256(listing.encode()).hexdigest()
@@ -413,6 +454,9 @@ def test_manifest(prepared):
     assert manifest["format"] == 3 and manifest["parameters"]["val_select"] == "spread"  # the default
     assert manifest["parameters"]["decontaminate"] == {"share": 0.2, "ngram_words": 8}  # the default
     assert manifest["splits"]["train"]["dropped"] == []  # random documents share no long word n-grams
+    assert manifest["shard_format"] == {"magic": train_gpt.SHARD_MAGIC, "version": train_gpt.SHARD_VERSION,
+                                        "header_int32": train_gpt.SHARD_HEADER_INTS, "token_dtype": "uint16",
+                                        "bos_id": train_gpt.BOS_ID, "eos_appended": False}
     read = read_documents(out)
     for split, split_docs in expected_split(docs, 7).items():
         entry = manifest["splits"][split]

@@ -89,8 +89,9 @@ def save_checkpoint(model: tg.GPT, data_dir: Path, path: Path, window: int = 64)
     hp = tg.Hyperparameters(data_path=str(data_dir), tokenizer_path=str(data_dir / "tokenizer.model"),
                             train_seq_len=window, eval_window=window, eval_stride=window // 2, eval_batch_tokens=2048,
                             **config)
-    tg.atomic_torch_save({"kind": "final", "model": model.state_dict(), "step": 0,
-                          **tg.checkpoint_metadata(hp, tg.sha256_of_file(hp.tokenizer_path))}, str(path))
+    checkpoint = {"kind": "final", "model": model.state_dict(), "step": 0,
+                  **tg.checkpoint_metadata(hp, tg.sha256_of_file(hp.tokenizer_path))}
+    tg.write_atomic(str(path), lambda tmp: torch.save(checkpoint, tmp))
     return path
 
 

@@ -79,7 +79,10 @@ def slow_ttt(model: tg.GPT, doc: np.ndarray, cfg: eval_ttt.TTTConfig) -> np.ndar
 def test_score_first_matches_the_slow_loop(model, val, ttt):
     for k in (0, 4):  # 20 and 26 chunks
         expected = slow_ttt(model, val.document(k), CFG)
-        np.testing.assert_allclose(ttt[k], expected, rtol=2e-5, atol=2e-5)
+        # fp32, and batched against one document at a time: rounding differs, and 20 Adam steps on the adapters carry
+        # it forward (up to 2.3e-4 nats on the sample as prepared since issue 14); a wrong chunk or a missed update
+        # moves losses by 0.01 and more
+        np.testing.assert_allclose(ttt[k], expected, rtol=1e-4, atol=1e-4)
     # the adapters did learn: later chunks score differently from the model without TTT
     plain = eval_ttt.ttt_evaluate(model, subset(val, [4]), eval_ttt.TTTConfig(**{**CFG.__dict__, "lora_lr": 0.0}),
                                   keep_token_losses=True).token_losses[0]

@@ -30,13 +30,16 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script, tools/ is on the path but the repository root is not
+    sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data.files import write_atomic  # noqa: E402
 from run_log import parse_log  # noqa: E402
 
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) train_loss:(\S+)")
@@ -210,16 +213,8 @@ def plot(ours: LossCurve, peer: LossCurve, out: Path, title: str | None = None) 
         ax.legend(fontsize=8)
     fig.suptitle(title or f"train loss per token: {ours.label} vs {peer.label}")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
 

@@ -43,6 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script, tools/ is on the path but the repository root is not
+    sys.path.insert(0, str(ROOT))
+
+from data.files import write_atomic  # noqa: E402 - standard library only, like this script: no numpy before setup
+
 FINEWEB_DIR = ROOT / "data" / "datasets" / "fineweb10B_sp1024"
 FINEWEB_TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024_spread"  # where run.sh prepares the sample too
@@ -632,12 +637,6 @@ def build_report(parts: list[Part], outcomes: dict[str, Outcome], info: dict, co
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # main
 
@@ -701,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                "model": "default model" if not args.env else "model as set by --env (see the command)",
                "data": data, "raw_dir": raw_dir, "revision": git_revision(),
                "command": shlex.join(["python", "tools/gpu_report.py", *(argv if argv is not None else sys.argv[1:])])}
-    write_atomic(out, build_report(parts, outcomes, info, context))
+    write_atomic(out, build_report(parts, outcomes, info, context).encode("utf-8"))
     print(f"report: {out}\nraw outputs: {raw_dir}/")
     return 0
 

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script (or by torchrun), tools/ is on 
 
 import eval_ttt  # noqa: E402
 import train_gpt as tg  # noqa: E402
+from data.files import write_atomic  # noqa: E402
 
 # --sweep KEY: the type of its values (the option of the same name sets the value when KEY is not swept)
 SWEEP_KEYS = {"chunk": int, "lora-rank": int, "lora-lr": float, "lora-targets": str, "window": int, "stride": int,
@@ -135,7 +136,7 @@ def run(args, grid, env: tg.DistributedEnv) -> int:
     if env.is_main:
         write_sweep(args.sweep_out, rows, results)
         if args.out:
-            eval_ttt.write_atomic(args.out, (json.dumps(results, indent=1) + "\n").encode())
+            write_atomic(args.out, (json.dumps(results, indent=1) + "\n").encode())
         print(f"sweep: {len(rows)} configurations -> {os.path.join(args.sweep_out, 'sweep.csv')}", flush=True)
     return 0
 
@@ -151,8 +152,8 @@ def write_sweep(out_dir: str, rows: list[dict], results: list[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    eval_ttt.write_atomic(os.path.join(out_dir, "sweep.csv"), buffer.getvalue().encode())
-    eval_ttt.write_atomic(os.path.join(out_dir, "sweep.json"), (json.dumps(results, indent=1) + "\n").encode())
+    write_atomic(os.path.join(out_dir, "sweep.csv"), buffer.getvalue().encode())
+    write_atomic(os.path.join(out_dir, "sweep.json"), (json.dumps(results, indent=1) + "\n").encode())
     plot_sweep(out_dir, rows)
 
 
@@ -216,13 +217,10 @@ def save_figure(fig, ax, out_dir: str, name: str) -> None:
 
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(_tmp_png(out_dir, name))
-    plt.close(fig)
-    os.replace(_tmp_png(out_dir, name), os.path.join(out_dir, name))
-
-
-def _tmp_png(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, f".{name}.tmp{os.getpid()}.png")
+    try:
+        write_atomic(os.path.join(out_dir, name), lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":
