@@ -67,8 +67,10 @@ class ModelConfig:
     num_heads: int = 8
     num_kv_heads: int = 4
     mlp_mult: int = 2
+    mlp_act: str = "relu2"  # relu2: relu(x)^2 | leaky_relu2: leaky_relu(x, 0.5)^2 (negative inputs keep a gradient)
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
+    rope_dims: int = 0  # head dimensions that rotary rotates (partial rotary; the rest carry no position); 0: all
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
     # gist tokens (experiment switch, section 4 "Gist tokens"): after every GIST_SEGMENT raw tokens of a document piece
@@ -100,7 +102,8 @@ class Hyperparameters(ModelConfig):
     iterations: int = 20_000
     warmup_steps: int = 20  # compile warm-up steps; their effect on weights and optimizer state is undone
     lr_warmup_steps: int = 0  # linear learning-rate warm-up at the start of the timed run
-    warmdown_iters: int = 1200  # linear warm-down to 0 over the last iterations (estimated from the wall clock if capped)
+    warmdown_iters: int = 1200  # warm-down to 0 over the last iterations (estimated from the wall clock if capped)
+    warmdown_shape: str = "linear"  # linear | cosine | sqrt (1 - sqrt of the warm-down's progress: stays high longer)
     max_wallclock_seconds: float = 600.0  # 0 means no cap
     # optimizers
     tied_embed_lr: float = 0.05
@@ -114,6 +117,7 @@ class Hyperparameters(ModelConfig):
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0  # 0 means no clipping
+    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights; 0 means off
     # evaluation
     val_loss_every: int = 1000  # 0 means only at the end
     val_max_docs: int = 0  # 0 means every validation document (periodic and final evaluation)
@@ -172,9 +176,14 @@ class Hyperparameters(ModelConfig):
             need(getattr(self, name) > 0, name, "must be > 0")
         for name in ("max_wallclock_seconds", "grad_clip_norm", "logit_softcap"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
-        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             need(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         need(self.vocab_size <= 65536, "vocab_size", "shards hold uint16 tokens, so at most 65536")
+        need(self.mlp_act in MLP_ACTIVATIONS, "mlp_act", f"must be one of {', '.join(MLP_ACTIVATIONS)}")
+        need(self.warmdown_shape in WARMDOWN_SHAPES, "warmdown_shape", f"must be one of {', '.join(WARMDOWN_SHAPES)}")
+        head_dim = self.model_dim // self.num_heads
+        need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "rope_dims",
+             f"must be an even number in [0, {head_dim}] (the head dimension; 0 means all)")
         need(self.model_dim % self.num_heads == 0, "model_dim", f"must be divisible by NUM_HEADS={self.num_heads}")
         need((self.model_dim // self.num_heads) % 2 == 0, "model_dim", "head dimension must be even for rotary")
         need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"must divide NUM_HEADS={self.num_heads}")
@@ -769,16 +778,22 @@ def norm_and_rotate_qk(q, k, cos, sin):
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    """Angles for apply_rotary, which rotates dimension pair (i, i + D/2) by position x inv_freq[i]. Partial rotary
+    (rope_dims r < D): the first r/2 pairs get the frequencies of an r-dimensional rotary, the others frequency 0, so
+    cos 1 and sin 0 leave them unrotated: position-free dimensions, through the same (fused or not) rotation code."""
+
+    def __init__(self, head_dim: int, base: float, rope_dims: int = 0):
         super().__init__()
-        self.head_dim, self.base = head_dim, base
+        self.head_dim, self.base, self.rope_dims = head_dim, base, rope_dims or head_dim
         self.register_buffer("inv_freq", self._inv_freq(1.0), persistent=False)
 
     def _inv_freq(self, ntk_alpha: float) -> torch.Tensor:
         # NTK-aware scaling stretches the longest wavelengths most, so windows longer than training stay in range;
         # alpha 1 is the plain base.
-        base = self.base * ntk_alpha ** (self.head_dim / (self.head_dim - 2))
-        return 1.0 / base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        dims = self.rope_dims
+        base = self.base * ntk_alpha ** (dims / (dims - 2)) if dims > 2 else self.base
+        rotated = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+        return torch.cat((rotated, torch.zeros((self.head_dim - dims) // 2)))
 
     def set_ntk_alpha(self, alpha: float) -> None:
         self.inv_freq = self._inv_freq(alpha).to(self.inv_freq.device)
@@ -1083,15 +1098,21 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y)
 
 
+MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = config.mlp_mult * config.model_dim
         self.fc = CastedLinear(config.model_dim, hidden)
         self.proj = CastedLinear(hidden, config.model_dim, zero_init=True)
+        self.act = config.mlp_act
 
     def forward(self, x):
-        if "relu2_linear" in FUSED_OPS:
+        if self.act == "leaky_relu2":  # no fused kernel: it is written for relu^2
+            h = F.leaky_relu(self.fc(x), 0.5).square()
+        elif "relu2_linear" in FUSED_OPS:
             dtype = matmul_dtype(x)
             h = kernels.fused_relu2_linear(x.to(dtype), self.fc.weight.to(dtype))
         else:
@@ -1123,7 +1144,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
-        self.rotary = Rotary(config.model_dim // config.num_heads, config.rope_base)
+        self.rotary = Rotary(config.model_dim // config.num_heads, config.rope_base, config.rope_dims)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         # U-Net: the first half of the blocks (encoder) hands its outputs, last first, to the second half (decoder)
         self.num_encoder_layers = config.num_layers // 2
@@ -1344,18 +1365,53 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> Optimizers:
     return optimizers
 
 
+WARMDOWN_SHAPES = ("linear", "cosine", "sqrt")
+
+
 def learning_rate_scale(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
-    """Linear warm-up, then constant, then a linear warm-down to 0 over the last WARMDOWN_ITERS steps. With a wall-clock
-    cap the warm-down starts when the time left, at the measured step time, is WARMDOWN_ITERS steps."""
+    """Linear warm-up, then constant, then a warm-down to 0 over the last WARMDOWN_ITERS steps. With a wall-clock cap
+    the warm-down starts when the time left, at the measured step time, is WARMDOWN_ITERS steps. The warm-down's
+    shape maps the share of it still ahead, f (1 -> 0), to the scale: linear f, cosine (1 - cos(pi f)) / 2, sqrt
+    1 - sqrt(1 - f)."""
     scale = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps else 1.0
     if hp.warmdown_iters <= 0:
         return scale
-    by_steps = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+    left = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
     if hp.max_wallclock_seconds > 0 and step > 0:
         step_ms = elapsed_ms / step
         remaining_ms = max(hp.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
-        by_steps = min(by_steps, remaining_ms / (hp.warmdown_iters * step_ms))
-    return scale * by_steps
+        left = min(left, remaining_ms / (hp.warmdown_iters * step_ms))
+    if hp.warmdown_shape == "cosine":
+        return scale * 0.5 * (1 - math.cos(math.pi * left))
+    if hp.warmdown_shape == "sqrt":
+        return scale * (1 - math.sqrt(1 - left))
+    return scale * left
+
+
+class WeightAverage:
+    """EMA_DECAY > 0: an exponential moving average of every parameter (fp32), updated after each optimizer step. The
+    final evaluation and checkpoint use it; training itself, and the periodic validation curve, use the raw weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = list(model.parameters())
+        self.average = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, average in zip(self.params, self.average):
+            p.copy_(average)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return self.average
+
+    def load_state_dict(self, average: list[torch.Tensor]) -> None:
+        for mine, saved in zip(self.average, average, strict=True):
+            mine.copy_(saved)
 
 
 def set_learning_rates(optimizers, step: int, elapsed_ms: float, hp: Hyperparameters) -> None:
@@ -1543,6 +1599,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
             f"micro_batch_slots:{document_loader.batch_length} (raw tokens plus gist slots and padding)")
 
     step, train_ms = 0, 0.0
+    resumed_average = None
     if hp.resume:
         state = load_checkpoint(hp.resume, device)
         if "optimizers" not in state:
@@ -1551,6 +1608,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         loader.load_state_dict(state["loader"])
+        resumed_average = state.get("ema")
         step, train_ms = state["step"], state["train_time_ms"]
         restore_rng_states(state["rng"])
         log(f"resumed: {hp.resume} step:{step} train_time:{train_ms:.0f}ms")
@@ -1559,6 +1617,9 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     reducer = GradientReducer(model)
     compile_warmup(model, model_fn, optimizers, reducer, loader, hp, device, log)
     graphs_after_warmup = compile_counts()[0] if hp.warmup_steps else None  # without warm-up: after the first step
+    weight_average = WeightAverage(model, hp.ema_decay) if hp.ema_decay else None  # after the undone warm-up steps
+    if weight_average and resumed_average is not None:
+        weight_average.load_state_dict(resumed_average)
 
     stop_signal = StopRequested()
     stop_signal.install()
@@ -1584,6 +1645,8 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         set_learning_rates(optimizers, step, elapsed_ms, hp)
         totals = forward_backward(model_fn, loader.next_step(), hp, device, reducer)
         optimizer_step(model, optimizers, hp, reducer)
+        if weight_average:
+            weight_average.update()
         step += 1
         if graphs_after_warmup is None:
             graphs_after_warmup = compile_counts()[0]
@@ -1606,7 +1669,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
                 f"step_avg:{elapsed_ms / step:.2f}ms tokens_per_s:{tokens_per_s:.0f}")
         if (hp.checkpoint_every and step % hp.checkpoint_every == 0) or sigterm:
             last_checkpoint = save_resumable_checkpoint(model, optimizers, loader, step, elapsed_ms, hp, tokenizer_sha256,
-                                                        env)
+                                                        env, weight_average)
             log(f"checkpoint: {last_checkpoint} (resumable, step {step})")
         if sigterm:
             log(f"stopped by SIGTERM at step {step}; resume with RESUME={last_checkpoint}")
@@ -1620,6 +1683,9 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         f"graphs:{graphs}")
     log(f"loader: merged_micro_batches:{document_loader.merged_batches} max_segments:{document_loader.max_segments}")
 
+    if weight_average:
+        weight_average.copy_to_model()
+        log(f"ema: decay:{hp.ema_decay} the final evaluation and checkpoint use the averaged weights")
     # final evaluation, with the timer stopped
     strides = {"flat": hp.eval_window, "strided": hp.eval_stride}
     results = {mode: evaluate(model, val, mode, hp.eval_window, hp.eval_batch_tokens, env, stride=hp.eval_stride)
@@ -1882,13 +1948,16 @@ def save_final_checkpoint(model: GPT, hp, tokenizer_sha256, step, result: EvalRe
     return path
 
 
-def save_resumable_checkpoint(model, optimizers, loader, step, train_ms, hp, tokenizer_sha256, env) -> str:
+def save_resumable_checkpoint(model, optimizers, loader, step, train_ms, hp, tokenizer_sha256, env,
+                              weight_average=None) -> str:
     path = os.path.join(hp.checkpoint_dir, f"{hp.run_id}_step{step}.pt")
     if env.is_main:
         checkpoint = {"kind": "resumable", "model": model.state_dict(),
                       "optimizers": [opt.state_dict() for opt in optimizers], "loader": loader.state_dict(),
                       "step": step, "train_time_ms": train_ms, "rng": rng_states(),
                       **checkpoint_metadata(hp, tokenizer_sha256)}
+        if weight_average:
+            checkpoint["ema"] = weight_average.state_dict()
         write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
     if is_distributed():
         dist.barrier()

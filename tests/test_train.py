@@ -432,3 +432,114 @@ def test_evaluation_skips_the_head_only_where_nothing_is_scored():
         scored_only = model(ids, targets)
     torch.testing.assert_close(scored_only, every_position, rtol=1e-6, atol=1e-6)
     assert (scored_only[targets == tg.IGNORE_INDEX] == 0).all() and (scored_only[targets != tg.IGNORE_INDEX] > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# experiment switches (issue 13): off by default, and off they are today's code; on, they change the model
+
+
+@pytest.mark.slow
+def test_switches_off_reproduce_the_fixture_logs(sample_data, tmp_path):
+    """The tiny run of tests/fixtures/record_logs/tiny_seed1.txt, trained again with today's code and every switch at
+    its default: the same train losses at every logged step and the same final val_loss to all 8 printed decimals."""
+    fixture = ROOT / "tests" / "fixtures" / "record_logs" / "tiny_seed1.txt"
+    text = fixture.read_text(errors="replace")
+    env_line = re.search(r"^env_overrides: (.*)$", text, re.M).group(1)
+    overrides = dict(item.split("=", 1) for item in shlex.split(env_line))
+    overrides.update(DATA_PATH=str(sample_data), TOKENIZER_PATH=str(sample_data / "tokenizer.model"))
+    env = {k: v for k, v in os.environ.items() if k not in tg.Hyperparameters.env_overrides(os.environ)}
+    env.update(overrides, RUN_ID="again", LOG_DIR=str(tmp_path / "logs"), CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = (tmp_path / "logs" / "again.txt").read_text()
+
+    def losses(log: str):
+        train = re.findall(r"^step:(\d+)/\d+ train_loss:(\S+)", log, re.M)
+        final = re.search(r"^final val_loss:(\S+) val_bpb:(\S+)", log, re.M).groups()
+        return train, final
+
+    assert losses(again) == losses(text)
+
+
+def test_leaky_relu2_matches_its_definition_and_changes_the_model():
+    relu2, leaky = tiny_model(), tiny_model(mlp_act="leaky_relu2")
+    x = torch.randn(2, 5, 32)
+    mlp = leaky.blocks[0].mlp
+    expected = mlp.proj(torch.where(mlp.fc(x) > 0, mlp.fc(x), 0.5 * mlp.fc(x)) ** 2)
+    torch.testing.assert_close(mlp(x), expected)
+    ids = torch.randint(4, 64, (1, 40))
+    with torch.no_grad():
+        assert not torch.allclose(leaky(ids), relu2(ids))  # same weights (same seed), other activation
+
+
+def test_partial_rotary():
+    """ROPE_DIMS=r: the first r/2 dimension pairs rotate with an r-dimensional rotary's frequencies, the other pairs
+    are left as they are; r = the head dimension is the default."""
+    head_dim, r = 16, 8
+    full, partial = tg.Rotary(head_dim, 10000.0), tg.Rotary(head_dim, 10000.0, rope_dims=r)
+    torch.testing.assert_close(tg.Rotary(head_dim, 10000.0, rope_dims=head_dim).inv_freq, full.inv_freq, rtol=0, atol=0)
+    positions = torch.arange(50)
+    cos, sin = partial(positions)
+    small_cos, small_sin = tg.Rotary(r, 10000.0)(positions)
+    torch.testing.assert_close(cos[:, : r // 2], small_cos)
+    torch.testing.assert_close(sin[:, : r // 2], small_sin)
+    x = torch.randn(1, 50, 2, head_dim)
+    y = tg.apply_rotary(x, cos[None], sin[None])
+    still = torch.cat((torch.arange(r // 2, head_dim // 2), torch.arange(head_dim // 2 + r // 2, head_dim)))
+    torch.testing.assert_close(y[..., still], x[..., still], rtol=0, atol=0)
+    assert not torch.allclose(y[:, 1:, :, : r // 2], x[:, 1:, :, : r // 2])
+    ids = torch.randint(4, 64, (1, 40))
+    with torch.no_grad():  # head_dim 8 in tiny_model
+        assert not torch.allclose(tiny_model(rope_dims=4)(ids), tiny_model()(ids))
+        torch.testing.assert_close(tiny_model(rope_dims=8)(ids), tiny_model()(ids), rtol=0, atol=0)
+
+
+def test_warmdown_shapes():
+    """scale = shape(f), f the share of the warm-down still ahead: linear f (the default, today's schedule), cosine
+    (1 - cos(pi f)) / 2, sqrt 1 - sqrt(1 - f)."""
+    env = {"ITERATIONS": "100", "WARMDOWN_ITERS": "40", "MAX_WALLCLOCK_SECONDS": "0"}
+    shapes = {"linear": lambda f: f, "cosine": lambda f: (1 - np.cos(np.pi * f)) / 2,
+              "sqrt": lambda f: 1 - np.sqrt(1 - f)}
+    for name, shape in shapes.items():
+        hp = tg.Hyperparameters.from_env({**env, "WARMDOWN_SHAPE": name})
+        for step in (0, 59, 60, 70, 80, 90, 99):
+            f = min(1.0, (100 - step) / 40)
+            assert tg.learning_rate_scale(step, 0.0, hp) == pytest.approx(shape(f), abs=1e-12), (name, step)
+    default = tg.Hyperparameters.from_env(env)
+    assert default.warmdown_shape == "linear"
+    cosine = tg.Hyperparameters.from_env({**env, "WARMDOWN_SHAPE": "cosine"})
+    assert tg.learning_rate_scale(70, 0.0, cosine) != tg.learning_rate_scale(70, 0.0, default)
+
+
+def test_weight_average_is_the_ema_of_the_steps():
+    model = tiny_model()
+    average = tg.WeightAverage(model, 0.8)
+    expected = [p.detach().clone().double() for p in model.parameters()]
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        average.update()
+        expected = [0.8 * e + 0.2 * p.detach().double() for e, p in zip(expected, model.parameters())]
+    for got, want in zip(average.state_dict(), expected):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    average.copy_to_model()
+    for p, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach().double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ema_run_evaluates_the_average_and_resumes(baseline_run, sample_data, tmp_path):
+    """EMA_DECAY on: the log says so, the final val_loss is not the plain run's, and a run resumed from a step-3
+    checkpoint (average included) ends with the uninterrupted EMA run's weights."""
+    _, base_log, _ = baseline_run
+    log, losses = run_training(tmp_path, sample_data, "ema", EMA_DECAY="0.5", CHECKPOINT_EVERY="3")
+    assert "ema: decay:0.5" in log
+    final = re.compile(r"^final val_loss:(\S+)", re.M)
+    assert final.search(log).group(1) != final.search(base_log).group(1)
+    resumed_tmp = tmp_path / "resumed"
+    resumed_tmp.mkdir()
+    run_training(resumed_tmp, sample_data, "ema_resumed", EMA_DECAY="0.5", RESUME=str(tmp_path / "ckpt" / "ema_step3.pt"))
+    assert_same_weights(final_weights(resumed_tmp, "ema_resumed"), final_weights(tmp_path, "ema"), atol=1e-6)
