@@ -417,7 +417,52 @@ def test_significance_against_previous_record(logs, tmp_path, capsys):
     assert code == 0 and "significant at alpha=0.01" in out
     # only earlier records count: the previous record itself has nothing before it
     assert record_check.significance(psub, prev, 0.005, 0.01) == (
-        "first record of its track: no previous record to test against", None)
+        "first record of its track on this data: no previous record to test against", None)
+
+
+def other_data(folder: Path) -> None:
+    """Make a record's logs say they were scored on other validation data (one token more)."""
+    for log in folder.glob("train_seed*.log"):
+        raw = log.read_bytes()
+        head, sep, tail = raw.rpartition(b"\n#### end ")
+        tail = re.sub(rb"(?m)^(val_data: documents:\d+ tokens:)(\d+)", lambda m: m.group(1) + str(int(m.group(2)) + 1)
+                      .encode(), tail)
+        log.write_bytes(head + sep + tail)
+
+
+def test_only_records_on_the_same_data_compare(logs, tmp_path, capsys):
+    """A much worse earlier record counts only while its logs name the same validation data; `--against` picks the
+    record to test against (same date allowed), and refuses one on other data, a later one, or a missing one."""
+    records_dir = tmp_path / "records"
+    prev = new_record(capsys, records_dir, logs, "Prev", "2026-11-01")
+    psub = json.loads((prev / "submission.json").read_text())
+    for s in psub["seeds"]:
+        s["val_loss"] += 1.0
+    (prev / "submission.json").write_text(json.dumps(psub))
+    same = new_record(capsys, records_dir, logs, "Same", "2026-11-22", "--no-record")
+    code, out, _ = run_cli(capsys, "verify", same)
+    assert code == 0 and "vs 2026-11-01_Prev" in out and "significant at alpha=0.01" in out
+    other_data(prev)
+    code, out, _ = run_cli(capsys, "verify", same)
+    assert code == 0 and "first record of its track on this data" in out and "Prev" not in out
+    # --against: named explicitly, same date allowed
+    base = new_record(capsys, records_dir, logs, "Base", "2026-11-22")
+    bsub = json.loads((base / "submission.json").read_text())
+    for s in bsub["seeds"]:
+        s["val_loss"] += 1.0
+    (base / "submission.json").write_text(json.dumps(bsub))
+    better = new_record(capsys, records_dir, logs, "Better", "2026-11-22", "--against", "2026-11-22_Base")
+    assert json.loads((better / "submission.json").read_text())["compared_with"] == "2026-11-22_Base"
+    code, out, _ = run_cli(capsys, "verify", better)
+    assert code == 0 and "vs 2026-11-22_Base" in out and "significant at alpha=0.01" in out
+    for against, why in [("2026-11-01_Prev", "scored on other data"), ("2026-12-01_Nope", "no such record")]:
+        code, _, err = run_cli(capsys, "new", "--name", "X", "--track", TRACK, "--date", "2026-11-22", "--records-dir",
+                               records_dir, "--against", against, *logs)
+        assert code == 1 and f"compared_with {against!r}: {why}" in err
+    later = new_record(capsys, records_dir, logs, "Later", "2026-11-30", "--no-record")
+    code, _, err = run_cli(capsys, "new", "--name", "Y", "--track", TRACK, "--date", "2026-11-22", "--records-dir",
+                           records_dir, "--against", later.name, *logs)
+    assert code == 1 and "after this record" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -502,6 +547,8 @@ def test_leaderboard(made, tmp_path, capsys):
     row = (f"| 1 | {sub['val_bpb']['mean']:.4f} ± {sub['val_bpb']['std']:.4f} | 3 | 2026-11-22 | Tiny | tests | "
            f"strided (w128/s64) | [{made.name}]({link}) |")
     assert row in text and "### `cpu_5min` (CPU, 5 min training)" in text
+    data = record_check.log_dataset(record_check.parse_log(made / "train_seed1.log"))
+    assert f"Scored on peps_sp1024_spread ({data.val_documents} val documents, {data.val_tokens:,} tokens" in text
     code, out, _ = run_cli(capsys, "leaderboard", "--check", *args)
     assert code == 0 and out == ""
     readme.write_text("# no markers\n")
@@ -536,6 +583,11 @@ def test_leaderboard_ranks_by_mean_bpb(made, tmp_path, capsys):
     table = record.leaderboard_markdown(records_dir, tmp_path)
     rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert "Better" in rows[0] and "Tiny" in rows[1]
+    # on other data, a record gets a table of its own and ranks first there
+    other_data(better)
+    table = record.leaderboard_markdown(records_dir, tmp_path)
+    assert table.count("Scored on peps_sp1024_spread") == 2
+    assert [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| 1 ")] == ["Better", "Tiny"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

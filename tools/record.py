@@ -9,7 +9,8 @@ one training log per seed (train_seed<N>.log) and, optionally, the evaluation re
 (eval_results.json). The record runs from inside its folder.
 
   python tools/record.py new --name NAME --track TRACK LOG [LOG ...] [--eval RESULTS.json] [--author A] [--blurb TEXT]
-                             [--date YYYY-MM-DD] [--records-dir DIR] [--no-record] [--margin M] [--alpha A]
+                             [--date YYYY-MM-DD] [--records-dir DIR] [--against FOLDER] [--no-record] [--margin M]
+                             [--alpha A]
   python tools/record.py verify PATH [PATH ...] [--margin M] [--alpha A]
   python tools/record.py leaderboard [--check] [--readme README.md] [--records-dir DIR]
 
@@ -17,7 +18,7 @@ The checks `verify` makes are listed in tools/record_check.py; tools/run_log.py 
 Exit status 0 only when every check of every record holds; otherwise one line per failed check, naming the file.
 `new` builds the folder, runs the same checks on it and writes nothing when one fails (a submission that does not
 beat the previous record significantly can go in with --no-record). `leaderboard` ranks every submission.json of a
-track by mean val_bpb.
+track by mean val_bpb, one table per dataset (a val_bpb ranks only against others on the same data).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 from record_check import (DEFAULT_ALPHA, DEFAULT_MARGIN, EVAL_FILE, EVAL_PARAMETERS_SHOWN, PER_RUN_HPARAMS, REPO,
-                          TRACKS, RecordError, derived_submission, eval_problems,
+                          TRACKS, RecordError, derived_submission, eval_problems, log_dataset, record_dataset,
                           eval_vs_logs_problems, find_records, get_track, log_file_name, log_set_problems, read_json,
                           significance, verify_record, warn)
 from run_log import TrainLog, parse_log
@@ -174,6 +175,7 @@ def cmd_new(args) -> int:
         sub = {
             "name": args.name, "author": args.author or "", "date": date, "track": track.name,
             "blurb": args.blurb or "", "record": not args.no_record,
+            **({"compared_with": args.against} if args.against else {}),
             **derived_submission(logs, results),
         }
         # Build in a hidden sibling folder, verify it there, then move it into place.
@@ -192,7 +194,7 @@ def cmd_new(args) -> int:
                 shutil.copyfile(args.eval, staged / EVAL_FILE)
             (staged / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
             # the significance line for the README, with the final folder as the place in the track
-            desc, problem = significance(sub, folder, args.margin, args.alpha)
+            desc, problem = significance(sub, folder, args.margin, args.alpha, log_dataset(logs[0]))
             try:
                 folder_rel = folder.resolve().relative_to(Path.cwd().resolve()).as_posix()
             except ValueError:
@@ -270,26 +272,39 @@ def leaderboard_markdown(records_dir: Path, readme_dir: Path) -> str:
             heading = f"### `{track_name}` ({get_track(track_name).describe()})"
         except RecordError:
             heading = f"### `{track_name}`"
-        rows = []
-        entries = sorted(by_track[track_name], key=lambda e: (e[1]["val_bpb"]["mean"], str(e[1].get("date")),
-                                                              e[0].name))
-        for rank, (folder, sub) in enumerate(entries, 1):
-            bpb = sub["val_bpb"]
-            std = f"{bpb['std']:.4f}" if bpb.get("std") is not None else "–"
-            ev = sub.get("evaluation") or {}
-            mode = f"{ev.get('mode')} (w{ev.get('window')}/s{ev.get('stride')})"
-            er = sub.get("eval_results")
-            if er:
-                mode += f"; {er.get('mode')}: {er.get('bpb'):.4f}" if isinstance(er.get("bpb"), (int, float)) \
-                    else f"; {er.get('mode')}"
-            name = str(sub.get("name", folder.name)) + ("" if sub.get("record", True) else " (non-record)")
-            link = os.path.relpath(folder, readme_dir).replace(os.sep, "/")
-            cells = [str(rank), f"{bpb['mean']:.4f} ± {std}", str(len(sub.get("seeds", []))), str(sub.get("date", "")),
-                     name, str(sub.get("author", "")), mode, f"[{folder.name}]({link})"]
-            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        parts.append("\n".join([heading, "", "| rank | val_bpb (mean ± std) | seeds | date | name | author | eval | "
-                                             "folder |", "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows]))
+        parts.append(heading)
+        # one table per dataset, the most recent data first
+        by_data: dict[tuple, list] = {}
+        for folder, sub in by_track[track_name]:
+            data = record_dataset(folder)
+            by_data.setdefault(data.key if data else (), []).append((folder, sub, data))
+        groups = sorted(by_data.values(), key=lambda g: max(str(e[1].get("date")) for e in g), reverse=True)
+        for group in groups:
+            data = group[0][2]
+            parts.append(f"Scored on {data.describe() if data else 'unknown data (no readable log)'}:")
+            rows = []
+            entries = sorted(group, key=lambda e: (e[1]["val_bpb"]["mean"], str(e[1].get("date")), e[0].name))
+            for rank, (folder, sub, _) in enumerate(entries, 1):
+                rows.append(leaderboard_row(rank, folder, sub, readme_dir))
+            parts.append("\n".join(["| rank | val_bpb (mean ± std) | seeds | date | name | author | eval | folder |",
+                                    "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows]))
     return "\n\n".join(parts)
+
+
+def leaderboard_row(rank: int, folder: Path, sub: dict, readme_dir: Path) -> str:
+    bpb = sub["val_bpb"]
+    std = f"{bpb['std']:.4f}" if bpb.get("std") is not None else "–"
+    ev = sub.get("evaluation") or {}
+    mode = f"{ev.get('mode')} (w{ev.get('window')}/s{ev.get('stride')})"
+    er = sub.get("eval_results")
+    if er:
+        mode += f"; {er.get('mode')}: {er.get('bpb'):.4f}" if isinstance(er.get("bpb"), (int, float)) \
+            else f"; {er.get('mode')}"
+    name = str(sub.get("name", folder.name)) + ("" if sub.get("record", True) else " (non-record)")
+    link = os.path.relpath(folder, readme_dir).replace(os.sep, "/")
+    cells = [str(rank), f"{bpb['mean']:.4f} ± {std}", str(len(sub.get("seeds", []))), str(sub.get("date", "")),
+             name, str(sub.get("author", "")), mode, f"[{folder.name}]({link})"]
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 def cmd_leaderboard(args) -> int:
@@ -340,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blurb", default="")
     p.add_argument("--date", help="YYYY-MM-DD (default today)")
     p.add_argument("--records-dir", help="default: records/ of this repository")
+    p.add_argument("--against", metavar="FOLDER",
+                   help="the record of this track (folder name, e.g. 2026-11-23_Baseline) to test against; it must "
+                        "be on the same data and not dated later (default: the best earlier record on the same data)")
     p.add_argument("--no-record", action="store_true", help='a submission that does not claim a record ("record": '
                                                             "false): the t-test is reported, not required")
     stats_options(p)

@@ -15,8 +15,11 @@ verify checks, for each record (a folder with submission.json; a PATH that is no
   dataset     when a log's DATA_PATH (relative to the repository) is on this machine, tools/audit.py's fingerprint of
               it equals the log's: tokenizer sha256, val_data documents/tokens/bytes, number of train shards (this
               check imports numpy, sentencepiece and torch; without them it is skipped with a warning)
-  statistics  one-sided Welch t-test of the seeds' final val_loss against the previous record of the track (the best
-              record dated strictly earlier, by mean val_loss, among records/<track>/*/ with "record": true):
+  statistics  one-sided Welch t-test of the seeds' final val_loss against the previous record of the track on the same
+              data (a val_loss on other data says nothing about this one): the record named by submission.json's
+              "compared_with" (`new --against`), which must be on the same data and not dated later, or else the best
+              record dated strictly earlier, by mean val_loss, among records/<track>/*/ with "record": true whose
+              logs name the same validation data (tokenizer sha256, val documents, tokens and bytes):
               H0: new_mean >= prev_mean - margin. A submission that claims "record": true fails when p >= alpha
               (or when it has fewer than 2 seeds and a previous record exists); with "record": false it is only
               reported.
@@ -186,6 +189,44 @@ def _close(a: float, b: float, rel: float = 1e-9, abs_tol: float = 1e-12) -> boo
 # rebuild it and compare.
 
 FREE_FIELDS = ("name", "author", "date", "track", "blurb", "record")
+OPTIONAL_FIELDS = ("compared_with",)  # `new --against FOLDER`: the record of the same data this one is tested against
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The data a record was scored on, as its logs say: DATA_PATH's folder name, and what identifies the validation
+    data (two records compare only when all of these but the name agree)."""
+
+    name: str
+    tokenizer_sha256: str
+    val_documents: int
+    val_tokens: int
+    val_bytes: int
+
+    @property
+    def key(self) -> tuple:
+        return self.tokenizer_sha256, self.val_documents, self.val_tokens, self.val_bytes
+
+    def describe(self) -> str:
+        return (f"{self.name} ({self.val_documents} val documents, {self.val_tokens:,} tokens, {self.val_bytes:,} bytes; "
+                f"tokenizer {self.tokenizer_sha256[:8]})")
+
+
+def log_dataset(lg: TrainLog) -> Dataset:
+    v = lg.val_data
+    return Dataset(Path(lg.hparams.get("data_path", "?")).name, lg.tokenizer_sha256, v.get("documents", -1),
+                   v.get("tokens", -1), v.get("bytes", -1))
+
+
+def record_dataset(folder: Path) -> Dataset | None:
+    """The dataset of a record folder, from its first training log; None when there is no readable one."""
+    logs = sorted(folder.glob("train_seed*.log"))
+    if not logs:
+        return None
+    try:
+        return log_dataset(parse_log(logs[0]))
+    except OSError:
+        return None
 
 
 def log_file_name(seed: int) -> str:
@@ -375,8 +416,8 @@ def record_loss_values(sub: dict) -> list[float]:
     return [float(s["val_loss"]) for s in sub["seeds"]]
 
 
-def previous_record(track_dir: Path, folder: Path, date: str) -> tuple[Path, dict] | None:
-    """The best (lowest mean val_loss) record of the track dated strictly before `date`."""
+def previous_record(track_dir: Path, folder: Path, date: str, dataset: Dataset | None) -> tuple[Path, dict] | None:
+    """The best (lowest mean val_loss) record of the track on the same data dated strictly before `date`."""
     best = None
     if not track_dir.is_dir():
         return None
@@ -390,6 +431,9 @@ def previous_record(track_dir: Path, folder: Path, date: str) -> tuple[Path, dic
             sub = read_json(sub_path)
             if sub.get("record", True) is not True or str(sub["date"]) >= date:
                 continue
+            other_data = record_dataset(other)
+            if dataset is None or other_data is None or other_data.key != dataset.key:
+                continue
             values = record_loss_values(sub)
             score = math.fsum(values) / len(values)
         except (ValueError, KeyError, TypeError, ZeroDivisionError):
@@ -400,12 +444,40 @@ def previous_record(track_dir: Path, folder: Path, date: str) -> tuple[Path, dic
     return (best[1], best[2]) if best else None
 
 
-def significance(sub: dict, folder: Path, margin: float, alpha: float) -> tuple[str, str | None]:
-    """(a line describing the test, a failure message or None)."""
-    prev = previous_record(folder.parent, folder, str(sub.get("date", "")))
+def named_record(track_dir: Path, name: str, date: str, dataset: Dataset | None) -> tuple[tuple[Path, dict] | None, str]:
+    """The record `compared_with` names: ((folder, submission), "") or (None, why it cannot be compared with)."""
+    other = track_dir / name
+    if "/" in name or name in ("", ".", "..") or not (other / "submission.json").is_file():
+        return None, f"compared_with {name!r}: no such record in {track_dir}"
+    try:
+        sub = read_json(other / "submission.json")
+        record_loss_values(sub)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"compared_with {name!r}: unreadable submission.json ({e})"
+    if str(sub.get("date", "")) > date:
+        return None, f"compared_with {name!r}: dated {sub.get('date')}, after this record ({date})"
+    other_data = record_dataset(other)
+    if dataset is None or other_data is None or other_data.key != dataset.key:
+        theirs = other_data.describe() if other_data else "unknown data"
+        return None, f"compared_with {name!r}: scored on other data ({theirs}), so the losses do not compare"
+    return (other, sub), ""
+
+
+def significance(sub: dict, folder: Path, margin: float, alpha: float,
+                 dataset: Dataset | None = None) -> tuple[str, str | None]:
+    """(a line describing the test, a failure message or None). dataset: the record's data (default: read from the
+    folder's logs)."""
+    dataset = dataset or record_dataset(folder)
+    date = str(sub.get("date", ""))
+    if sub.get("compared_with") is not None:
+        prev, problem = named_record(folder.parent, str(sub["compared_with"]), date, dataset)
+        if prev is None:
+            return problem, problem
+    else:
+        prev = previous_record(folder.parent, folder, date, dataset)
     claims = sub.get("record", True) is True
     if prev is None:
-        return "first record of its track: no previous record to test against", None
+        return "first record of its track on this data: no previous record to test against", None
     prev_folder, prev_sub = prev
     new_values = record_loss_values(sub)
     result = welch_test(new_values, record_loss_values(prev_sub), margin)
@@ -549,7 +621,7 @@ def verify_record(folder: Path, margin: float = DEFAULT_MARGIN, alpha: float = D
                 else:
                     _compare(key, value, sub[key], mismatches)
             for key in sub:
-                if key not in want and key not in FREE_FIELDS:
+                if key not in want and key not in FREE_FIELDS + OPTIONAL_FIELDS:
                     mismatches.append(f"{key} is not expected")
     else:  # some logs are broken (already reported): still check the seeds of the others
         listed = {s.get("seed"): (i, s) for i, s in enumerate(sub.get("seeds") or []) if isinstance(s, dict)}
@@ -568,7 +640,7 @@ def verify_record(folder: Path, margin: float = DEFAULT_MARGIN, alpha: float = D
         values = record_loss_values(sub)
         bpb = [float(s["val_bpb"]) for s in sub["seeds"]]
         mean, std = mean_std(bpb)
-        desc, problem = significance(sub, folder, margin, alpha)
+        desc, problem = significance(sub, folder, margin, alpha, log_dataset(logs[0]))
         if problem:
             fail("submission.json", problem)
         summary = (f"{len(values)} seeds, val_bpb {mean:.5f} ± {std if std is not None else 0:.5f}; {desc}; "
