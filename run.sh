@@ -2,8 +2,10 @@
 # The main job.
 #   With CUDA GPUs: torchrun on all of them, the default (parameter-golf baseline) configuration, on FineWeb sp1024
 #   if data/download_fineweb.py has fetched it, else on the bundled sample.
-#   Without: a tiny configuration on the bundled sample that trains for 215 s on 2 CPU cores (so that the whole run, evaluation included, fits in 5 minutes) and ends with
-#   a val_bpb line and a checkpoint.
+#   Without: a tiny configuration on the bundled sample that trains for 215 s on 2 CPU cores (so that the whole run,
+#   evaluation included, fits in 5 minutes) and ends with a val_bpb line and a checkpoint. Its batch is small (2,048
+#   tokens, one micro-batch): in 215 s the run is short of optimizer steps, not of tokens (docs/experiments.md; the
+#   cpu_5min record 2026-11-23_SmallBatch).
 # Any hyperparameter can be overridden from the environment, e.g. `ITERATIONS=100 ./run.sh`.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -42,8 +44,8 @@ prepare_sample
 export DATA_PATH=${DATA_PATH:-$SAMPLE_DIR}
 export RUN_ID=${RUN_ID:-cpu_$(date +%Y%m%d_%H%M%S)}
 export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
-export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-512} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-8192}
-export ITERATIONS=${ITERATIONS:-2000} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-215} WARMDOWN_ITERS=${WARMDOWN_ITERS:-100}
+export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-512} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-2048} TRAIN_MICRO_BATCHES=${TRAIN_MICRO_BATCHES:-1}
+export ITERATIONS=${ITERATIONS:-2000} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-215} WARMDOWN_ITERS=${WARMDOWN_ITERS:-300}
 export WARMUP_STEPS=${WARMUP_STEPS:-0} COMPILE=${COMPILE:-0} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0}
 export TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25} EVAL_BATCH_TOKENS=${EVAL_BATCH_TOKENS:-16384} EVAL_MODES=${EVAL_MODES:-strided}
 exec "$PYTHON" train_gpt.py
