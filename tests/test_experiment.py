@@ -305,7 +305,9 @@ def test_fake_experiment_numbers(fake, capsys, monkeypatch):
     assert summary["speeds_are_solo"] is True and "not solo figures" not in out
 
 
-@pytest.mark.parametrize("change", ["nothing", "seed", "base", "environment", "code", "dataset"])
+# "nothing" and "seed" in the fast loop (./test.sh -m "not slow"); every key field in the whole suite
+@pytest.mark.parametrize("change", ["nothing", "seed"] + [pytest.param(c, marks=pytest.mark.slow)
+                                                        for c in ("base", "environment", "code", "dataset")])
 def test_baseline_cache_is_reused_only_for_the_same_code_config_dataset_and_seed(fake, capsys, monkeypatch, change):
     code, _, err = run_tool(capsys, *fake.args("first"))
     assert code == 0, err
