@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script, tools/ is on the path but the 
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data.files import write_atomic  # noqa: E402
-from run_log import parse_log  # noqa: E402
+from run_log import TrainLog, parse_log  # noqa: E402
 
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) train_loss:(\S+)")
 PEER_BATCH_LINE = re.compile(r"train_batch_tokens:(\d+)(?:\s|$)")
@@ -75,14 +75,23 @@ def _our_log(path: Path) -> tuple[dict[int, float], int | None]:
     damaged = [p for p in log.problems if "embedded" in p or "#### file" in p or "unreadable line" in p]
     if damaged:
         raise LogError(path, damaged[0])
+    return _train_losses(log), _stated_tokens_per_step(log)
+
+
+def _train_losses(log: TrainLog) -> dict[int, float]:
+    path = log.path
     losses = {}
     for row in log.train_steps:
         value = row["train_loss"]
         if not isinstance(value, (int, float)):
             raise LogError(path, f"train_loss {value!r} at step {row['step']} is not a number")
         losses[row["step"]] = float(value)  # a resumed run may repeat steps: the last value counts
+    return losses
+
+
+def _stated_tokens_per_step(log: TrainLog) -> int | None:
     stated = log.hparams.get("train_batch_tokens")
-    return losses, int(stated) if stated and stated.isdigit() else None
+    return int(stated) if stated and stated.isdigit() else None
 
 
 def _peer_log(path: Path, data: bytes) -> tuple[dict[int, float], int | None]:
@@ -111,6 +120,15 @@ def read_curve(path: str | os.PathLike, label: str, tokens_per_step: int | None 
     except OSError as e:
         raise LogError(path, "no such file" if isinstance(e, FileNotFoundError) else f"cannot read: {e.strerror}")
     losses, stated = _our_log(path) if data.startswith(b"#### file ") else _peer_log(path, data)
+    return _curve(path, label, losses, stated, tokens_per_step)
+
+
+def curve_of_log(log: TrainLog, label: str) -> LossCurve:
+    """The curve of one of our logs already read by run_log.parse_log (its own tokens per step)."""
+    return _curve(log.path, label, _train_losses(log), _stated_tokens_per_step(log), None)
+
+
+def _curve(path, label: str, losses: dict[int, float], stated: int | None, tokens_per_step: int | None) -> LossCurve:
     if not losses:
         raise LogError(path, "no `step:N/M train_loss:X` lines")
     if tokens_per_step is None:
@@ -139,12 +157,31 @@ def at(curve: LossCurve, tokens) -> np.ndarray:
     return np.interp(tokens, curve.tokens, curve.losses)
 
 
+def common_points(curves: list[LossCurve]) -> np.ndarray:
+    """Every logged token count of any of the curves inside the range all of them cover (empty when they do not
+    overlap): the points at which curves are compared, each interpolated linearly (`at`)."""
+    if not curves:
+        return np.array([])
+    lo, hi = max(c.tokens[0] for c in curves), min(c.tokens[-1] for c in curves)
+    points = np.unique(np.concatenate([c.tokens for c in curves]))
+    return points[(points >= lo) & (points <= hi)]
+
+
 def difference(ours: LossCurve, peer: LossCurve) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, ours - peer) at every logged point of either curve inside the range both cover."""
-    lo, hi = common_range(ours, peer)
-    points = np.union1d(ours.tokens, peer.tokens)
-    points = points[(points >= lo) & (points <= hi)]
+    common_range(ours, peer)  # raises when they do not overlap
+    points = common_points([ours, peer])
     return points, at(ours, points) - at(peer, points)
+
+
+def fit_y_to_bulk(ax, values: np.ndarray) -> None:
+    """On a long run the first steps (loss ~7) would squash the rest of the curve: the y axis spans the lowest value to
+    the 95th percentile, with 5% margins. Short curves (fewer than 40 finite values) are shown whole."""
+    finite = values[np.isfinite(values)]
+    if len(finite) >= 40:
+        low, high = finite.min(), np.quantile(finite, 0.95)
+        if high > low:
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
 
 
 @dataclass
@@ -202,12 +239,7 @@ def plot(ours: LossCurve, peer: LossCurve, out: Path, title: str | None = None) 
     top.set_ylabel("train loss (nats per token)")
     bottom.set_ylabel(f"{ours.label} − {peer.label}")
     bottom.set_xlabel(f"tokens trained on ({unit})")
-    # on a long run the first steps (loss ~7) would squash the rest of the curve; short logs are shown whole
-    finite = np.concatenate([c.losses[np.isfinite(c.losses)] for c in (ours, peer)])
-    if len(finite) >= 40:
-        low, high = finite.min(), np.quantile(finite, 0.95)
-        if high > low:
-            top.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    fit_y_to_bulk(top, np.concatenate([ours.losses, peer.losses]))
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

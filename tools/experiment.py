@@ -98,6 +98,7 @@ for _path in (ROOT, ROOT / "tools"):
 
 import train_gpt as tg  # noqa: E402
 from data.files import sha256_file, write_atomic  # noqa: E402
+from compare_logs import at, common_points, curve_of_log, fit_y_to_bulk  # noqa: E402  (loss curves against tokens)
 from record_check import mean_std, welch_test  # noqa: E402  (the statistics of a record claim, one definition)
 from run_log import TrainLog, parse_log  # noqa: E402  (the one reader of train logs)
 
@@ -713,27 +714,9 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _curve(log: TrainLog) -> tuple[np.ndarray, np.ndarray]:
-    """(training tokens, train loss) at every logged step (a repeated step: the last value)."""
-    batch = int(log.hparams.get("train_batch_tokens", "0"))
-    losses = {row["step"]: float(row["train_loss"]) for row in log.train_steps
-              if isinstance(row.get("train_loss"), (int, float))}
-    steps = np.array(sorted(losses), dtype=np.float64)
-    return steps * batch, np.array([losses[int(s)] for s in steps])
-
-
-def _grid(curves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """The logged token counts inside the range every curve covers (empty when they do not overlap)."""
-    if not curves or any(len(t) == 0 for t, _ in curves):
-        return np.array([])
-    lo, hi = max(t[0] for t, _ in curves), min(t[-1] for t, _ in curves)
-    points = np.unique(np.concatenate([t for t, _ in curves]))
-    return points[(points >= lo) & (points <= hi)]
-
-
 def _on_grid(curves, grid) -> np.ndarray:
     """(seeds, points): each curve interpolated linearly at the grid's token counts."""
-    return np.array([np.interp(grid, t, loss) for t, loss in curves])
+    return np.array([at(c, grid) for c in curves])
 
 
 def plot(exp: Experiment, out_dir: Path, summary: dict) -> None:
@@ -742,8 +725,9 @@ def plot(exp: Experiment, out_dir: Path, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {arm: {run.seed: _curve(run.train_log) for run in exp.runs if run.arm == arm} for arm in ARMS}
-    last = max((t[-1] for arm in ARMS for t, _ in curves[arm].values() if len(t)), default=0)
+    curves = {arm: {run.seed: curve_of_log(run.train_log, f"{arm} seed {run.seed}") for run in exp.runs
+                    if run.arm == arm} for arm in ARMS}
+    last = max((c.tokens[-1] for arm in ARMS for c in curves[arm].values()), default=0)
     scale, unit = (1e6, "M") if last >= 1e6 else (1e3, "k")
     overrides = " ".join(f"{k}={v}" for k, v in exp.overrides.items())
 
@@ -751,7 +735,7 @@ def plot(exp: Experiment, out_dir: Path, summary: dict) -> None:
     plotted = []
     for i, arm in enumerate(ARMS):
         arm_curves = list(curves[arm].values())
-        grid = _grid(arm_curves)
+        grid = common_points(arm_curves)
         if len(grid) == 0:
             continue
         values = _on_grid(arm_curves, grid)
@@ -759,12 +743,7 @@ def plot(exp: Experiment, out_dir: Path, summary: dict) -> None:
         ax.plot(grid / scale, values.mean(0), color=f"C{i}", lw=1.3, label=f"{label}, mean of {len(arm_curves)}")
         ax.fill_between(grid / scale, values.min(0), values.max(0), color=f"C{i}", alpha=0.2, lw=0)
         plotted.append(values)
-    # on a long run the first steps (loss ~7) would squash the rest of the curve (as in tools/compare_logs.py)
-    finite = np.concatenate([v.ravel() for v in plotted]) if plotted else np.array([])
-    finite = finite[np.isfinite(finite)]
-    if len(finite) >= 40 and np.quantile(finite, 0.95) > finite.min():
-        low, high = finite.min(), np.quantile(finite, 0.95)
-        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    fit_y_to_bulk(ax, np.concatenate([v.ravel() for v in plotted]) if plotted else np.array([]))
     ax.set_xlabel(f"training tokens ({unit})")
     ax.set_ylabel("train loss (nats per token)")
     ax.set_title(f"{exp.name}: train loss, mean over seeds (band: min-max)")
@@ -772,7 +751,7 @@ def plot(exp: Experiment, out_dir: Path, summary: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     seeds = [s for s in exp.seeds if s in curves["baseline"] and s in curves["variant"]]
-    grid = _grid([curves[arm][s] for arm in ARMS for s in seeds])
+    grid = common_points([curves[arm][s] for arm in ARMS for s in seeds])
     if len(grid):
         base = _on_grid([curves["baseline"][s] for s in seeds], grid)
         variant = _on_grid([curves["variant"][s] for s in seeds], grid)
