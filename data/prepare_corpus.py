@@ -291,18 +291,20 @@ def near_duplicates_of_validation(read_documents, val_positions: list[int], n: i
         if position in val_index:
             val_hashes[val_index[position]] = word_ngram_hashes(text, n)
     # one sorted array of every validation n-gram with the validation document it belongs to
-    owners = np.concatenate([np.full(len(h), j, dtype=np.int64) for j, h in enumerate(val_hashes)] + [np.empty(0, np.int64)])
-    pooled = np.concatenate(val_hashes + [np.empty(0, np.uint64)])
+    owners = np.concatenate([np.full(len(h), j, dtype=np.int64) for j, h in enumerate(val_hashes)])
+    pooled = np.concatenate(val_hashes)
     order = np.argsort(pooled, kind="stable")
     pooled, owners = pooled[order], owners[order]
     val_sizes = np.array([len(h) for h in val_hashes], dtype=np.int64)
     own_floor = max(0.5, share)
     dropped = []
+    if len(pooled) == 0:  # no validation document has n words
+        return dropped
     for position, (text, _) in enumerate(read_documents()):
         if position in val_index:
             continue
         hashes = word_ngram_hashes(text, n)
-        if len(hashes) == 0 or len(pooled) == 0:
+        if len(hashes) == 0:
             continue
         lo = np.searchsorted(pooled, hashes, side="left")
         hi = np.searchsorted(pooled, hashes, side="right")
@@ -492,7 +494,7 @@ def manifest_parameters(args, prefix: str) -> dict:
             "tokenizer": None if trained else os.path.basename(args.tokenizer)}
 
 
-def is_current(args) -> bool:
+def is_current(args, prefix: str, kind: str) -> bool:
     """DIR already holds what this command would write: a manifest of this format, input sha256 and parameters, with
     the tokenizer and every shard it lists present at their sizes (contents are not re-hashed)."""
     try:
@@ -500,8 +502,6 @@ def is_current(args) -> bool:
             manifest = json.load(f)
     except (OSError, ValueError):
         return False
-    prefix = args.name if args.name is not None else default_prefix(args.input)
-    kind = input_kind(args.input)
     if (manifest.get("format") != MANIFEST_FORMAT or manifest.get("parameters") != manifest_parameters(args, prefix)
             or manifest.get("input", {}).get("sha256") != input_sha256(args.input, kind)
             or not os.path.isfile(os.path.join(args.out, "tokenizer.model"))):
@@ -518,14 +518,14 @@ def run(args) -> dict:
     """Everything but the argument parsing; returns the manifest (None when --skip-if-current found it up to date).
     Raises PrepareError for bad input."""
     check_parameters(args)
-    if getattr(args, "skip_if_current", False) and is_current(args):
+    kind = input_kind(args.input)
+    prefix = args.name if args.name is not None else default_prefix(args.input)
+    if args.skip_if_current and is_current(args, prefix, kind):
         print(f"{args.out} is up to date")
         return None
     given = None
     if args.tokenizer is not None:
         given = load_tokenizer_file(args.tokenizer)  # fail early, before reading a large input
-    kind = input_kind(args.input)
-    prefix = args.name if args.name is not None else default_prefix(args.input)
     check_out_dir(args.out, prefix)
 
     # Pass 1: validate every document and count them before anything is written or trained.
