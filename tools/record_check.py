@@ -218,6 +218,11 @@ def log_dataset(lg: TrainLog) -> Dataset:
                    v.get("tokens", -1), v.get("bytes", -1))
 
 
+def same_data(a: Dataset | None, b: Dataset | None) -> bool:
+    """Whether two records' val_loss compare: both datasets known and identical but for their folder names."""
+    return a is not None and b is not None and a.key == b.key
+
+
 def record_dataset(folder: Path) -> Dataset | None:
     """The dataset of a record folder, from its first training log; None when there is no readable one."""
     logs = sorted(folder.glob("train_seed*.log"))
@@ -431,8 +436,7 @@ def previous_record(track_dir: Path, folder: Path, date: str, dataset: Dataset |
             sub = read_json(sub_path)
             if sub.get("record", True) is not True or str(sub["date"]) >= date:
                 continue
-            other_data = record_dataset(other)
-            if dataset is None or other_data is None or other_data.key != dataset.key:
+            if not same_data(record_dataset(other), dataset):
                 continue
             values = record_loss_values(sub)
             score = math.fsum(values) / len(values)
@@ -457,7 +461,7 @@ def named_record(track_dir: Path, name: str, date: str, dataset: Dataset | None)
     if str(sub.get("date", "")) > date:
         return None, f"compared_with {name!r}: dated {sub.get('date')}, after this record ({date})"
     other_data = record_dataset(other)
-    if dataset is None or other_data is None or other_data.key != dataset.key:
+    if not same_data(other_data, dataset):
         theirs = other_data.describe() if other_data else "unknown data"
         return None, f"compared_with {name!r}: scored on other data ({theirs}), so the losses do not compare"
     return (other, sub), ""
