@@ -29,7 +29,6 @@ import platform
 import random
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -316,6 +315,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def slowest_rank_ms(own_ms: float, device: torch.device) -> float:
+    """The largest of every rank's clock reading: the training time all ranks report (ranks start their clocks at
+    different moments, and the run is as long as its slowest rank)."""
+    clock = torch.tensor([own_ms], device=device, dtype=torch.float64)
+    if is_distributed():
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+    return float(clock.item())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1496,7 +1504,11 @@ class GradientReducer:
             self._start(bucket)
 
     def _start(self, bucket: int) -> None:
-        flat = torch.cat([p.grad.flatten() for p in self.buckets[bucket]])
+        params = self.buckets[bucket]
+        for p in params:  # a parameter no forward used (an empty skip_weights with NUM_LAYERS=1) has no gradient yet
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
         self.in_flight.append((bucket, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
 
     def finish(self) -> None:
@@ -1632,7 +1644,8 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         last_step = step >= stop_at
         if last_step or (hp.val_loss_every and step % hp.val_loss_every == 0 and step > first_step):
             synchronize(device)
-            train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while validating
+            # the clock stops while validating; from here on every rank holds the slowest rank's time
+            train_ms = slowest_rank_ms(train_ms + 1000 * (time.perf_counter() - t0), device)
             if last_step:
                 break  # the final evaluation below also gives the curve's last point
             result = evaluate(model, val, "flat", hp.train_seq_len, hp.eval_batch_tokens, env)
@@ -2029,16 +2042,18 @@ def versions_line() -> str:
             f"cuda:{cuda} numpy:{np.__version__} sentencepiece:{spm.__version__}")
 
 
-def gpu_line() -> str:
+def gpu_line(world_size: int) -> str:
+    """The devices this run uses: on each node, processes 0..n-1 take cuda:0..n-1 of the devices CUDA_VISIBLE_DEVICES
+    lets it see (nvidia-smi would list every GPU of the machine, used or not)."""
     if not torch.cuda.is_available():
         return (f"gpus: none (cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 f"{torch.get_num_threads()} torch threads per process)")
-    try:
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=20).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return f"gpus: {len(names)} x {names[0] if names else '?'}" + ("" if len(set(names)) <= 1 else f" {names}")
+    visible = torch.cuda.device_count()
+    used = min(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), visible)
+    names = [torch.cuda.get_device_name(i) for i in range(used)]
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"gpus: {used} x {names[0]}" + ("" if len(set(names)) <= 1 else f" {names}")
+            + f" (per node; cuda:0-{used - 1} of {visible} visible" + (f", CUDA_VISIBLE_DEVICES={mask})" if mask else ")"))
 
 
 class Logger:
@@ -2079,7 +2094,7 @@ def main() -> int:
         root = Path(__file__).resolve().parent
         log.raw(embedded_source(record_source_files(), root))
         log(versions_line())
-        log(gpu_line())
+        log(gpu_line(env.world_size))
         log("env_overrides: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in Hyperparameters.env_overrides().items()))
         for f in dataclasses.fields(hp):
             log(f"hparam {f.name}={getattr(hp, f.name)}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_eval_modes import small_dir, tiny_model, val  # noqa: F401  (shared fixtures: a small validation set)
+from test_eval_modes import TINY, small_dir, tiny_model, val  # noqa: F401  (shared fixtures: a small validation set)
 
 import eval_ttt
 import train_gpt as tg
@@ -201,9 +201,11 @@ def test_compiled_training_never_recompiles(mixed_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_stay_identical_when_one_starts_late(sample_data, tmp_path):
-    """A wall-clock cap puts the warm-down on the clock from the first step. Rank 1 starts its clock 1.5 s late; if a
-    rank read its own clock, its learning rate (and so its weights) would differ from rank 0's."""
+@pytest.mark.parametrize("slow_rank", [1, 0])
+def test_ranks_stay_identical_when_one_starts_late(sample_data, tmp_path, slow_rank):
+    """A wall-clock cap puts the warm-down on the clock from the first step. One rank starts its clock 1.5 s late; if a
+    rank read its own clock, its learning rate (and so its weights) would differ from the other's. The time the log
+    reports is the slowest rank's: with rank 0 late, rank 0's own clock is the shorter one."""
     import os
     import re
     import subprocess
@@ -216,12 +218,14 @@ def test_ranks_stay_identical_when_one_starts_late(sample_data, tmp_path):
            "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "512", "TRAIN_MICRO_BATCHES": "2", "ITERATIONS": "1000",
            "WARMDOWN_ITERS": "1000", "MAX_WALLCLOCK_SECONDS": "4", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0",
            "VAL_MAX_DOCS": "2", "EVAL_MODES": "flat", "EVAL_BATCH_TOKENS": "1024", "COMPILE": "0",
-           "TRAIN_LOG_EVERY": "1000", "OMP_NUM_THREADS": "1"}
+           "TRAIN_LOG_EVERY": "1000", "OMP_NUM_THREADS": "1", "SLOW_RANK": str(slow_rank)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "tests" / "helpers" / "slow_rank_train.py")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"stopping_early: wallclock_cap", proc.stdout)
+    stopped_ms = int(re.search(r"stopping_early: wallclock_cap train_time:(\d+)ms", proc.stdout).group(1))
+    reported_ms = int(re.search(r"^final val_loss:.* train_time:(\d+)ms", proc.stdout, re.M).group(1))
+    assert reported_ms >= stopped_ms  # the agreed (slowest) clock at the last step, never rank 0's own shorter one
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
@@ -333,12 +337,19 @@ def test_shard_index_is_cached_and_invalidated_when_the_shard_changes(tmp_path, 
 # 4. gradients are reduced in buckets while the backward pass runs
 
 
-def _reducer_worker(rank: int, init_file: str, out_dir: str) -> None:
+def reducer_model(num_layers: int) -> tg.GPT:
+    """tiny_model's shape with `num_layers` blocks: with 1 there are no U-Net skips, so `skip_weights` is empty and no
+    forward pass ever gives it a gradient."""
+    torch.manual_seed(0)
+    model = tiny_model() if num_layers == 2 else tg.GPT(tg.ModelConfig(vocab_size=1024, **{**TINY, "num_layers": 1}))
+    return model.train().requires_grad_(True)
+
+
+def _reducer_worker(rank: int, init_file: str, out_dir: str, num_layers: int = 2) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = tiny_model().train().requires_grad_(True)
+    model = reducer_model(num_layers)
     reducer = tg.GradientReducer(model, bucket_mb=0.01)  # ~10 kB buckets: many of them
     inputs = [torch.randint(4, 1000, (1, 40), generator=torch.Generator().manual_seed(r)) for r in range(2)]
     # two micro-batches on each rank: only the last one's backward reduces
@@ -354,22 +365,28 @@ def _reducer_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_gradient_buckets_reduce_during_backward_to_the_plain_sum(tmp_path):
+@pytest.mark.parametrize("num_layers", [2, 1])
+def test_gradient_buckets_reduce_during_backward_to_the_plain_sum(tmp_path, num_layers):
+    """With 1 layer, skip_weights gets no gradient on any step: its bucket is reduced in finish() (as zeros) instead
+    of crashing on a missing gradient."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_reducer_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_reducer_worker, args=(str(tmp_path / "init"), str(tmp_path), num_layers), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert results[0]["buckets"] > 3
-    assert results[0]["started_during_backward"] == results[0]["buckets"]  # every bucket left from inside backward
-    torch.manual_seed(0)
-    model = tiny_model().train().requires_grad_(True)
+    if num_layers == 2:
+        assert results[0]["started_during_backward"] == results[0]["buckets"]  # every bucket left from inside backward
+    else:
+        assert results[0]["grads"]["skip_weights"].shape == (0, TINY["model_dim"])
+    model = reducer_model(num_layers)
     for rank in range(2):  # the plain sum: both ranks' micro-batches in one process
         for r in range(2):
             ids = torch.randint(4, 1000, (1, 40), generator=torch.Generator().manual_seed(r)) + rank
             model(ids, torch.roll(ids, -1, 1)).sum().backward()
     for name, p in model.named_parameters():
         for result in results:
-            torch.testing.assert_close(result["grads"][name], p.grad, rtol=1e-5, atol=1e-6)
+            plain = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(result["grads"][name], plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -396,3 +413,29 @@ def test_a_training_step_never_waits_on_the_host(small_stream):
             tg.optimizer_step(model, optimizers, hp, reducer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. the log names the devices the run uses
+
+
+@pytest.mark.parametrize("local_world, mask", [(1, None), (2, "3,5"), (4, None)])
+def test_gpus_line_lists_the_devices_the_run_uses(monkeypatch, local_world, mask):
+    """8 GPUs on the machine (what nvidia-smi would list), CUDA_VISIBLE_DEVICES exposing some of them, and a run of
+    `local_world` processes: the line names the run's devices, not the machine's."""
+    import subprocess
+
+    visible = 2 if mask else 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nvidia-smi lists the machine, not the run"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    if mask:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    line = tg.gpu_line(world_size=local_world)
+    used = min(local_world, visible)
+    assert line.startswith(f"gpus: {used} x NVIDIA H200 (per node; cuda:0-{used - 1} of {visible} visible")
+    assert (f"CUDA_VISIBLE_DEVICES={mask}" in line) == bool(mask)

@@ -1,4 +1,5 @@
-"""train_gpt.py under torchrun with rank 1 made slow on purpose before its clock starts (as a slower compile would),
+"""train_gpt.py under torchrun with one rank (SLOW_RANK, default 1) made slow on purpose before its clock starts (as a
+slower compile would),
 and every rank's final weights saved as CHECKPOINT_DIR/rank<R>.pt, for tests/test_cuda_path.py."""
 
 import os
@@ -12,11 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import train_gpt as tg  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
+SLOW_RANK = int(os.environ.get("SLOW_RANK", "1"))
 plain_warmup, plain_save = tg.compile_warmup, tg.save_final_checkpoint
 
 
 def slow_warmup(*args, **kwargs):
-    if RANK == 1:
+    if RANK == SLOW_RANK:
         time.sleep(float(os.environ.get("SLOW_RANK_SECONDS", "1.5")))
     return plain_warmup(*args, **kwargs)
 
