@@ -40,6 +40,27 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_unusable_reason() -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels with the installed versions, or None when it can. Triton
+    3.6's interpreter turns a size-1 array into a Python int where a kernel loops over a runtime bound
+    (`range(0, n_cols, BLOCK)`), which numpy >= 2.3 refuses (TypeError: only 0-dimensional arrays can be converted
+    to Python scalars); Triton 3.9 with numpy 2.4 and Triton 3.6 with numpy 2.2 both work. Compiled kernels on a GPU
+    never use the interpreter."""
+    if not HAS_TRITON:
+        return None
+    import numpy
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 3):
+        return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {numpy.__version__} "
+                "(needs Triton >= 3.7 or numpy < 2.3); the ops fall back to their references on CPUs")
+    return None
+
+
 # @triton.jit decides between compiled and interpreted kernels when it runs, i.e. when the op modules are imported.
 # CPU tensors can only go through Triton if the kernels were built for the interpreter.
 KERNELS_INTERPRETED = HAS_TRITON and interpreter_requested()
@@ -53,7 +74,7 @@ def triton_available(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     if device.type == "cpu":
-        return KERNELS_INTERPRETED and interpreter_requested()
+        return KERNELS_INTERPRETED and interpreter_requested() and interpreter_unusable_reason() is None
     return False
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import _common
 import train_gpt as tg
 
 
@@ -25,7 +26,7 @@ def loss_and_grads(model, fused_ops, ids, targets, cu_seqlens):
 @pytest.mark.parametrize("fused", [sorted(kernels.OPS), ["softcap_cross_entropy", "rms_norm"]])
 def test_fused_training_step_matches_plain(fused):
     if not kernels.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
-        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
+        pytest.skip(_common.interpreter_unusable_reason() or "Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
     torch.manual_seed(0)
     config = tg.ModelConfig(vocab_size=72, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
     model = tg.GPT(config)
@@ -107,7 +108,7 @@ def test_compiled_fused_model_is_one_graph_and_matches_eager():
     """CPU: the interpreted kernels inside a graph that Dynamo and AOTAutograd trace (aot_eager backend)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not kernels.triton_available(device):
-        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
+        pytest.skip(_common.interpreter_unusable_reason() or "Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
     check_compiled_fused_model(device, backend="aot_eager", tolerance=1e-4 if device.type == "cpu" else 3e-2)
 
 

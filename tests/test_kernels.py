@@ -46,7 +46,8 @@ TOL = {torch.float32: FP32_TOL, torch.bfloat16: BF16_TOL}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 needs_triton = pytest.mark.skipif(
-    not kernels.triton_available(DEVICE), reason="Triton cannot run here (no CUDA and TRITON_INTERPRET is not 1)"
+    not kernels.triton_available(DEVICE),
+    reason=_common.interpreter_unusable_reason() or "Triton cannot run here (no CUDA and TRITON_INTERPRET is not 1)",
 )
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
@@ -118,6 +119,8 @@ def test_triton_path_is_exercised():
     if HAS_CUDA:
         assert kernels.triton_available("cuda")
     else:
+        if _common.interpreter_unusable_reason():
+            pytest.skip(_common.interpreter_unusable_reason())
         assert _common.interpreter_requested(), "tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA"
         assert _common.KERNELS_INTERPRETED, (
             "kernels was imported before TRITON_INTERPRET=1 was set, so its Triton kernels cannot run on CPU: "
@@ -752,3 +755,24 @@ def test_cuda_relu2_linear_autotunes_once_for_any_row_count():
         assert_no_worse_than_eager(out, relu2_module.reference(x, w), relu2_module.reference(x.double(), w.double()),
                                    f"out, {rows} rows")
     assert len(tuner.cache) == 1, f"autotuned {len(tuner.cache)} times: {list(tuner.cache)}"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, usable", [
+    ("3.6.0", "2.4.6", False), ("3.6.0", "2.5.0", False), ("3.6.0", "2.3.0", False), ("3.6.0", "2.2.6", True),
+    ("3.9.0", "2.4.6", True), ("3.7.0+git1234", "2.4.0", True), ("3.5.1", "1.26.4", True)])
+def test_interpreter_rule_names_the_broken_version_pairs(monkeypatch, triton_version, numpy_version, usable):
+    """Triton 3.6's interpreter with numpy >= 2.3 fails on every kernel that loops over a runtime bound (measured
+    2026-12-01: torch 2.11 / Triton 3.6 / numpy 2.4.6, InterpreterError in the cross-entropy and sym_matmul kernels;
+    numpy 2.2.6 and Triton 3.9 pass): there the interpreter tests skip with the reason, never pass silently."""
+    import numpy
+
+    if not _common.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(_common.triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    reason = _common.interpreter_unusable_reason()
+    assert (reason is None) == usable
+    if not usable:
+        assert triton_version in reason and numpy_version in reason
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not kernels.triton_available("cpu")  # the ops take their references instead
