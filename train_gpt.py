@@ -102,7 +102,7 @@ class Hyperparameters(ModelConfig):
     warmup_steps: int = 20  # compile warm-up steps; their effect on weights and optimizer state is undone
     lr_warmup_steps: int = 0  # linear learning-rate warm-up at the start of the timed run
     warmdown_iters: int = 1200  # warm-down to 0 over the last iterations (estimated from the wall clock if capped)
-    warmdown_shape: str = "linear"  # linear | cosine | sqrt (1 - sqrt of the warm-down's progress: stays high longer)
+    warmdown_shape: str = "linear"  # linear | cosine | sqrt (1 - sqrt of the warm-down's progress: below linear)
     max_wallclock_seconds: float = 600.0  # 0 means no cap
     # optimizers
     tied_embed_lr: float = 0.05
@@ -425,9 +425,11 @@ class TokenStream:
         self.num_tokens = int(self.shard_offsets[-1])
         if self.num_tokens == 0:
             raise DataError(f"{pattern}: the shards hold no tokens")
-        first = int(self.shards[np.flatnonzero(lengths)[0]][0])
+        first_shard = int(np.flatnonzero(lengths)[0])  # earlier shards may be empty
+        first = int(self.shards[first_shard][0])
         if first != BOS_ID:
-            raise DataError(f"{self.files[0]}: first token is {first}, not BOS ({BOS_ID}); documents must start with BOS")
+            raise DataError(f"{self.files[first_shard]}: first token is {first}, not BOS ({BOS_ID}); documents must "
+                            "start with BOS")
         self.doc_starts = np.concatenate([bos + off for bos, off in zip(bos_positions, self.shard_offsets)])
         self.doc_lengths = np.diff(np.append(self.doc_starts, self.num_tokens))
 
@@ -633,9 +635,17 @@ class DocumentLoader:
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "merged_batches": self.merged_batches}
+                "merged_batches": self.merged_batches, "documents": self.stream.num_docs,
+                "tokens": self.stream.num_tokens}
 
     def load_state_dict(self, state: dict) -> None:
+        # a position only means something in the stream it was taken in: the same documents, seed and order
+        here = {"seed": self.seed, "shuffle": self.shuffle, "documents": self.stream.num_docs,
+                "tokens": self.stream.num_tokens}
+        for name, value in here.items():
+            if name in state and state[name] != value:
+                raise ConfigError(f"the saved loader position belongs to a stream with {name} {state[name]!r}, this "
+                                  f"one has {value!r} (training data: {self.stream.files[0]}...)")
         self.position = int(state["position"])
         self.merged_batches = int(state.get("merged_batches", 0))
 
@@ -1379,8 +1389,9 @@ WARMDOWN_SHAPES = ("linear", "cosine", "sqrt")
 def learning_rate_scale(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     """Linear warm-up, then constant, then a warm-down to 0 over the last WARMDOWN_ITERS steps. With a wall-clock cap
     the warm-down starts when the time left, at the measured step time, is WARMDOWN_ITERS steps. The warm-down's
-    shape maps the share of it still ahead, f (1 -> 0), to the scale: linear f, cosine (1 - cos(pi f)) / 2, sqrt
-    1 - sqrt(1 - f)."""
+    shape maps the share of it still ahead, f (1 -> 0), to the scale: linear f, cosine (1 - cos(pi f)) / 2 (above
+    linear in the first half, below in the second), sqrt 1 - sqrt(1 - f) (below linear throughout: it drops fastest at
+    the start of the warm-down and flattens near 0)."""
     scale = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps else 1.0
     if hp.warmdown_iters <= 0:
         return scale
@@ -1616,6 +1627,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         state = load_checkpoint(hp.resume, device)
         if "optimizers" not in state:
             raise DataError(f"{hp.resume}: not a resumable checkpoint (no optimizer state); use CHECKPOINT_EVERY")
+        check_resume_settings(state, hp, tokenizer_sha256)
         model.load_state_dict(state["model"])
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
@@ -1623,7 +1635,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
         resumed_average = state.get("ema")
         step, train_ms = state["step"], state["train_time_ms"]
         restore_rng_states(state["rng"])
-        log(f"resumed: {hp.resume} step:{step} train_time:{train_ms:.0f}ms")
+        log(f"resumed_from: {hp.resume} step:{step} train_time:{train_ms:.0f}ms")
 
     model_fn = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model  # a graph break is an error
     reducer = GradientReducer(model)
@@ -1977,6 +1989,25 @@ def save_resumable_checkpoint(model, optimizers, loader, step, train_ms, hp, tok
     return path
 
 
+# What a resumed run must share with the run that saved the checkpoint, or its losses would not be those of one
+# uninterrupted run: the model's shape, the seed, the document order and the batch layout, the data. The schedule
+# (ITERATIONS, WARMDOWN_ITERS, MAX_WALLCLOCK_SECONDS, learning rates) may change.
+RESUME_FIXED = tuple(f.name for f in dataclasses.fields(ModelConfig)) + (
+    "seed", "doc_shuffle", "train_seq_len", "train_batch_tokens", "train_micro_batches", "train_max_segments")
+
+
+def check_resume_settings(state: dict, hp: Hyperparameters, tokenizer_sha256: str) -> None:
+    """One line naming the first setting that differs from the checkpoint's (the training data itself is checked by
+    DocumentLoader.load_state_dict)."""
+    saved = {**state.get("hyperparameters", {}), "tokenizer_sha256": state.get("tokenizer_sha256")}
+    here = {**{name: getattr(hp, name) for name in RESUME_FIXED}, "tokenizer_sha256": tokenizer_sha256}
+    for name, value in here.items():
+        if saved.get(name) is not None and saved[name] != value:
+            what = name.upper() if name in RESUME_FIXED else "the tokenizer's sha256"
+            raise ConfigError(f"RESUME={hp.resume}: {what} is {value!r} here but {saved[name]!r} in the checkpoint; "
+                              "it cannot change in the middle of a run")
+
+
 def load_checkpoint(path: str, device) -> dict:
     if not os.path.isfile(path):
         raise DataError(f"{path}: checkpoint not found")
@@ -2057,11 +2088,13 @@ def gpu_line(world_size: int) -> str:
 
 
 class Logger:
-    """Rank 0 prints each line and appends it to logs/<RUN_ID>.txt; other ranks stay quiet."""
+    """Rank 0 prints each line and appends it to logs/<RUN_ID>.txt; other ranks stay quiet. A new run starts the file
+    afresh; a resumed run (append=True) continues it, so the steps before the interruption stay in the record."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, append: bool = False):
         self.path = path
-        if path:
+        self.continues = bool(path) and append and os.path.isfile(path)
+        if path and not self.continues:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             open(path, "w").close()
 
@@ -2084,15 +2117,17 @@ def main() -> int:
         return 2
     env = setup_distributed()
     hp.run_id = rank0_string(hp.run_id)  # a timestamp RUN_ID can differ by a second between ranks
-    log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None)
+    log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None, append=bool(hp.resume))
     try:
         use_fused_ops(parse_fused_ops(hp.fused))
         if hp.gist_tokens:
             backend = "gist_" + select_gist_attention(hp.attn_backend, env.device, compiling=hp.compile)
         else:
             backend = select_attention_backend(hp.attn_backend, env.device, compiling=hp.compile)
-        root = Path(__file__).resolve().parent
-        log.raw(embedded_source(record_source_files(), root))
+        if log.continues:  # the log already starts with the code; the resumed run's lines follow the earlier ones
+            log(f"resumed_log: {hp.resume}")
+        else:
+            log.raw(embedded_source(record_source_files(), Path(__file__).resolve().parent))
         log(versions_line())
         log(gpu_line(env.world_size))
         log("env_overrides: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in Hyperparameters.env_overrides().items()))
