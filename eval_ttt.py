@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 import train_gpt as tg
+from kernels.attention import repeat_kv
 
 ROOT = Path(__file__).resolve().parent
 
@@ -112,22 +113,32 @@ def lora_shapes(model: tg.GPT, targets) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+# Fused kernels that compute a projection or the head without calling the layer, so a forward hook never sees them.
+BYPASS_HOOKS = frozenset({"relu2_linear", "linear_softcap_cross_entropy"})
+
+
+def ttt_fused_ops(fused: frozenset) -> frozenset:
+    """The fused ops a TTT model can use: all but those that bypass the adapters' hooks."""
+    return fused - BYPASS_HOOKS
+
+
 @contextlib.contextmanager
 def adapted(model: tg.GPT, lora, names):
     """The model with `lora(name, x)` added to the output of each projection in `names` (forward hooks on the linear
     layers: the trainer's model knows nothing of adapters). Fused kernels that would bypass a hooked layer or the
-    head are switched off meanwhile."""
+    head must be off in the model (ttt_fused_ops)."""
     def add_delta(name):
         return lambda module, args, out: out + lora(name, args[0]).to(out.dtype)
 
+    bypassing = sorted(model.kernels.fused & BYPASS_HOOKS)
+    if bypassing:
+        raise tg.ConfigError(f"TTT adapters need a model without the fused ops {', '.join(bypassing)} (they bypass the "
+                             "hooked layers); load it with ttt_fused_ops()")
     layers = projections(model)
     handles = [layers[name].register_forward_hook(add_delta(name)) for name in names if name != "head"]
-    fused = tg.FUSED_OPS
-    tg.use_fused_ops(fused - {"relu2_linear", "linear_softcap_cross_entropy"})
     try:
         yield model
     finally:
-        tg.use_fused_ops(fused)
         for handle in handles:
             handle.remove()
 
@@ -336,7 +347,7 @@ class GistCache:
         mask = torch.ones(t, past + t, dtype=torch.bool, device=q.device)
         mask[:, past:] = torch.tril(mask[:, past:])
         q_heads, k_heads, v_heads = (x[0].transpose(0, 1) for x in (q, keys, values))
-        k_heads, v_heads = tg.repeat_kv(q_heads, k_heads, v_heads, 0)
+        k_heads, v_heads = repeat_kv(q_heads, k_heads, v_heads, 0)
         y = torch.nn.functional.scaled_dot_product_attention(q_heads, k_heads, v_heads, attn_mask=mask)
         if self.new_gists:  # cached: the earlier slots, then this segment's
             gist_k, gist_v = k[:, -self.new_gists:], v[:, -self.new_gists:]
@@ -363,8 +374,7 @@ def gist_document_losses(model: tg.GPT, doc: np.ndarray) -> np.ndarray:
         cache.next_segment(gists)
         with tg.autocast_context(device):
             cos, sin = model.rotary(torch.from_numpy(positions).to(device)[None])
-            x = model.run_blocks(model.embed_with_gists(torch.from_numpy(ids).to(device)[None]), cos, sin,
-                                 gist_attend=cache)
+            x = model.run_blocks(model.embed_with_gists(torch.from_numpy(ids).to(device)[None]), cos, sin, cache)
             targets = torch.from_numpy(doc[start + 1: end + 1].astype(np.int64)).to(device)
             losses.append(model.token_losses(x[0, : end - start], targets).double().cpu().numpy())
     return np.concatenate(losses) if losses else np.zeros(0)
@@ -443,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=0, help="only the first N validation documents (0: all)")
     p.add_argument("--batch-tokens", type=int, help="flat/strided: tokens per forward (default: the checkpoint's)")
     p.add_argument("--rope-ntk-alpha", type=float, default=1.0, help="NTK-aware RoPE scaling for long windows")
-    p.add_argument("--attn-backend", default="auto", help=" | ".join(("auto",) + tg.ATTENTION_BACKENDS))
+    p.add_argument("--attn-backend", default="auto", help=" | ".join(("auto",) + tg.VARLEN_BACKENDS))
     p.add_argument("--fused", default="auto", help="train_gpt FUSED setting (kernels; LoRA projections use torch)")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--dump-token-losses", help="write per-token losses (nats, float32 .npy) in the order of `docs`")
@@ -591,12 +601,12 @@ def load(args, env: tg.DistributedEnv) -> Loaded:
     """The kernels and attention backend asked for, the checkpoint's model, then `args`' unset options filled in from
     the checkpoint (in place) and checked before any data is read, then the tokenizer (its sha256 must be the
     checkpoint's) and the validation set."""
-    tg.use_fused_ops(tg.parse_fused_ops(args.fused))
-    model, state = tg.load_model(args.checkpoint, env.device)
-    if model.config.gist_tokens:  # flat and strided windows of a gist model go through the gist mask too
-        backend = "gist_" + tg.select_gist_attention(args.attn_backend, env.device)
-    else:
-        backend = tg.select_attention_backend(args.attn_backend, env.device)
+    fused = tg.parse_fused_ops(args.fused)
+    if args.mode == "ttt":
+        fused = ttt_fused_ops(fused)
+    # a gist model's flat and strided windows go through the gist mask too
+    model, state = tg.load_model(args.checkpoint, env.device, fused, args.attn_backend)
+    backend = tg.attention_name(model.kernels, model.config.gist_tokens)
     hyperparameters = state.get("hyperparameters", {})
     fill_defaults(args, hyperparameters)
     check_args(args)
@@ -618,7 +628,7 @@ def load(args, env: tg.DistributedEnv) -> Loaded:
              "code_sha256": tg.sha256_of_file(__file__), "tokenizer": os.path.abspath(tokenizer_path),
              "tokenizer_sha256": tokenizer_sha256, "data": os.path.abspath(data_path), "num_docs": val.num_docs,
              "world_size": env.world_size, "device": _device_name(env.device), "attention_backend": backend,
-             "fused_ops": sorted(tg.FUSED_OPS), "torch": torch.__version__,
+             "fused_ops": sorted(model.kernels.fused), "torch": torch.__version__,
              "gist_tokens": model.config.gist_tokens, "gist_segment": model.config.gist_segment}
     return Loaded(model, val, setup, hyperparameters)
 
@@ -657,7 +667,7 @@ def command_line(command) -> int:
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
     try:
         return command()
-    except (UsageError, tg.ConfigError, tg.DataError) as e:
+    except (UsageError, tg.ConfigError, tg.DataError, tg.BackendError) as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import glob
 import hashlib
-import inspect
 import math
 import os
 import platform
@@ -43,6 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.attention import (REFERENCE_GIST, REFERENCE_VARLEN, VARLEN_BACKENDS, BackendError, VarlenAttention,
+                               gist_layout, sdpa_causal, segment_ids, select_gist_attention, select_varlen_attention)
 from kernels.newton_schulz import NS_COEFFICIENTS
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,8 +194,8 @@ class Hyperparameters(ModelConfig):
              "must be a comma-separated list of flat, strided")
         window = self.eval_window or self.train_seq_len
         need(self.eval_stride <= window, "eval_stride", f"must be <= the evaluation window {window}")
-        need(self.attn_backend in ("auto",) + ATTENTION_BACKENDS, "attn_backend",
-             f"must be auto or one of {', '.join(ATTENTION_BACKENDS)}")
+        need(self.attn_backend in ("auto",) + VARLEN_BACKENDS, "attn_backend",
+             f"must be auto or one of {', '.join(VARLEN_BACKENDS)}")
         parse_fused_ops(self.fused)  # raises ConfigError on an unknown kernel name
         need(self.gist_tokens == 0 or self.attn_backend in ("auto", "reference"), "attn_backend",
              "cannot express the gist attention mask (GIST_TOKENS > 0); use auto (flex_attention on CUDA, the "
@@ -251,14 +252,6 @@ def parse_fused_ops(spec: str) -> frozenset[str]:
         raise ConfigError(f"FUSED={spec!r}: unknown kernel {unknown[0]!r}; known: {', '.join(sorted(kernels.OPS))}")
     return names
 
-
-# The kernels the model uses in place of plain torch ops (set by main() or tests through use_fused_ops).
-FUSED_OPS: frozenset[str] = frozenset()
-
-
-def use_fused_ops(names) -> None:
-    global FUSED_OPS
-    FUSED_OPS = frozenset(names)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -546,6 +539,28 @@ class MicroBatch:
     merged: bool = False  # it had more segments than max_segments (see fit_segments)
 
 
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What DocumentLoader serves: steps of batch_tokens tokens cut into micro_batches equal slices, documents cut
+    into pieces of at most seq_len tokens and shuffled by seed (shuffle=False: file order), micro-batches of exactly
+    max_segments pieces (0: default_max_segments), and, with gist_tokens > 0, gist slots (ids from vocab_size on)."""
+
+    seq_len: int
+    batch_tokens: int
+    micro_batches: int
+    seed: int
+    shuffle: bool = True
+    max_segments: int = 0
+    gist_tokens: int = 0
+    gist_segment: int = 128
+    vocab_size: int = 0
+
+    @classmethod
+    def from_hyperparameters(cls, hp: Hyperparameters) -> LoaderConfig:
+        return cls(hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches, hp.seed, hp.doc_shuffle,
+                   hp.train_max_segments, hp.gist_tokens, hp.gist_segment, hp.vocab_size)
+
+
 class DocumentLoader:
     """Shuffled documents, packed back to back, served as fixed-size varlen micro-batches.
 
@@ -554,22 +569,21 @@ class DocumentLoader:
     TRAIN_MICRO_BATCHES equal slices; rank r takes slices r, r + world_size, ... Everything depends only on the seed and
     the stream position, so every rank agrees and a restart from a saved position continues exactly."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_tokens: int, micro_batches: int, rank: int,
-                 world_size: int, seed: int, shuffle: bool = True, max_segments: int = 0, gist_tokens: int = 0,
-                 gist_segment: int = 128, vocab_size: int = 0):
-        if micro_batches % world_size:
-            raise ConfigError(f"TRAIN_MICRO_BATCHES={micro_batches}: must be divisible by the world size {world_size}")
-        self.stream, self.seq_len, self.rank, self.world_size = stream, seq_len, rank, world_size
-        self.micro_tokens = batch_tokens // micro_batches
-        self.max_segments = max_segments or default_max_segments(self.micro_tokens)
+    def __init__(self, stream: TokenStream, config: LoaderConfig, rank: int = 0, world_size: int = 1):
+        if config.micro_batches % world_size:
+            raise ConfigError(f"TRAIN_MICRO_BATCHES={config.micro_batches}: must be divisible by the world size "
+                              f"{world_size}")
+        self.stream, self.config, self.rank, self.world_size = stream, config, rank, world_size
+        self.seq_len, self.micro_batches, self.seed, self.shuffle = (config.seq_len, config.micro_batches, config.seed,
+                                                                     config.shuffle)
+        self.micro_tokens = config.batch_tokens // config.micro_batches
+        self.max_segments = config.max_segments or default_max_segments(self.micro_tokens)
         self.merged_batches = 0  # micro-batches that had more segments than max_segments (see fit_segments)
-        self.micro_batches, self.seed, self.shuffle = micro_batches, seed, shuffle
         self.position = 0  # tokens of the endless stream consumed so far
         # With gist slots a micro-batch still takes micro_tokens raw tokens of the stream (so every GIST_TOKENS setting
         # trains on the same tokens) and is padded to one fixed length that fits the most slots it can hold.
-        self.gist_tokens, self.gist_segment, self.vocab_size = gist_tokens, gist_segment, vocab_size
-        self.batch_length = (gist_micro_batch_length(self.micro_tokens, gist_tokens, gist_segment) if gist_tokens
-                             else self.micro_tokens)
+        self.batch_length = (gist_micro_batch_length(self.micro_tokens, config.gist_tokens, config.gist_segment)
+                             if config.gist_tokens else self.micro_tokens)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -608,9 +622,9 @@ class DocumentLoader:
         inputs, targets = tokens[:-1], tokens[1:].astype(np.int64)
         targets[targets == BOS_ID] = IGNORE_INDEX  # never predict across a document boundary
         cu = segment_boundaries(doc_offsets[doc_offsets < self.micro_tokens], self.micro_tokens, self.seq_len)
-        if self.gist_tokens:
-            inputs, targets, cu = insert_gist_slots(inputs, targets, cu, self.gist_tokens, self.gist_segment,
-                                                    self.vocab_size, self.batch_length)
+        if self.config.gist_tokens:
+            inputs, targets, cu = insert_gist_slots(inputs, targets, cu, self.config.gist_tokens,
+                                                    self.config.gist_segment, self.config.vocab_size, self.batch_length)
         merged = len(cu) - 1 > self.max_segments
         return MicroBatch(inputs, targets, fit_segments(cu, targets, self.max_segments), merged)
 
@@ -768,11 +782,36 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 #
 # Input is either a batch of rows [B, T] (each row one causal sequence starting at position 0), or one packed row
 # [1, N] with `cu_seqlens`: segment i is tokens cu_seqlens[i]:cu_seqlens[i+1]; a token attends only inside its segment
-# and positions restart at 0 in each segment. Every fused kernel has its plain-torch twin right here (FUSED=0).
+# and positions restart at 0 in each segment. Every fused kernel has its plain-torch twin right here (FUSED=0); the
+# attention backends and their references are in kernels/attention.py.
 
 
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    if "rms_norm" in FUSED_OPS:
+@dataclass(frozen=True)
+class Kernels:
+    """How the model computes what has a fast path, chosen once (main(), eval_ttt.py, a test) and held by the model:
+    the fused Triton ops it uses (FUSED) and its attention functions (ATTN_BACKEND). The default is plain torch."""
+
+    fused: frozenset = frozenset()
+    attention: VarlenAttention = REFERENCE_VARLEN
+    gist_attention: object = REFERENCE_GIST  # kernels.attention.ReferenceGistAttention or FlexGistAttention
+
+
+def choose_kernels(fused: frozenset, attn_backend: str, gist_tokens: int, device: torch.device,
+                   compiling: bool = False) -> Kernels:
+    """The fused ops (parse_fused_ops) and ATTN_BACKEND resolved for this device; a model with gist slots needs a
+    gist attention instead of a varlen one."""
+    device = torch.device(device)
+    if gist_tokens:
+        return Kernels(fused, gist_attention=select_gist_attention(attn_backend, device, compiling))
+    return Kernels(fused, attention=select_varlen_attention(attn_backend, device, compiling))
+
+
+def attention_name(model_kernels: Kernels, gist_tokens: int) -> str:
+    return f"gist_{model_kernels.gist_attention.name}" if gist_tokens else model_kernels.attention.name
+
+
+def rms_norm(x: torch.Tensor, fused: frozenset) -> torch.Tensor:
+    if "rms_norm" in fused:
         return kernels.fused_rms_norm(x)
     return F.rms_norm(x, (x.size(-1),))
 
@@ -784,15 +823,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-def norm_and_rotate_qk(q, k, cos, sin):
+def norm_and_rotate_qk(q, k, cos, sin, fused: frozenset):
     """RMSNorm over the head dimension, then rotary, for queries and keys."""
-    if "rotary_qk" in FUSED_OPS:
+    if "rotary_qk" in fused:
         B, T = q.shape[:2]
         q, k = kernels.fused_rotary_qk(q.flatten(0, 1), k.flatten(0, 1), cos.flatten(0, 1).to(q.dtype),
                                  sin.flatten(0, 1).to(q.dtype))
         return q.unflatten(0, (B, T)), k.unflatten(0, (B, T))
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # keep bf16 activations bf16 (flash attention needs one dtype)
-    return apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
+    return apply_rotary(rms_norm(q, fused), cos, sin), apply_rotary(rms_norm(k, fused), cos, sin)
 
 
 class Rotary(nn.Module):
@@ -821,255 +860,6 @@ class Rotary(nn.Module):
         return angles.cos(), angles.sin()
 
 
-# Varlen attention backends. Each takes packed q [N, Hq, D], k and v [N, Hkv, D], int32 cu_seqlens and an upper bound
-# on segment length, and returns [N, Hq, D] with causal attention inside each segment.
-#   fa3, fa2, torch_varlen: flash kernels, CUDA only (ATTN_BACKEND=auto on CUDA tries them in this order);
-#   masked_sdpa: one SDPA over all N tokens with a block-diagonal causal mask built on the device (no host sync, so it
-#                compiles into one graph); O(N^2) memory, so for CPUs and small batches (auto on a CPU);
-#   reference:   slow and obvious, a Python loop over the segments; what the tests compare every other backend with.
-ATTENTION_BACKENDS = ("fa3", "fa2", "torch_varlen", "masked_sdpa", "reference")
-FLASH_INSTALL_HINT = ("install flash attention (`pip install flash-attn --no-build-isolation`, or FA3's "
-                      "flash_attn_interface from the hopper/ folder of Dao-AILab/flash-attention) or use torch >= 2.10 "
-                      "for torch_varlen; ATTN_BACKEND=masked_sdpa or reference run anywhere, slowly")
-
-
-def repeat_kv(q, k, v, heads_dim: int):
-    """Repeat grouped key/value heads to the query heads (SDPA's own GQA path is slow on CPUs)."""
-    repeat = q.size(heads_dim) // k.size(heads_dim)
-    if repeat == 1:
-        return k, v
-    return k.repeat_interleave(repeat, heads_dim), v.repeat_interleave(repeat, heads_dim)
-
-
-def sdpa_causal(q, k, v):
-    """Causal SDPA on [B, H, T, D] with grouped-query heads. On CPUs SDPA's GQA path falls back to a slow kernel
-    (~5x here), so the key/value heads are repeated instead."""
-    if k.size(1) == q.size(1):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.device.type == "cpu":
-        return F.scaled_dot_product_attention(q, *repeat_kv(q, k, v, 1), is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-
-def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen):
-    """Slow and obvious: a loop over the segments, plain causal SDPA on each."""
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            q_seg, k_seg, v_seg = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
-            out[start:end] = sdpa_causal(q_seg, k_seg, v_seg)[0].transpose(0, 1)
-    return out
-
-
-def segment_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The segment of every token, computed on the device (zero-length padding segments hold no token)."""
-    index = torch.arange(num_tokens, device=cu_seqlens.device, dtype=torch.int64)
-    return torch.searchsorted(cu_seqlens.to(torch.int64), index, right=True) - 1
-
-
-def varlen_attention_masked(q, k, v, cu_seqlens, max_seqlen):
-    """All N tokens in one SDPA call; token i attends to token j iff both are in one segment and j <= i."""
-    n = q.size(0)
-    segment = segment_ids(cu_seqlens, n)
-    index = torch.arange(n, device=q.device)
-    mask = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
-    k, v = repeat_kv(q, k, v, 1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-    return out.transpose(0, 1)
-
-
-def _flash_backend(module_name: str):
-    module = __import__(module_name)
-    fn = module.flash_attn_varlen_func
-
-    def attention(q, k, v, cu_seqlens, max_seqlen):
-        # by keyword: FA3 builds of early 2025 take seqused_q/k right after cu_seqlens_q/k, so positional max_seqlen
-        # would land there
-        out = fn(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                 max_seqlen_k=max_seqlen, causal=True)
-        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the logsumexp
-
-    return attention
-
-
-def _torch_varlen_backend():
-    from torch.nn.attention.varlen import varlen_attn
-
-    parameters = inspect.signature(varlen_attn).parameters
-    gqa = "enable_gqa" in parameters
-
-    def attention(q, k, v, cu_seqlens, max_seqlen):
-        if not gqa:
-            k, v = repeat_kv(q, k, v, 1)
-        extra = {"enable_gqa": True} if gqa and k.size(1) != q.size(1) else {}
-        if "window_size" in parameters:  # torch >= 2.11: causal is a (-1, 0) window
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0), **extra)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True, **extra)  # 2.10
-
-    return attention
-
-
-def load_attention_backend(name: str, device: torch.device):
-    """The backend's function, or None if it cannot run here."""
-    if name == "reference":
-        return varlen_attention_reference
-    if name == "masked_sdpa":
-        return varlen_attention_masked
-    if device.type != "cuda":
-        return None  # flash kernels and torch's varlen_attn are CUDA-only
-    try:
-        if name == "fa3":
-            return _flash_backend("flash_attn_interface")
-        if name == "fa2":
-            return _flash_backend("flash_attn")
-        if name == "torch_varlen":
-            return _torch_varlen_backend()
-    except (ImportError, AttributeError):
-        return None
-    raise ConfigError(f"ATTN_BACKEND={name!r}: unknown backend")
-
-
-def auto_backend_chain(device: torch.device, compiling: bool) -> tuple[str, ...]:
-    """What ATTN_BACKEND=auto tries. On CUDA only the flash kernels: the other two would put a 65k x 65k mask or a
-    host sync per layer on every step, so a missing flash kernel is an error, not a silent slow run. On a CPU the
-    segment loop is fastest eagerly, and the masked SDPA is the one that compiles without a graph break."""
-    if device.type == "cuda":
-        return ("fa3", "fa2", "torch_varlen")
-    return ("masked_sdpa",) if compiling else ("reference",)
-
-
-ATTENTION_BACKEND = "reference"
-_varlen_attention = varlen_attention_reference
-
-
-def select_attention_backend(requested: str, device: torch.device, compiling: bool = False) -> str:
-    """Pick the first backend of the chain that loads here (or the one requested) and use it from now on."""
-    global ATTENTION_BACKEND, _varlen_attention
-    for name in (auto_backend_chain(device, compiling) if requested == "auto" else (requested,)):
-        fn = load_attention_backend(name, device)
-        if fn is not None:
-            ATTENTION_BACKEND, _varlen_attention = name, fn
-            return name
-    if device.type == "cuda":
-        raise ConfigError(f"ATTN_BACKEND={requested!r}: no flash attention kernel loads on this CUDA machine; "
-                          f"{FLASH_INSTALL_HINT}")
-    raise ConfigError(f"ATTN_BACKEND={requested!r}: not available on {device.type} (CUDA-only)")
-
-
-def causal_attention(q, k, v, cu_seqlens=None, max_seqlen=0):
-    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
-    if cu_seqlens is None:
-        return sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    attention = _varlen_attention
-    if attention is varlen_attention_masked and not torch.compiler.is_compiling():
-        attention = varlen_attention_reference  # eager calls (evaluation batches): the loop beats an N x N mask
-    return attention(q[0], k[0], v[0], cu_seqlens, max_seqlen).unsqueeze(0)
-
-
-# Gist attention (GIST_TOKENS > 0). FlashAttention cannot express this mask, so it has its own two backends: a dense
-# boolean mask per piece with plain SDPA (the reference; CPUs), and flex_attention with a block mask built from the
-# same per-token ids (CUDA). Within one piece (as the loader lays it out, see insert_gist_slots), token i sees token j
-# iff j <= i and (j is a gist slot or j is in i's segment): a raw token sees its own segment's raw tokens up to itself
-# and the gist slots of earlier segments; a gist slot sees its segment's raw tokens, the slots before it in its segment
-# (and itself), and the slots of earlier segments. Raw tokens of earlier segments are reachable only through the gists.
-# Rotary positions: a raw token has its raw index in the piece (as without gists); the k slots after segment j all
-# take position (j + 1) * L, the position right after the segment's last raw token (their learned embeddings tell
-# them apart).
-
-
-class GistLayout(NamedTuple):
-    """Per-token ids of a packed gist input of N tokens, computed on the device from cu_seqlens."""
-
-    cu_seqlens: torch.Tensor  # int32 [pieces + 1]
-    piece: torch.Tensor  # int64 [N]: which piece (document, or part of one) the token is in
-    segment: torch.Tensor  # int64 [N]: which segment of its piece
-    is_gist: torch.Tensor  # bool [N]
-    positions: torch.Tensor  # int64 [N]: rotary positions
-    block_mask: object = None  # flex_attention's BlockMask on CUDA, None for the reference
-
-
-def gist_layout(cu_seqlens: torch.Tensor, num_tokens: int, gist_tokens: int, gist_segment: int) -> GistLayout:
-    piece = segment_ids(cu_seqlens, num_tokens)
-    offset = torch.arange(num_tokens, device=cu_seqlens.device) - cu_seqlens.to(torch.int64)[piece]
-    segment, in_period = offset // (gist_segment + gist_tokens), offset % (gist_segment + gist_tokens)
-    positions = segment * gist_segment + in_period.clamp(max=gist_segment)
-    return GistLayout(cu_seqlens, piece, segment, in_period >= gist_segment, positions)
-
-
-def gist_mask(layout: GistLayout, rows: slice = slice(None)) -> torch.Tensor:
-    """bool [n, n] over the tokens `rows`: which token (column) each token (row) attends to."""
-    piece, segment, is_gist = layout.piece[rows], layout.segment[rows], layout.is_gist[rows]
-    index = torch.arange(len(piece), device=piece.device)
-    return ((piece[:, None] == piece[None, :]) & (index[None, :] <= index[:, None])
-            & (is_gist[None, :] | (segment[:, None] == segment[None, :])))
-
-
-def gist_attention_reference(q, k, v, layout: GistLayout):
-    """Slow and obvious: for each piece, its dense gist mask and plain SDPA. q [N, Hq, D], k/v [N, Hkv, D]."""
-    out = torch.empty_like(q)
-    bounds = layout.cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            rows = slice(start, end)
-            q_piece, k_piece, v_piece = (t[rows].transpose(0, 1) for t in (q, k, v))
-            k_piece, v_piece = repeat_kv(q_piece, k_piece, v_piece, 0)
-            out[rows] = F.scaled_dot_product_attention(q_piece, k_piece, v_piece,
-                                                       attn_mask=gist_mask(layout, rows)).transpose(0, 1)
-    return out
-
-
-def gist_block_mask(layout: GistLayout, num_tokens: int):
-    """flex_attention's block mask of the gist mask (the same rule as gist_mask, one token pair at a time)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    piece, segment, is_gist = layout.piece, layout.segment, layout.is_gist
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return ((piece[q_idx] == piece[kv_idx]) & (kv_idx <= q_idx)
-                & (is_gist[kv_idx] | (segment[q_idx] == segment[kv_idx])))
-
-    return create_block_mask(mask_mod, None, None, num_tokens, num_tokens, device=piece.device)
-
-
-_compiled_flex_attention = None
-
-
-def gist_attention_flex(q, k, v, layout: GistLayout):
-    """flex_attention over all N tokens with the layout's block mask (compiled: eager flex materialises N x N)."""
-    global _compiled_flex_attention
-    if _compiled_flex_attention is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-    out = _compiled_flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                   block_mask=layout.block_mask, enable_gqa=k.size(1) != q.size(1))
-    return out[0].transpose(0, 1)
-
-
-def gist_attention(q, k, v, layout: GistLayout):
-    """q [1, N, Hq, D], k/v [1, N, Hkv, D] -> [1, N, Hq, D] under the gist mask."""
-    attention = gist_attention_reference if layout.block_mask is None else gist_attention_flex
-    return attention(q[0], k[0], v[0], layout).unsqueeze(0)
-
-
-GIST_ATTENTION_BACKEND = "reference"
-
-
-def select_gist_attention(requested: str, device: torch.device, compiling: bool = False) -> str:
-    """The gist attention backend from now on: flex on CUDA for ATTN_BACKEND=auto, else the reference."""
-    global GIST_ATTENTION_BACKEND
-    if requested not in ("auto", "reference"):
-        raise ConfigError(f"ATTN_BACKEND={requested!r}: cannot express the gist attention mask (GIST_TOKENS > 0); "
-                          f"use auto or reference")
-    name = "flex" if requested == "auto" and device.type == "cuda" else "reference"
-    if name == "reference" and compiling:
-        raise ConfigError("COMPILE=1: the gist reference attention (a loop over pieces) does not compile into one "
-                          "graph; use COMPILE=0 on CPUs (on CUDA, ATTN_BACKEND=auto uses flex_attention)")
-    GIST_ATTENTION_BACKEND = name
-    return name
-
-
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a matmul in; our Triton kernels are not autocast-aware, so callers cast for them."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -1088,8 +878,9 @@ class CastedLinear(nn.Linear):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused: frozenset):
         super().__init__()
+        self.fused = fused
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.model_dim // config.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
@@ -1099,29 +890,26 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(config.model_dim, config.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))  # sharpness per head
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, gist_attend=None):
-        """gist_attend: with gist slots, the attention function (q, k, v) -> y that replaces causal_attention."""
+    def forward(self, x, cos, sin, attend):
+        """attend: the attention function (q, k, v) -> y that GPT chose for this input (see GPT.attention_for)."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = norm_and_rotate_qk(q, k, cos, sin)
+        q, k = norm_and_rotate_qk(q, k, cos, sin, self.fused)
         # Flash attention takes q, k, v in one dtype. Under CUDA bf16 autocast, torch >= 2.12 runs rms_norm in fp32
         # while the projections run in bf16, so q and k come back fp32: bring them to v's (the matmul) dtype.
         q = (q * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
-        if gist_attend is not None:
-            y = gist_attend(q, k.to(v.dtype), v).reshape(B, T, -1)
-        else:
-            y = causal_attention(q, k.to(v.dtype), v, cu_seqlens, max_seqlen).reshape(B, T, -1)
-        return self.proj(y)
+        return self.proj(attend(q, k.to(v.dtype), v).reshape(B, T, -1))
 
 
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused: frozenset):
         super().__init__()
+        self.fused = fused
         hidden = config.mlp_mult * config.model_dim
         self.fc = CastedLinear(config.model_dim, hidden)
         self.proj = CastedLinear(hidden, config.model_dim, zero_init=True)
@@ -1130,7 +918,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.act == "leaky_relu2":  # no fused kernel: it is written for relu^2
             h = F.leaky_relu(self.fc(x), 0.5).square()
-        elif "relu2_linear" in FUSED_OPS:
+        elif "relu2_linear" in self.fused:
             dtype = matmul_dtype(x)
             h = kernels.fused_relu2_linear(x.to(dtype), self.fc.weight.to(dtype))
         else:
@@ -1139,31 +927,32 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused: frozenset):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
-        self.mlp = MLP(config)
+        self.fused = fused
+        self.attn = CausalSelfAttention(config, fused)
+        self.mlp = MLP(config, fused)
         self.attn_scale = nn.Parameter(torch.ones(config.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(config.model_dim))
         # each block reads a learned mix of the residual stream and the initial embedding
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(config.model_dim), torch.zeros(config.model_dim))))
 
-    def forward(self, x, x0, cos, sin, cu_seqlens, max_seqlen, gist_attend=None):
+    def forward(self, x, x0, cos, sin, attend):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, cu_seqlens, max_seqlen, gist_attend)
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x, self.fused), cos, sin, attend)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, self.fused))
         return x
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, model_kernels: Kernels = Kernels()):
         super().__init__()
-        self.config = config
+        self.config, self.kernels = config, model_kernels
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
         self.rotary = Rotary(config.model_dim // config.num_heads, config.rope_base, config.rope_dims)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, model_kernels.fused) for _ in range(config.num_layers))
         # U-Net: the first half of the blocks (encoder) hands its outputs, last first, to the second half (decoder)
         self.num_encoder_layers = config.num_layers // 2
         self.num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
@@ -1183,18 +972,27 @@ class GPT(nn.Module):
         if self.config.gist_tokens:
             return self.gist_hidden_states(input_ids, cu_seqlens)
         cos, sin = self.rotary(self.positions(input_ids, cu_seqlens))
-        return self.run_blocks(self.tok_emb(input_ids), cos, sin, cu_seqlens, max_seqlen)
+        return self.run_blocks(self.tok_emb(input_ids), cos, sin, self.attention_for(cu_seqlens, max_seqlen))
 
-    def run_blocks(self, embedded, cos, sin, cu_seqlens=None, max_seqlen=0, gist_attend=None):
-        x = x0 = rms_norm(embedded)
+    def attention_for(self, cu_seqlens, max_seqlen):
+        """The causal attention function the blocks call for this input: q [B, T, Hq, D], k/v [B, T, Hkv, D] ->
+        [B, T, Hq, D]; rows of plain causal SDPA, or the varlen backend over one packed row."""
+        if cu_seqlens is None:
+            return lambda q, k, v: sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        attention = self.kernels.attention
+        return lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens, max_seqlen).unsqueeze(0)
+
+    def run_blocks(self, embedded, cos, sin, attend):
+        fused = self.kernels.fused
+        x = x0 = rms_norm(embedded, fused)
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin, cu_seqlens, max_seqlen, gist_attend)
+            x = block(x, x0, cos, sin, attend)
             if i < self.num_encoder_layers:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x, fused)
 
     def embed_with_gists(self, input_ids):
         """Token embeddings, with ids >= vocab_size taken as gist slots (id - vocab_size indexes gist_emb)."""
@@ -1212,12 +1010,11 @@ class GPT(nn.Module):
             cu_seqlens = torch.arange(0, B * T + 1, T, device=input_ids.device, dtype=torch.int32)
             input_ids = input_ids.reshape(1, B * T)
         n = input_ids.size(1)
-        layout = gist_layout(cu_seqlens, n, self.config.gist_tokens, self.config.gist_segment)
-        if GIST_ATTENTION_BACKEND == "flex":
-            layout = layout._replace(block_mask=gist_block_mask(layout, n))
+        attention = self.kernels.gist_attention
+        layout = attention.layout(gist_layout(cu_seqlens, n, self.config.gist_tokens, self.config.gist_segment), n)
         cos, sin = self.rotary(layout.positions[None])
         x = self.run_blocks(self.embed_with_gists(input_ids), cos, sin,
-                            gist_attend=lambda q, k, v: gist_attention(q, k, v, layout))
+                            lambda q, k, v: attention(q[0], k[0], v[0], layout).unsqueeze(0))
         return x.reshape(B, T, -1)
 
     def head(self, x):
@@ -1247,7 +1044,7 @@ class GPT(nn.Module):
 
     def token_losses(self, x, targets):
         """Per-token softcapped cross-entropy of the tied lm_head, x [N, D] -> [N] (fp32 nats)."""
-        if "linear_softcap_cross_entropy" in FUSED_OPS:
+        if "linear_softcap_cross_entropy" in self.kernels.fused:
             # the fp32 tied weight itself: the kernel casts it for its matmuls and accumulates its gradient in fp32
             return kernels.fused_linear_softcap_cross_entropy(x.to(matmul_dtype(x)), self.tok_emb.weight, targets,
                                                         self.config.logit_softcap)
@@ -1256,7 +1053,7 @@ class GPT(nn.Module):
     def softcap_losses(self, raw_logits, targets):
         """Per-token cross-entropy of softcapped logits, raw_logits [N, V] -> [N] (fp32 nats)."""
         cap = self.config.logit_softcap
-        if "softcap_cross_entropy" in FUSED_OPS:
+        if "softcap_cross_entropy" in self.kernels.fused:
             return kernels.fused_softcap_cross_entropy(raw_logits, targets, cap)
         capped = cap * torch.tanh(raw_logits.float() / cap) if cap > 0 else raw_logits.float()
         return F.cross_entropy(capped, targets, ignore_index=IGNORE_INDEX, reduction="none")
@@ -1266,17 +1063,11 @@ class GPT(nn.Module):
 # 5. Optimizers
 
 
-def orthogonalize(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """Newton-Schulz quintic iteration (Muon): an approximately orthogonal matrix with G's singular vectors. The plain
-    iteration is kernels/newton_schulz.py's reference (in bf16 on GPUs), the fused one its Triton twin."""
-    if "newton_schulz" in FUSED_OPS:
-        return kernels.fused_newton_schulz(G, steps)
-    return kernels.REFERENCES["newton_schulz"](G, steps)
-
-
 def orthogonalize_batched(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """The same iteration on a stack of same-shape matrices G [k, m, n] at once: a few batched matmuls per step instead
-    of a few per matrix (tests hold it to `orthogonalize`, one matrix at a time). bf16 on GPUs, as Muon."""
+    """Newton-Schulz quintic iteration (Muon) on a stack of same-shape matrices G [k, m, n] at once: for each, an
+    approximately orthogonal matrix with its singular vectors. A few batched matmuls per step instead of a few per
+    matrix; tests hold it to kernels/newton_schulz.py's reference, one matrix at a time (the fused Triton kernel, FUSED
+    newton_schulz, is that reference's twin). bf16 on GPUs, as Muon."""
     a, b, c = NS_COEFFICIENTS
     X = G.to(torch.bfloat16 if G.is_cuda else G.dtype)
     X = X / (X.norm(dim=(1, 2), keepdim=True) + eps)
@@ -1300,8 +1091,9 @@ class Muon(torch.optim.Optimizer):
     is kept on every rank (it is cheap), so rank 0's state is the whole state for checkpoints."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
-                 compile_step: bool = False):
+                 compile_step: bool = False, fused_newton_schulz: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        self.fused_newton_schulz = fused_newton_schulz
         # compiled on GPUs: the eager iteration is ~45 small kernel launches a matrix
         self.orthogonalize_batched = (torch.compile(orthogonalize_batched, dynamic=False, fullgraph=True)
                                       if compile_step else orthogonalize_batched)
@@ -1329,8 +1121,8 @@ class Muon(torch.optim.Optimizer):
                 mine = members[rank::world]
                 if not mine:
                     continue
-                if "newton_schulz" in FUSED_OPS:  # the Triton kernel takes one matrix at a time
-                    ortho = [orthogonalize(directions[i], group["backend_steps"]) for i in mine]
+                if self.fused_newton_schulz:  # the Triton kernel takes one matrix at a time
+                    ortho = [kernels.fused_newton_schulz(directions[i], group["backend_steps"]) for i in mine]
                 else:
                     ortho = self.orthogonalize_batched(torch.stack([directions[i] for i in mine]),
                                                        group["backend_steps"])
@@ -1376,7 +1168,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> Optimizers:
         return torch.optim.Adam([{"params": [p for _, p in groups[group]], "lr": lr, "base_lr": lr}], **adam)
 
     muon = Muon([p for _, p in groups["matrices"]], lr=hp.matrix_lr, momentum=hp.muon_momentum,
-                backend_steps=hp.muon_backend_steps, compile_step=hp.compile and on_cuda)
+                backend_steps=hp.muon_backend_steps, compile_step=hp.compile and on_cuda,
+                fused_newton_schulz="newton_schulz" in model.kernels.fused)
     muon.param_groups[0]["base_lr"] = hp.matrix_lr
     optimizers = Optimizers(adam_for("embedding", hp.tied_embed_lr), muon, adam_for("scalars", hp.scalar_lr))
     assert sum(len(g["params"]) for o in optimizers for g in o.param_groups) == len(list(model.parameters()))
@@ -1592,7 +1385,7 @@ def compile_counts() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
-def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
+def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log) -> int:
     """The whole run: data, model, optimizers, the timed loop, final evaluation and checkpoint. Returns an exit code."""
     device = env.device
     torch.manual_seed(hp.seed)
@@ -1608,17 +1401,15 @@ def train(hp: Hyperparameters, env: DistributedEnv, log) -> int:
     log(f"train_data: shards:{len(train_stream.files)} documents:{train_stream.num_docs} tokens:{train_stream.num_tokens}")
     log(f"val_data: documents:{val.num_docs} tokens:{int(val.token_counts.sum())} bytes:{int(val.byte_counts.sum())}")
 
-    document_loader = DocumentLoader(train_stream, hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches,
-                                     env.rank, env.world_size, hp.seed, hp.doc_shuffle, hp.train_max_segments,
-                                     hp.gist_tokens, hp.gist_segment, hp.vocab_size)
+    document_loader = DocumentLoader(train_stream, LoaderConfig.from_hyperparameters(hp), env.rank, env.world_size)
     loader = PrefetchingLoader(document_loader, device)
-    model = GPT(ModelConfig.from_hyperparameters(hp)).to(device)
+    model = GPT(ModelConfig.from_hyperparameters(hp), model_kernels).to(device)
     optimizers = build_optimizers(model, hp)
     num_params = sum(p.numel() for p in model.parameters())
     log(f"model_params:{num_params} world_size:{env.world_size} grad_accum:{hp.train_micro_batches // env.world_size} "
         f"micro_batch_tokens:{document_loader.micro_tokens}")
     if hp.gist_tokens:
-        log(f"gist: tokens:{hp.gist_tokens} segment:{hp.gist_segment} attention:{GIST_ATTENTION_BACKEND} "
+        log(f"gist: tokens:{hp.gist_tokens} segment:{hp.gist_segment} attention:{model_kernels.gist_attention.name} "
             f"micro_batch_slots:{document_loader.batch_length} (raw tokens plus gist slots and padding)")
 
     step, train_ms = 0, 0.0
@@ -1856,13 +1647,18 @@ def score_windows(model: GPT, val: ValidationSet, windows, batch_tokens: int, de
     gist_tokens, gist_segment, vocab_size = model.config.gist_tokens, model.config.gist_segment, model.config.vocab_size
     was_training = model.training
     model.eval()
-    for batch in pack_windows(lengths, max(batch_tokens, max(lengths, default=1))):
+    batch_tokens = max(batch_tokens, max(lengths, default=1))
+    # A compiled gist attention (flex on CUDA) is built for one shape: every batch is padded to the most tokens a
+    # batch of batch_tokens raw tokens can have with its slots, so the evaluation compiles once, not once per batch.
+    fixed_gist_length = (gist_micro_batch_length(batch_tokens, gist_tokens, gist_segment)
+                         if gist_tokens and model.kernels.gist_attention.fixed_shapes else 0)
+    for batch in pack_windows(lengths, batch_tokens):
         inputs = np.concatenate([docs[windows[i][0]][windows[i][1]: windows[i][2]] for i in batch])
         targets = np.concatenate([docs[windows[i][0]][windows[i][1] + 1: windows[i][2] + 1] for i in batch])
         cu_seqlens = np.concatenate([[0], np.cumsum([lengths[i] for i in batch])]).astype(np.int32)
         model_inputs, model_targets, model_cu = inputs, targets.astype(np.int64), cu_seqlens
         if gist_tokens:  # each window is a piece of its own, read in segments with gist slots after them
-            length = int(gist_piece_lengths(np.diff(cu_seqlens), gist_tokens, gist_segment).sum())
+            length = fixed_gist_length or int(gist_piece_lengths(np.diff(cu_seqlens), gist_tokens, gist_segment).sum())
             model_inputs, model_targets, model_cu = insert_gist_slots(inputs, model_targets, cu_seqlens, gist_tokens,
                                                                       gist_segment, vocab_size, length)
         with autocast_context(device):
@@ -1871,7 +1667,7 @@ def score_windows(model: GPT, val: ValidationSet, windows, batch_tokens: int, de
                                  torch.from_numpy(model_cu).to(device), max(lengths[i] for i in batch))
         token_losses = token_losses[0].double().cpu().numpy()
         if gist_tokens:
-            token_losses = token_losses[model_inputs < vocab_size]  # the raw tokens' losses, in order
+            token_losses = token_losses[model_inputs < vocab_size][: len(inputs)]  # raw tokens in order, no padding
         for i, offset in zip(batch, cu_seqlens[:-1].tolist()):
             doc, start, end, score_from = windows[i]
             losses[doc][score_from:end] = token_losses[offset + score_from - start: offset + end - start]
@@ -2020,10 +1816,11 @@ def load_checkpoint(path: str, device) -> dict:
     return state
 
 
-def load_model(path: str, device) -> tuple[GPT, dict]:
-    """The model of a checkpoint (final or resumable) and the checkpoint's metadata, for eval_ttt.py."""
+def load_model(path: str, device, fused: frozenset = frozenset(), attn_backend: str = "reference") -> tuple[GPT, dict]:
+    """The model of a checkpoint (final or resumable), with these kernels, and the checkpoint's metadata."""
     state = load_checkpoint(path, device)
-    model = GPT(ModelConfig(**state["model_config"])).to(device)
+    config = ModelConfig(**state["model_config"])
+    model = GPT(config, choose_kernels(fused, attn_backend, config.gist_tokens, device)).to(device)
     model.load_state_dict(state["model"])
     return model, state
 
@@ -2119,11 +1916,8 @@ def main() -> int:
     hp.run_id = rank0_string(hp.run_id)  # a timestamp RUN_ID can differ by a second between ranks
     log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None, append=bool(hp.resume))
     try:
-        use_fused_ops(parse_fused_ops(hp.fused))
-        if hp.gist_tokens:
-            backend = "gist_" + select_gist_attention(hp.attn_backend, env.device, compiling=hp.compile)
-        else:
-            backend = select_attention_backend(hp.attn_backend, env.device, compiling=hp.compile)
+        model_kernels = choose_kernels(parse_fused_ops(hp.fused), hp.attn_backend, hp.gist_tokens, env.device,
+                                       compiling=hp.compile)
         if log.continues:  # the log already starts with the code; the resumed run's lines follow the earlier ones
             log(f"resumed_log: {hp.resume}")
         else:
@@ -2133,10 +1927,10 @@ def main() -> int:
         log("env_overrides: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in Hyperparameters.env_overrides().items()))
         for f in dataclasses.fields(hp):
             log(f"hparam {f.name}={getattr(hp, f.name)}")
-        log(f"attention_backend: {backend}")
-        log(f"fused_ops: {','.join(sorted(FUSED_OPS)) or 'none'}")
-        return train(hp, env, log)
-    except (ConfigError, DataError) as e:
+        log(f"attention_backend: {attention_name(model_kernels, hp.gist_tokens)}")
+        log(f"fused_ops: {','.join(sorted(model_kernels.fused)) or 'none'}")
+        return train(hp, env, model_kernels, log)
+    except (ConfigError, DataError, BackendError) as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
             log.raw(f"error: {e}\n")

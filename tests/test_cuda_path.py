@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from test_eval_modes import TINY, small_dir, tiny_model, val  # noqa: F401  (shared fixtures: a small validation set)
 
 import eval_ttt
+import kernels
 import train_gpt as tg
+from kernels import attention as attn
+
+NEWTON_SCHULZ = kernels.REFERENCES["newton_schulz"]  # one matrix at a time, as Muon's definition reads
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. one dtype reaches attention, whatever the norm returns
@@ -30,18 +34,15 @@ def cuda_autocast_policy(monkeypatch):
     def fp32_rms_norm(x, *args, **kwargs):
         return plain_rms_norm(x.float() if x.dtype == torch.bfloat16 else x, *args, **kwargs)
 
-    def recording_attention(q, k, v, cu_seqlens, max_seqlen):
-        seen.append((q.dtype, k.dtype, v.dtype))
-        return tg.varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen)
-
-    def recording_rows(q, k, v):
+    def recording_sdpa(q, k, v):
         seen.append((q.dtype, k.dtype, v.dtype))
         return plain_sdpa(q, k, v)
 
-    plain_sdpa = tg.sdpa_causal
+    # the reference varlen backend (the model's default) runs SDPA per segment; rows call it directly
+    plain_sdpa = attn.sdpa_causal
     monkeypatch.setattr(F, "rms_norm", fp32_rms_norm)
-    monkeypatch.setattr(tg, "_varlen_attention", recording_attention)
-    monkeypatch.setattr(tg, "sdpa_causal", recording_rows)
+    monkeypatch.setattr(attn, "sdpa_causal", recording_sdpa)
+    monkeypatch.setattr(tg, "sdpa_causal", recording_sdpa)
     monkeypatch.setattr(tg, "autocast_context",
                         lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     return seen
@@ -99,8 +100,8 @@ def random_packed(lengths, heads=4, kv_heads=2, head_dim=8, seed=0, pad_to=None)
 @pytest.mark.parametrize("lengths", [(5,), (1, 7, 3), (16, 1, 1, 9), (4, 0, 6)])
 def test_masked_sdpa_equals_the_reference(lengths):
     q, k, v, cu = random_packed(lengths, seed=len(lengths), pad_to=8)
-    expected = tg.varlen_attention_reference(q, k, v, cu, max(lengths))
-    torch.testing.assert_close(tg.varlen_attention_masked(q, k, v, cu, max(lengths)), expected, rtol=1e-5, atol=1e-5)
+    expected = attn.varlen_attention_reference(q, k, v, cu, max(lengths))
+    torch.testing.assert_close(attn.varlen_attention_masked(q, k, v, cu, max(lengths)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_flash_backends_get_keyword_arguments(monkeypatch):
@@ -114,33 +115,28 @@ def test_flash_backends_get_keyword_arguments(monkeypatch):
     def flash_attn_varlen_func(q, k, v, *positional, **keywords):
         assert not positional, f"positional arguments after q, k, v: {positional}"
         calls.append(sorted(keywords))
-        return tg.varlen_attention_reference(q, k, v, keywords["cu_seqlens_q"], keywords["max_seqlen_q"]), None
+        return attn.varlen_attention_reference(q, k, v, keywords["cu_seqlens_q"], keywords["max_seqlen_q"]), None
 
     for module in ("flash_attn_interface", "flash_attn"):
         monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
         q, k, v, cu = random_packed((3, 6))
-        out = tg._flash_backend(module)(q, k, v, cu, 6)
-        torch.testing.assert_close(out, tg.varlen_attention_reference(q, k, v, cu, 6))
+        out = attn._flash_backend(module)(q, k, v, cu, 6)
+        torch.testing.assert_close(out, attn.varlen_attention_reference(q, k, v, cu, 6))
     assert calls == [["causal", "cu_seqlens_k", "cu_seqlens_q", "max_seqlen_k", "max_seqlen_q"]] * 2
 
 
 def test_auto_never_falls_back_to_a_slow_backend_on_cuda(monkeypatch):
-    monkeypatch.setattr(tg, "load_attention_backend",
-                        lambda name, device: None if name in ("fa3", "fa2", "torch_varlen") else tg.varlen_attention_reference)
-    with pytest.raises(tg.ConfigError, match="no flash attention kernel.*pip install flash-attn"):
-        tg.select_attention_backend("auto", torch.device("cuda"))
-    try:  # asked for by name, the slow backends still run
-        assert tg.select_attention_backend("reference", torch.device("cuda")) == "reference"
-    finally:
-        tg.select_attention_backend("reference", torch.device("cpu"))
+    monkeypatch.setattr(attn, "load_varlen_backend", lambda name, device: None if name in ("fa3", "fa2", "torch_varlen")
+                        else attn.varlen_attention_reference)
+    with pytest.raises(attn.BackendError, match="no flash attention kernel.*pip install flash-attn"):
+        attn.select_varlen_attention("auto", torch.device("cuda"))
+    # asked for by name, the slow backends still run
+    assert attn.select_varlen_attention("reference", torch.device("cuda")).name == "reference"
 
 
 def test_auto_on_cpu_compiles_with_the_masked_backend():
-    try:
-        assert tg.select_attention_backend("auto", torch.device("cpu"), compiling=True) == "masked_sdpa"
-        assert tg.select_attention_backend("auto", torch.device("cpu"), compiling=False) == "reference"
-    finally:
-        tg.select_attention_backend("reference", torch.device("cpu"))
+    assert attn.select_varlen_attention("auto", torch.device("cpu"), compiling=True).name == "masked_sdpa"
+    assert attn.select_varlen_attention("auto", torch.device("cpu"), compiling=False).name == "reference"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -243,7 +239,7 @@ def test_batched_newton_schulz_equals_one_matrix_at_a_time(shape):
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
     batched = tg.orthogonalize_batched(G, 5)
     for i in range(shape[0]):
-        torch.testing.assert_close(batched[i], tg.orthogonalize(G[i], 5), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[i], NEWTON_SCHULZ(G[i], 5), rtol=1e-5, atol=1e-5)
 
 
 def slow_muon_step(params, grads, buffers, lr, momentum, steps):
@@ -251,7 +247,7 @@ def slow_muon_step(params, grads, buffers, lr, momentum, steps):
     for p, g, buf in zip(params, grads, buffers):
         buf.mul_(momentum).add_(g)
         direction = g + momentum * buf
-        update = tg.orthogonalize(direction, steps) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        update = NEWTON_SCHULZ(direction, steps) * max(1.0, p.size(0) / p.size(1)) ** 0.5
         p.sub_(lr * update)
 
 
@@ -289,7 +285,7 @@ def small_stream(tmp_path):
 
 def test_prefetching_loader_serves_exactly_the_plain_loader(small_stream):
     def loader():
-        return tg.DocumentLoader(small_stream, 16, 4 * 64, 4, 1, 2, seed=3, max_segments=4)
+        return tg.DocumentLoader(small_stream, tg.LoaderConfig(16, 4 * 64, 4, seed=3, max_segments=4), 1, 2)
 
     plain, prefetching = loader(), tg.PrefetchingLoader(loader(), torch.device("cpu"))
     for step in range(12):
@@ -398,11 +394,11 @@ def test_a_training_step_never_waits_on_the_host(small_stream):
     hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
                                       "VOCAB_SIZE": "64", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "256",
                                       "TRAIN_MICRO_BATCHES": "2", "COMPILE": "0"})
-    tg.select_attention_backend("auto", device)
-    model = tg.GPT(tg.ModelConfig.from_hyperparameters(hp)).to(device)
+    model_kernels = tg.choose_kernels(frozenset(), "auto", 0, device)
+    model = tg.GPT(tg.ModelConfig.from_hyperparameters(hp), model_kernels).to(device)
     optimizers = tg.build_optimizers(model, hp)
     reducer = tg.GradientReducer(model)
-    loader = tg.PrefetchingLoader(tg.DocumentLoader(small_stream, 16, 256, 2, 0, 1, seed=1), device)
+    loader = tg.PrefetchingLoader(tg.DocumentLoader(small_stream, tg.LoaderConfig(16, 256, 2, seed=1), 0, 1), device)
     tg.forward_backward(model, loader.next_step(), hp, device, reducer)  # first step: allocations, lazy init
     tg.optimizer_step(model, optimizers, hp, reducer)
     torch.cuda.synchronize()

@@ -1,8 +1,6 @@
 """A training step of a tiny model with every kernel (FUSED=1; Triton's interpreter on CPU) gives the loss and
 gradients of the plain-torch model (FUSED=0), and compiles with fullgraph=True into one graph that calls the kernels."""
 
-import copy
-
 import pytest
 import torch
 
@@ -11,15 +9,19 @@ from kernels import _common
 import train_gpt as tg
 
 
-def loss_and_grads(model, fused_ops, ids, targets, cu_seqlens):
-    tg.use_fused_ops(fused_ops)
-    try:
-        model.zero_grad(set_to_none=True)
-        losses = model(ids, targets, cu_seqlens, 32)
-        losses.sum().backward()
-        return losses.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    finally:
-        tg.use_fused_ops(())
+def with_fused(model: tg.GPT, fused_ops) -> tg.GPT:
+    """The same weights in a model that uses the kernels `fused_ops` (the choice is the model's, made when it is
+    built)."""
+    twin = tg.GPT(model.config, tg.Kernels(frozenset(fused_ops))).to(next(model.parameters()).device)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def loss_and_grads(model, ids, targets, cu_seqlens):
+    model.zero_grad(set_to_none=True)
+    losses = model(ids, targets, cu_seqlens, 32)
+    losses.sum().backward()
+    return losses.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.slow
@@ -39,8 +41,8 @@ def test_fused_training_step_matches_plain(fused):
     targets[targets == tg.BOS_ID] = tg.IGNORE_INDEX
     cu_seqlens = torch.tensor([0, 19, 30, 45, 45], dtype=torch.int32)
 
-    plain_losses, plain_grads = loss_and_grads(model, (), ids, targets, cu_seqlens)
-    fused_losses, fused_grads = loss_and_grads(copy.deepcopy(model), fused, ids, targets, cu_seqlens)
+    plain_losses, plain_grads = loss_and_grads(model, ids, targets, cu_seqlens)
+    fused_losses, fused_grads = loss_and_grads(with_fused(model, fused), ids, targets, cu_seqlens)
     torch.testing.assert_close(fused_losses, plain_losses, rtol=1e-4, atol=1e-5)
     assert plain_grads.keys() == fused_grads.keys()
     for name in plain_grads:
@@ -49,26 +51,18 @@ def test_fused_training_step_matches_plain(fused):
 
     # the optimizer's orthogonalisation: fused Newton-Schulz equals the plain iteration
     G = plain_grads["blocks.0.mlp.fc.weight"]
-    tg.use_fused_ops(fused)
-    try:
-        fused_update = tg.orthogonalize(G, 5)
-    finally:
-        tg.use_fused_ops(())
-    torch.testing.assert_close(fused_update, tg.orthogonalize(G, 5), rtol=1e-3, atol=1e-4)
+    plain_update = kernels.REFERENCES["newton_schulz"](G, 5)
+    torch.testing.assert_close(kernels.fused_newton_schulz(G, 5), plain_update, rtol=1e-3, atol=1e-4)
 
 
 def fused_step(model, forward, ids, targets):
-    """Per-token losses and parameter gradients of one step with every kernel on (bf16 autocast on CUDA, as in
-    training)."""
-    tg.use_fused_ops(kernels.OPS)
-    try:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-            losses = forward(ids, targets)
-        losses.sum().backward()
-        return losses.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    finally:
-        tg.use_fused_ops(())
+    """Per-token losses and parameter gradients of one step of a model with every kernel on (bf16 autocast on CUDA,
+    as in training)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+        losses = forward(ids, targets)
+    losses.sum().backward()
+    return losses.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def check_compiled_fused_model(device, backend, tolerance):
@@ -77,7 +71,7 @@ def check_compiled_fused_model(device, backend, tolerance):
 
     torch.manual_seed(0)
     config = tg.ModelConfig(vocab_size=72, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
-    model = tg.GPT(config).to(device)
+    model = tg.GPT(config, tg.Kernels(frozenset(kernels.OPS))).to(device)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -23,6 +23,7 @@ from test_eval_modes import one_thread, small_dir, val  # noqa: E402,F401  (the 
 
 import eval_ttt  # noqa: E402
 import train_gpt as tg  # noqa: E402
+from kernels import attention as attn  # noqa: E402
 
 VOCAB = 1024
 
@@ -82,12 +83,12 @@ def test_layout_and_mask_match_the_definition():
         np.testing.assert_array_equal(inputs, expected)
         np.testing.assert_array_equal(targets[is_raw], raw)
         assert (targets[~is_raw] == tg.IGNORE_INDEX).all()
-        layout = tg.gist_layout(torch.from_numpy(gist_cu), len(tokens), k, seg)
+        layout = attn.gist_layout(torch.from_numpy(gist_cu), len(tokens), k, seg)
         np.testing.assert_array_equal(layout.is_gist.numpy(), ~is_raw)
         # rotary positions: a raw token its raw index, the slots after segment j (j + 1) * L
         positions = [t[4] if t[2] == "raw" else (t[1] + 1) * seg for t in tokens]
         assert layout.positions.tolist() == positions
-        np.testing.assert_array_equal(tg.gist_mask(layout).numpy(), brute_force_mask(tokens), err_msg=f"trial {trial}")
+        np.testing.assert_array_equal(attn.gist_mask(layout).numpy(), brute_force_mask(tokens), err_msg=f"trial {trial}")
 
 
 def test_micro_batch_length_holds_any_pieces():
@@ -106,9 +107,9 @@ def test_loader_trains_the_same_raw_tokens_in_one_shape(tmp_path):
     docs = [np.concatenate([[tg.BOS_ID], rng.integers(4, 50, size=int(n))]) for n in rng.integers(1, 90, size=37)]
     write_shard(str(tmp_path / "syn_train_000000.bin"), np.concatenate(docs))
     stream = tg.TokenStream(str(tmp_path / "syn_train_*.bin"), 64)
-    plain = tg.DocumentLoader(stream, 40, 4 * 60, 4, 0, 1, seed=3, max_segments=12)
-    gist = tg.DocumentLoader(stream, 40, 4 * 60, 4, 0, 1, seed=3, max_segments=12, gist_tokens=3, gist_segment=16,
-                             vocab_size=64)
+    plain = tg.DocumentLoader(stream, tg.LoaderConfig(40, 4 * 60, 4, seed=3, max_segments=12), 0, 1)
+    gist = tg.DocumentLoader(stream, tg.LoaderConfig(40, 4 * 60, 4, seed=3, max_segments=12, gist_tokens=3,
+                                                     gist_segment=16, vocab_size=64), 0, 1)
     assert gist.batch_length == 60 + 3 * (59 // 16)
     for _ in range(20):
         for p, g in zip(plain.next_step(), gist.next_step()):
@@ -121,7 +122,7 @@ def test_loader_trains_the_same_raw_tokens_in_one_shape(tmp_path):
             np.testing.assert_array_equal(g.targets[raw_positions], p.targets)
             assert (np.delete(g.targets, raw_positions) == tg.IGNORE_INDEX).all()
             # the gist slots sit where the layout says they do
-            layout = tg.gist_layout(torch.from_numpy(g.cu_seqlens), len(g.inputs), 3, 16)
+            layout = attn.gist_layout(torch.from_numpy(g.cu_seqlens), len(g.inputs), 3, 16)
             np.testing.assert_array_equal(layout.is_gist.numpy()[:raw_positions[-1] + 1],
                                           ~is_raw[:raw_positions[-1] + 1])
 
@@ -130,10 +131,10 @@ def test_loader_trains_the_same_raw_tokens_in_one_shape(tmp_path):
 # the model with gists
 
 
-def gist_model(k: int = 3, seg: int = 16, seed: int = 0) -> tg.GPT:
+def gist_model(k: int = 3, seg: int = 16, seed: int = 0, model_kernels: tg.Kernels = tg.Kernels()) -> tg.GPT:
     """A tiny gist model whose every weight is random and non-zero (as test_eval_modes.tiny_model)."""
     torch.manual_seed(seed)
-    model = tg.GPT(tg.ModelConfig(vocab_size=VOCAB, gist_tokens=k, gist_segment=seg, **TINY))
+    model = tg.GPT(tg.ModelConfig(vocab_size=VOCAB, gist_tokens=k, gist_segment=seg, **TINY), model_kernels)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
@@ -168,13 +169,13 @@ def test_reference_attention_is_one_dense_masked_sdpa():
         lengths = random_documents(rng, seg, 4)
         cu = torch.from_numpy(np.concatenate([[0], np.cumsum(tg.gist_piece_lengths(np.array(lengths), k, seg))]))
         n = int(cu[-1])
-        layout = tg.gist_layout(cu.to(torch.int32), n, k, seg)
+        layout = attn.gist_layout(cu.to(torch.int32), n, k, seg)
         gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
         q, key, v = (torch.randn(n, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
         dense = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1), key.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
-            attn_mask=tg.gist_mask(layout)).transpose(0, 1)
-        torch.testing.assert_close(tg.gist_attention_reference(q, key, v, layout), dense, rtol=1e-10, atol=1e-10)
+            attn_mask=attn.gist_mask(layout)).transpose(0, 1)
+        torch.testing.assert_close(attn.gist_attention_reference(q, key, v, layout), dense, rtol=1e-10, atol=1e-10)
 
 
 def test_no_leak_around_the_gists():
@@ -263,15 +264,16 @@ def pre_gist_forward(model: tg.GPT, ids, targets, cu_seqlens, max_seqlen):
     """GPT.forward's training losses as written before gist tokens existed (the embedding, the block loop with its
     U-Net skips, the head), on the model's own modules."""
     cos, sin = model.rotary(model.positions(ids, cu_seqlens))
-    x = x0 = tg.rms_norm(model.tok_emb(ids))
+    x = x0 = tg.rms_norm(model.tok_emb(ids), frozenset())
     skips = []
     for i, block in enumerate(model.blocks):
         if i >= model.num_encoder_layers and skips:
             x = x + model.skip_weights[i - model.num_encoder_layers].to(x.dtype) * skips.pop()
-        x = block(x, x0, cos, sin, cu_seqlens, max_seqlen)
+        x = block(x, x0, cos, sin, lambda q, k, v: attn.varlen_attention_reference(q[0], k[0], v[0], cu_seqlens,
+                                                                                   max_seqlen)[None])
         if i < model.num_encoder_layers:
             skips.append(x)
-    x = tg.rms_norm(x)
+    x = tg.rms_norm(x, frozenset())
     return model.token_losses(x.flatten(0, 1), targets.flatten()).view_as(targets)
 
 
@@ -305,9 +307,9 @@ def test_bad_gist_settings_are_one_clear_error():
         tg.Hyperparameters.from_env({"GIST_TOKENS": "4", "GIST_SEGMENT": "0"})
     with pytest.raises(tg.ConfigError, match="GIST_TOKENS"):
         tg.Hyperparameters.from_env({"GIST_TOKENS": "-1"})
-    with pytest.raises(tg.ConfigError, match="COMPILE=1"):
-        tg.select_gist_attention("auto", torch.device("cpu"), compiling=True)
-    assert tg.select_gist_attention("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(attn.BackendError, match="COMPILE=1"):
+        attn.select_gist_attention("auto", torch.device("cpu"), compiling=True)
+    assert attn.select_gist_attention("auto", torch.device("cpu")).name == "reference"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -429,23 +431,19 @@ def test_flex_attention_matches_the_reference_on_cuda():
         lengths = random_documents(rng, seg, 6)
         cu = np.concatenate([[0], np.cumsum(tg.gist_piece_lengths(np.array(lengths), k, seg))]).astype(np.int32)
         n = int(cu[-1])
-        layout = tg.gist_layout(torch.from_numpy(cu).to(device), n, k, seg)
-        layout = layout._replace(block_mask=tg.gist_block_mask(layout, n))
+        layout = attn.gist_layout(torch.from_numpy(cu).to(device), n, k, seg)
+        layout = layout._replace(block_mask=attn.gist_block_mask(layout, n))
         gen = torch.Generator(device=device).manual_seed(k)
         q, key, v = (torch.randn(n, h, 64, generator=gen, device=device, dtype=torch.bfloat16) for h in (8, 4, 4))
-        flex = tg.gist_attention_flex(q, key, v, layout)
-        reference = tg.gist_attention_reference(q.float(), key.float(), v.float(), layout)
+        flex = attn.FlexGistAttention()(q, key, v, layout)
+        reference = attn.gist_attention_reference(q.float(), key.float(), v.float(), layout)
         torch.testing.assert_close(flex.float(), reference, rtol=2e-2, atol=2e-2)
     # and a whole gist model's losses, flex against the reference
     model = gist_model(4, 32).to(device)
     docs = random_docs(rng, [300, 45, 129])
-    tg.select_gist_attention("reference", device)
     reference = packed_losses_on(model, docs, device)
-    tg.select_gist_attention("auto", device)
-    try:
-        flex = packed_losses_on(model, docs, device)
-    finally:
-        tg.select_gist_attention("reference", torch.device("cpu"))
+    flex_model = gist_model(4, 32, model_kernels=tg.choose_kernels(frozenset(), "auto", 4, device)).to(device)
+    flex = packed_losses_on(flex_model, docs, device)
     for a, b in zip(flex, reference):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
 
@@ -480,3 +478,38 @@ def test_training_run_with_gists_logs_and_checkpoints_k_and_l(sample_data, tmp_p
     assert final_weights(tmp_path, "gist")["gist_emb.weight"].shape[0] == 2
     assert eval_ttt.main(["--checkpoint", tmp_path / "ckpt" / "gist.pt", "--mode", "gist", "--max-docs", "2"]) == 0
     assert "eval mode:gist gist_tokens:2 gist_segment:16" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a compiled gist attention sees one shape in evaluation (issue 19)
+
+
+class RecordingFixedShapeAttention(attn.ReferenceGistAttention):
+    """The reference gist attention, declared fixed-shape as the compiled flex one is, recording every N it gets."""
+
+    fixed_shapes = True
+
+    def __init__(self):
+        self.lengths = []
+
+    def __call__(self, q, k, v, layout):
+        self.lengths.append(q.size(0))
+        return super().__call__(q, k, v, layout)
+
+
+def test_fixed_shape_gist_attention_gets_one_length_in_evaluation(model, val):
+    """flex_attention is compiled with dynamic=False: a new length per evaluation batch would recompile it until
+    Dynamo's limit, then fall back to eager flex, which materialises N x N scores. Evaluation pads every batch to one
+    length for such a backend, and the padding changes no score."""
+    recording = RecordingFixedShapeAttention()
+    fixed = gist_model(k=4, seg=32, model_kernels=tg.Kernels(gist_attention=recording))
+    fixed.load_state_dict(model.state_dict())
+    few = subset(val, range(6))
+    for mode, window, stride in (("strided", 96, 48), ("flat", 64, 64)):
+        recording.lengths.clear()
+        padded = tg.evaluate(fixed, few, mode, window, 256, stride=stride, keep_token_losses=True)
+        plain = tg.evaluate(model, few, mode, window, 256, stride=stride, keep_token_losses=True)
+        assert len(recording.lengths) > 3 * len(fixed.blocks)  # several batches, one call per layer each
+        assert set(recording.lengths) == {tg.gist_micro_batch_length(256, 4, 32)}
+        for doc in plain.token_losses:
+            np.testing.assert_allclose(padded.token_losses[doc], plain.token_losses[doc], rtol=1e-6, atol=1e-6)

@@ -14,6 +14,7 @@ import torch
 
 import train_gpt as tg
 from conftest import ROOT
+from kernels import attention as attn
 from data.shards import write_shard
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,7 +112,8 @@ def test_token_stream_finds_documents_across_shards(synthetic_stream):
 def test_every_token_once_per_epoch_and_segments_never_span_a_bos(synthetic_stream):
     stream, docs = synthetic_stream
     world, micro_batches, seq_len = 2, 4, 16
-    loaders = [tg.DocumentLoader(stream, seq_len, 4 * 50, micro_batches, r, world, seed=7) for r in range(world)]
+    loaders = [tg.DocumentLoader(stream, tg.LoaderConfig(seq_len, 4 * 50, micro_batches, seed=7), r, world)
+               for r in range(world)]
     served = []
     for _ in range(12):  # 12 steps x 200 tokens > 2 epochs of ~1.6k tokens
         per_rank = [loader.next_step() for loader in loaders]
@@ -140,10 +142,10 @@ def test_every_token_once_per_epoch_and_segments_never_span_a_bos(synthetic_stre
 
 def test_loader_restart_continues_exactly(synthetic_stream):
     stream, _ = synthetic_stream
-    loader = tg.DocumentLoader(stream, 16, 4 * 50, 4, 0, 1, seed=3)
+    loader = tg.DocumentLoader(stream, tg.LoaderConfig(16, 4 * 50, 4, seed=3), 0, 1)
     for _ in range(5):
         loader.next_step()
-    restarted = tg.DocumentLoader(stream, 16, 4 * 50, 4, 0, 1, seed=3)
+    restarted = tg.DocumentLoader(stream, tg.LoaderConfig(16, 4 * 50, 4, seed=3), 0, 1)
     restarted.load_state_dict(loader.state_dict())
     for _ in range(6):
         for a, b in zip(loader.next_step(), restarted.next_step()):
@@ -154,7 +156,7 @@ def test_loader_restart_continues_exactly(synthetic_stream):
 
 def test_doc_shuffle_off_keeps_file_order(synthetic_stream):
     stream, docs = synthetic_stream
-    loader = tg.DocumentLoader(stream, 16, 4 * 50, 4, 0, 1, seed=3, shuffle=False)
+    loader = tg.DocumentLoader(stream, tg.LoaderConfig(16, 4 * 50, 4, seed=3, shuffle=False), 0, 1)
     np.testing.assert_array_equal(loader.epoch_order(5), np.arange(len(docs)))
 
 
@@ -178,7 +180,7 @@ def test_segments_over_the_cap_are_merged_and_not_trained_on():
 
 def test_every_micro_batch_has_the_same_cu_seqlens_length(synthetic_stream):
     stream, docs = synthetic_stream
-    loader = tg.DocumentLoader(stream, 8, 4 * 50, 4, 0, 1, seed=3, max_segments=6)
+    loader = tg.DocumentLoader(stream, tg.LoaderConfig(8, 4 * 50, 4, seed=3, max_segments=6), 0, 1)
     lengths = {len(b.cu_seqlens) for _ in range(30) for b in loader.next_step()}
     assert lengths == {7}
     assert loader.merged_batches > 0  # the synthetic documents are short: some batches did overflow
@@ -188,10 +190,10 @@ def test_every_micro_batch_has_the_same_cu_seqlens_length(synthetic_stream):
 # model: documents never see each other
 
 
-def tiny_model(seed=0, **overrides):
+def tiny_model(seed=0, model_kernels=tg.Kernels(), **overrides):
     torch.manual_seed(seed)
     config = tg.ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, **overrides)
-    model = tg.GPT(config)
+    model = tg.GPT(config, model_kernels)
     with torch.no_grad():  # zero-initialised projections would make every block the identity: use random weights
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -200,45 +202,41 @@ def tiny_model(seed=0, **overrides):
 
 def available_backends():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return [name for name in tg.ATTENTION_BACKENDS if tg.load_attention_backend(name, device) is not None]
+    return [name for name in attn.VARLEN_BACKENDS if attn.load_varlen_backend(name, device) is not None]
 
 
 @pytest.mark.parametrize("backend", available_backends())
 def test_document_logits_independent_of_packing(backend):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tg.select_attention_backend(backend, device)
-    try:
+    model = tiny_model(model_kernels=tg.choose_kernels(frozenset(), backend, 0, device)).to(device)
+    gen = torch.Generator().manual_seed(1)
+    doc = torch.randint(4, 64, (23,), generator=gen)
+    others = [torch.randint(4, 64, (n,), generator=gen) for n in (7, 30)]
+
+    def logits_of_doc(pieces, index):
+        ids = torch.cat(pieces).to(device)[None]
+        cu = torch.tensor([0] + np.cumsum([len(p) for p in pieces]).tolist(), dtype=torch.int32, device=device)
+        with torch.no_grad():
+            out = model(ids, cu_seqlens=cu, max_seqlen=max(len(p) for p in pieces))[0]
+        start = int(cu[index])
+        return out[start:start + len(doc)].float().cpu()
+
+    alone = logits_of_doc([doc], 0)
+    tol = dict(rtol=1e-4, atol=1e-4) if device.type == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(logits_of_doc([others[0], doc], 1), alone, **tol)
+    torch.testing.assert_close(logits_of_doc([others[1], others[0], doc, others[0]], 2), alone, **tol)
+    with torch.no_grad():  # the batched-rows path (no cu_seqlens) agrees too
+        rows = model(doc.to(device)[None])[0].float().cpu()
+    torch.testing.assert_close(rows, alone, **tol)
+    if backend != "reference":  # every fast backend against the reference
         model = tiny_model().to(device)
-        gen = torch.Generator().manual_seed(1)
-        doc = torch.randint(4, 64, (23,), generator=gen)
-        others = [torch.randint(4, 64, (n,), generator=gen) for n in (7, 30)]
-
-        def logits_of_doc(pieces, index):
-            ids = torch.cat(pieces).to(device)[None]
-            cu = torch.tensor([0] + np.cumsum([len(p) for p in pieces]).tolist(), dtype=torch.int32, device=device)
-            with torch.no_grad():
-                out = model(ids, cu_seqlens=cu, max_seqlen=max(len(p) for p in pieces))[0]
-            start = int(cu[index])
-            return out[start:start + len(doc)].float().cpu()
-
-        alone = logits_of_doc([doc], 0)
-        tol = dict(rtol=1e-4, atol=1e-4) if device.type == "cpu" else dict(rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(logits_of_doc([others[0], doc], 1), alone, **tol)
-        torch.testing.assert_close(logits_of_doc([others[1], others[0], doc, others[0]], 2), alone, **tol)
-        with torch.no_grad():  # the batched-rows path (no cu_seqlens) agrees too
-            rows = model(doc.to(device)[None])[0].float().cpu()
-        torch.testing.assert_close(rows, alone, **tol)
-        if backend != "reference":  # every fast backend against the reference
-            tg.select_attention_backend("reference", device)
-            torch.testing.assert_close(logits_of_doc([others[1], doc], 1), alone, **tol)
-    finally:
-        tg.select_attention_backend("reference", torch.device("cpu"))
+        torch.testing.assert_close(logits_of_doc([others[1], doc], 1), alone, **tol)
 
 
 def test_attention_backend_chain_on_cpu():
-    assert tg.select_attention_backend("auto", torch.device("cpu")) == "reference"
-    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND"):
-        tg.select_attention_backend("fa3", torch.device("cpu"))
+    assert attn.select_varlen_attention("auto", torch.device("cpu")).name == "reference"
+    with pytest.raises(attn.BackendError, match="ATTN_BACKEND"):
+        attn.select_varlen_attention("fa3", torch.device("cpu"))
 
 
 def test_ntk_alpha_one_changes_nothing_and_other_alpha_does():
@@ -254,7 +252,7 @@ def test_ntk_alpha_one_changes_nothing_and_other_alpha_does():
 
 def test_muon_orthogonalizes():
     G = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
-    X = tg.orthogonalize(G, 5)
+    X = tg.orthogonalize_batched(G[None], 5)[0]
     singular_values = torch.linalg.svdvals(X)
     assert singular_values.min() > 0.5 and singular_values.max() < 1.3  # quintic NS lands in roughly [0.7, 1.2]
 
@@ -593,15 +591,15 @@ def test_resume_accepts_a_new_schedule_but_not_another_stream(tmp_path):
                 np.concatenate([np.concatenate([[tg.BOS_ID], rng.integers(4, 50, size=int(n))])
                                 for n in rng.integers(1, 120, size=80)]))
     stream = tg.TokenStream(str(tmp_path / "s_train_*.bin"), 64)
-    loader = tg.DocumentLoader(stream, 16, 64, 2, 0, 1, seed=3)
+    loader = tg.DocumentLoader(stream, tg.LoaderConfig(16, 64, 2, seed=3), 0, 1)
     loader.next_step()
     state = loader.state_dict()
-    again = tg.DocumentLoader(stream, 16, 64, 2, 0, 1, seed=3)
+    again = tg.DocumentLoader(stream, tg.LoaderConfig(16, 64, 2, seed=3), 0, 1)
     again.load_state_dict(state)
     assert again.position == loader.position
     for changed in ({"seed": 4}, {"shuffle": False}, {"documents": stream.num_docs + 1}, {"tokens": 5}):
         with pytest.raises(tg.ConfigError, match=f"stream with {next(iter(changed))} "):
-            tg.DocumentLoader(stream, 16, 64, 2, 0, 1, seed=3).load_state_dict({**state, **changed})
+            tg.DocumentLoader(stream, tg.LoaderConfig(16, 64, 2, seed=3), 0, 1).load_state_dict({**state, **changed})
 
 
 def test_warmdown_shapes_have_the_documented_order():

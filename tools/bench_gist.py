@@ -39,18 +39,14 @@ def main(argv=None) -> int:
         hp = tg.Hyperparameters.from_env({**RUN_SH_CPU, "DATA_PATH": args.data, "GIST_TOKENS": str(k),
                                           "GIST_SEGMENT": str(args.gist_segment)})
         stream = stream or tg.TokenStream(tg.split_pattern(hp.data_path, "train"), hp.vocab_size)
-        loader = tg.DocumentLoader(stream, hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches, 0, 1,
-                                   hp.seed, True, 0, hp.gist_tokens, hp.gist_segment, hp.vocab_size)
+        loader = tg.DocumentLoader(stream, tg.LoaderConfig.from_hyperparameters(hp))
         torch.manual_seed(hp.seed)
-        settings[k] = (hp, tg.GPT(tg.ModelConfig.from_hyperparameters(hp)), loader.next_step())
+        model_kernels = tg.choose_kernels(frozenset(), "reference", hp.gist_tokens, device)
+        settings[k] = (hp, tg.GPT(tg.ModelConfig.from_hyperparameters(hp), model_kernels), loader.next_step())
     reducer = tg.GradientReducer(torch.nn.Linear(1, 1))  # one process: nothing to reduce
     times = {k: [] for k in settings}
     for _ in range(args.rounds):
         for k, (hp, model, batches) in settings.items():
-            if k:
-                tg.select_gist_attention("reference", device)
-            else:
-                tg.select_attention_backend("reference", device)
             start = time.perf_counter()
             tg.forward_backward(model, batches, hp, device, reducer)
             times[k].append(time.perf_counter() - start)

@@ -52,8 +52,8 @@ def open_seconds(pattern: str, cached: bool) -> tuple[float, tg.TokenStream]:
 
 def loader_for(stream: tg.TokenStream) -> tg.DocumentLoader:
     # rank 0 of 8: one 65,536-token micro-batch per step, as each of 8 GPUs takes in the default configuration
-    return tg.DocumentLoader(stream, seq_len=1024, batch_tokens=524_288, micro_batches=8, rank=0, world_size=8,
-                             seed=1337)
+    return tg.DocumentLoader(stream, tg.LoaderConfig(seq_len=1024, batch_tokens=524_288, micro_batches=8, seed=1337),
+                             rank=0, world_size=8)
 
 
 def build_ms(stream: tg.TokenStream, steps: int) -> float:

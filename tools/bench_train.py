@@ -30,9 +30,9 @@ NOT_AVAILABLE = "not available"
 def default_backends() -> str:
     """Every backend train_gpt.py knows, fastest first (read from the script, so a new backend is benchmarked too)."""
     sys.path.insert(0, str(ROOT))
-    from train_gpt import ATTENTION_BACKENDS
+    from kernels.attention import VARLEN_BACKENDS
 
-    return ",".join(ATTENTION_BACKENDS)
+    return ",".join(VARLEN_BACKENDS)
 
 
 def unavailable_reason(backend: str) -> str | None:
