@@ -715,17 +715,12 @@ class ByteTables:
     is_boundary: np.ndarray  # bool [V]: control and unknown pieces (BOS, EOS, PAD, UNK)
     strips_first_space: bool  # the decoder drops the "▁" of a text's first piece (tokenizers with a dummy prefix)
 
-    def count(self, prev_ids, ids):
-        """Bytes of each token in `ids`, given the token before it (numpy or torch integer arrays)."""
-        if isinstance(ids, torch.Tensor):
-            base, space, boundary = (torch.as_tensor(t, device=ids.device) for t in
-                                     (self.base_bytes, self.leading_space, self.is_boundary))
-        else:
-            base, space, boundary = self.base_bytes, self.leading_space, self.is_boundary
-        space_counts = space[ids]
+    def count(self, prev_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Bytes of each token in `ids`, given the token before it."""
+        space_counts = self.leading_space[ids]
         if self.strips_first_space:
-            space_counts = space_counts & ~boundary[prev_ids]
-        return base[ids] + space_counts
+            space_counts = space_counts & ~self.is_boundary[prev_ids]
+        return self.base_bytes[ids] + space_counts
 
 
 def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteTables:
@@ -1021,17 +1016,9 @@ class GPT(nn.Module):
         """The tied lm_head's raw logits, before the softcap."""
         return F.linear(x, self.tok_emb.weight.to(x.dtype))
 
-    def logits(self, x):
-        logits = self.head(x)
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
-
-    def forward(self, input_ids, target_ids=None, cu_seqlens=None, max_seqlen=0):
-        """Logits [B, T, V] without targets; with targets, the per-token losses [B, T] in nats (fp32), 0 where the
-        target is IGNORE_INDEX."""
+    def forward(self, input_ids, target_ids, cu_seqlens=None, max_seqlen=0):
+        """The per-token losses [B, T] in nats (fp32), 0 where the target is IGNORE_INDEX."""
         x = self.hidden_states(input_ids, cu_seqlens, max_seqlen)
-        if target_ids is None:
-            return self.logits(x)
         flat_x, flat_targets = x.flatten(0, 1), target_ids.flatten()
         if self.training:
             return self.token_losses(flat_x, flat_targets).view_as(target_ids)

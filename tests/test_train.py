@@ -217,7 +217,7 @@ def test_document_logits_independent_of_packing(backend):
         ids = torch.cat(pieces).to(device)[None]
         cu = torch.tensor([0] + np.cumsum([len(p) for p in pieces]).tolist(), dtype=torch.int32, device=device)
         with torch.no_grad():
-            out = model(ids, cu_seqlens=cu, max_seqlen=max(len(p) for p in pieces))[0]
+            out = model.hidden_states(ids, cu_seqlens=cu, max_seqlen=max(len(p) for p in pieces))[0]
         start = int(cu[index])
         return out[start:start + len(doc)].float().cpu()
 
@@ -226,7 +226,7 @@ def test_document_logits_independent_of_packing(backend):
     torch.testing.assert_close(logits_of_doc([others[0], doc], 1), alone, **tol)
     torch.testing.assert_close(logits_of_doc([others[1], others[0], doc, others[0]], 2), alone, **tol)
     with torch.no_grad():  # the batched-rows path (no cu_seqlens) agrees too
-        rows = model(doc.to(device)[None])[0].float().cpu()
+        rows = model.hidden_states(doc.to(device)[None])[0].float().cpu()
     torch.testing.assert_close(rows, alone, **tol)
     if backend != "reference":  # every fast backend against the reference
         model = tiny_model().to(device)
@@ -243,11 +243,11 @@ def test_ntk_alpha_one_changes_nothing_and_other_alpha_does():
     model = tiny_model()
     ids = torch.randint(4, 64, (1, 40))
     with torch.no_grad():
-        before = model(ids)
+        before = model.hidden_states(ids)
         model.rotary.set_ntk_alpha(1.0)
-        torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
+        torch.testing.assert_close(model.hidden_states(ids), before, rtol=0, atol=0)
         model.rotary.set_ntk_alpha(4.0)
-        assert not torch.allclose(model(ids), before)
+        assert not torch.allclose(model.hidden_states(ids), before)
 
 
 def test_muon_orthogonalizes():
@@ -476,7 +476,7 @@ def test_leaky_relu2_matches_its_definition_and_changes_the_model():
     torch.testing.assert_close(mlp(x), expected)
     ids = torch.randint(4, 64, (1, 40))
     with torch.no_grad():
-        assert not torch.allclose(leaky(ids), relu2(ids))  # same weights (same seed), other activation
+        assert not torch.allclose(leaky.hidden_states(ids), relu2.hidden_states(ids))  # same weights, other activation
 
 
 def test_partial_rotary():
@@ -497,8 +497,9 @@ def test_partial_rotary():
     assert not torch.allclose(y[:, 1:, :, : r // 2], x[:, 1:, :, : r // 2])
     ids = torch.randint(4, 64, (1, 40))
     with torch.no_grad():  # head_dim 8 in tiny_model
-        assert not torch.allclose(tiny_model(rope_dims=4)(ids), tiny_model()(ids))
-        torch.testing.assert_close(tiny_model(rope_dims=8)(ids), tiny_model()(ids), rtol=0, atol=0)
+        assert not torch.allclose(tiny_model(rope_dims=4).hidden_states(ids), tiny_model().hidden_states(ids))
+        torch.testing.assert_close(tiny_model(rope_dims=8).hidden_states(ids), tiny_model().hidden_states(ids),
+                                   rtol=0, atol=0)
 
 
 def test_warmdown_shapes():

@@ -96,12 +96,13 @@ class DataChoice:
 
 
 def attention_backends() -> list[str]:
-    """train_gpt.ATTENTION_BACKENDS, read from the source (no import: the plan is printed before anything is set up)."""
-    tree = ast.parse((ROOT / "train_gpt.py").read_text())
+    """kernels.attention.VARLEN_BACKENDS, read from the source (no import: the plan is printed before anything is set
+    up)."""
+    tree = ast.parse((ROOT / "kernels" / "attention.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ATTENTION_BACKENDS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "VARLEN_BACKENDS" for t in node.targets):
             return list(ast.literal_eval(node.value))
-    raise SystemExit("error: train_gpt.py has no ATTENTION_BACKENDS tuple")
+    raise SystemExit("error: kernels/attention.py has no VARLEN_BACKENDS tuple")
 
 
 def choose_data(data: str | None) -> DataChoice:
