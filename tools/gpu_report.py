@@ -71,9 +71,9 @@ MEMBER_LIMIT_BYTES = 4 * 2**20  # a raw file larger than this goes into the tarb
 # What the parts import besides torch (the machine has torch). tools/bootstrap.sh installs whichever is missing.
 NEEDED_MODULES = ("numpy", "sentencepiece", "pytest", "triton")
 TEST_NEEDS = ("pytest", "numpy", "sentencepiece", "triton")
-# -v: one line per test, so a run stopped at its deadline still counts; no -x: every test runs; --durations: what the
-# next plan should budget for
-PYTEST_ARGS = ["-v", "-rfE", "-p", "no:cacheprovider", "--durations=15"]
+# -v: one line per test, so a run stopped at its deadline still counts; no -x, and a module that fails to import (a new
+# torch, say) is one error while the other modules' tests still run; --durations: what the next plan should budget for
+PYTEST_ARGS = ["-v", "-rfE", "-p", "no:cacheprovider", "--continue-on-collection-errors", "--durations=15"]
 
 # (1): the default model and batch. 5 warm-up steps: the first compiles and autotunes, the next ones absorb a second
 # compile (once optimizer state exists, say) before the clock starts, so that `recompiles` counts only what happens in
