@@ -60,11 +60,7 @@ def reproduce_command(lg: TrainLog) -> str:
     """The command that ran `lg`: exactly the variables its `env_overrides:` line names (less the per-run ones, which
     the command spells out), or, for a log written before that line existed, every hyperparameter it printed."""
     per_run = {name.upper() for name in PER_RUN_HPARAMS}
-    if lg.env_overrides is not None:
-        env = [f"{key}={shlex.quote(value)}" for key, value in lg.env_overrides.items() if key not in per_run]
-    else:
-        env = [f"{key.upper()}={shlex.quote({'True': '1', 'False': '0'}.get(value, value))}"
-               for key, value in lg.hparams.items() if key not in PER_RUN_HPARAMS]
+    env = [f"{key}={shlex.quote(value)}" for key, value in lg.run_env().items() if key not in per_run]
     world = lg.run.get("world_size", 1) or 1
     launch = f"torchrun --standalone --nproc_per_node={world} train_gpt.py" if world > 1 else "python train_gpt.py"
     return " ".join([f"DATA_PATH={lg.hparams.get('data_path', '...')}", "SEED=<seed>", "RUN_ID=seed<seed>"] + env
