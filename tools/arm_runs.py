@@ -14,13 +14,18 @@ written once:
   difference       between arms: the difference of the means and the one-sided Welch p that the second arm's
                    val_loss is lower by a margin (tools/record_check.py's welch_test: the statistics of a record claim)
   thread_env       OMP_NUM_THREADS and MKL_NUM_THREADS for `jobs` runs at once
+  OutputFolder     experiments/<stem>/: built in a temporary sibling, renamed into place when complete, a failing
+                   run's tail beside it in <stem>.failed.log
+  UsageError, OneLineParser, folder_date: bad input as one line `error: ...` (exit status 2)
 
 Logs are read only through tools/run_log.py's parse_log. No torch here.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
 import math
 import os
 import re
@@ -45,6 +50,25 @@ from record_check import mean_std, welch_test  # noqa: E402  (the statistics of 
 from run_log import TrainLog, parse_log  # noqa: E402  (the one reader of train logs)
 
 TAIL_LINES = 30
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line `error: <message>`, exit status 2, before anything is run or written."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments raise UsageError instead of printing the usage."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def folder_date(value: str | None) -> str:
+    """--date: YYYY-MM-DD, default today."""
+    try:
+        return datetime.date.fromisoformat(value).isoformat() if value else datetime.date.today().isoformat()
+    except ValueError:
+        raise UsageError(f"--date {value!r}: expected YYYY-MM-DD") from None
 
 
 @dataclass(eq=False)  # a run is itself: hashable by identity
@@ -119,6 +143,37 @@ def replace_dir(src: Path, dest: Path) -> None:
         os.replace(dest, old)
     os.replace(src, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class OutputFolder:
+    """What a tool that writes experiments_dir/<stem>/ shares (a mixin: the class has `experiments_dir` and `stem`).
+    The folder is built in a hidden temporary sibling, `work`, and renamed into place by publish() once complete; a
+    failing run's tail goes to <stem>.failed.log beside it."""
+
+    @property
+    def folder(self) -> Path:
+        return self.experiments_dir / self.stem
+
+    @property
+    def work(self) -> Path:
+        return self.experiments_dir / f".{self.stem}.tmp{os.getpid()}"
+
+    @property
+    def failed_log(self) -> Path:
+        return self.experiments_dir / f"{self.stem}.failed.log"
+
+    def run(self, arm: str, seed: int, env: dict[str, str], command: list[str], cwd: Path, title: str = "") -> Run:
+        """A run whose train log goes to work/logs/<arm>_seed<N>.txt and console output to work/console/."""
+        return Run(arm, seed, env, log=self.work / "logs" / f"{arm}_seed{seed}.txt", command=command, cwd=cwd,
+                   console=self.work / "console" / f"{arm}_seed{seed}.out", title=title)
+
+    def publish(self, scratch: tuple[str, ...]) -> None:
+        """Remove the scratch folders from work, rename it to the folder (replacing an older one), and remove the
+        tail an earlier failure left (no longer news)."""
+        for name in scratch:
+            shutil.rmtree(self.work / name, ignore_errors=True)
+        replace_dir(self.work, self.folder)
+        self.failed_log.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

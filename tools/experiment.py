@@ -91,9 +91,10 @@ for _path in (ROOT, ROOT / "tools"):
 
 import train_gpt as tg  # noqa: E402
 from data.files import sha256_file, write_atomic  # noqa: E402
-from arm_runs import (TAIL_LINES, Run, RunFailed, arm_statistics, difference, execute as execute_runs,  # noqa: E402
-                      finished_log, has_result, hardware, keep_failure, num, relative, replace_dir, run_result,
-                      thread_env)  # (running and statistics, shared with tools/reproduce.py)
+from arm_runs import (TAIL_LINES, OneLineParser, OutputFolder, Run, RunFailed, UsageError,  # noqa: E402
+                      arm_statistics, difference, execute as execute_runs, finished_log, folder_date, has_result,
+                      hardware, keep_failure, num, relative, replace_dir, run_result, thread_env)
+# (arm_runs: running, statistics and the output folder, shared with tools/reproduce.py)
 from compare_logs import at, common_points, curve_of_log, fit_y_to_bulk  # noqa: E402  (loss curves against tokens)
 from run_log import TrainLog, parse_log  # noqa: E402  (the one reader of train logs)
 
@@ -112,21 +113,12 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line `error: <message>`, exit status 2, before anything is written."""
-
-
 class ExperimentError(Exception):
     """The runs finished but do not make one experiment: reported as one line, exit status 2, nothing written."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Arguments and overrides
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,7 +236,7 @@ def cache_key(fields: dict) -> str:
 
 
 @dataclass
-class Experiment:
+class Experiment(OutputFolder):
     name: str
     date: str
     seeds: list[int]
@@ -261,16 +253,8 @@ class Experiment:
     runs: list[Run] = field(default_factory=list)
 
     @property
-    def folder(self) -> Path:
-        return self.experiments_dir / f"{self.date}_{self.name}"
-
-    @property
-    def work(self) -> Path:
-        return self.experiments_dir / f".{self.date}_{self.name}.tmp{os.getpid()}"
-
-    @property
-    def failed_log(self) -> Path:
-        return self.experiments_dir / f"{self.date}_{self.name}.failed.log"
+    def stem(self) -> str:  # experiments/<date>_<name>/
+        return f"{self.date}_{self.name}"
 
     @property
     def cache_dir(self) -> Path:
@@ -294,10 +278,7 @@ def plan(argv) -> Experiment:
     args = build_parser().parse_args([str(a) for a in argv])
     if not NAME_PATTERN.fullmatch(args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits, '_', '.' and '-' (a folder name)")
-    try:
-        date = datetime.date.fromisoformat(args.date).isoformat() if args.date else datetime.date.today().isoformat()
-    except ValueError:
-        raise UsageError(f"--date {args.date!r}: expected YYYY-MM-DD") from None
+    date = folder_date(args.date)
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
     if not shlex.split(args.runner):
@@ -324,8 +305,7 @@ def plan(argv) -> Experiment:
     for seed in seeds:
         for arm in ARMS:
             env = arm_env(exp, arm, seed)
-            run = Run(arm, seed, env, log=exp.work / "logs" / f"{arm}_seed{seed}.txt", command=shlex.split(exp.runner),
-                      cwd=ROOT, console=exp.work / "console" / f"{arm}_seed{seed}.out")
+            run = exp.run(arm, seed, env, shlex.split(exp.runner), ROOT)
             if arm == "baseline":
                 run.cache_fields = {"code": exp.code_sha256, "config": run_config(env), "seed": seed,
                                     "runner": exp.runner, "hardware": hardware()}
@@ -631,10 +611,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    done = False
     try:
-        exp.work.mkdir(parents=True)
-        (exp.work / "logs").mkdir()
+        (exp.work / "logs").mkdir(parents=True)
         try:
             run_all(exp)
         except RunFailed as failure:
@@ -644,15 +622,10 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         summary = summarize(exp)
-        for scratch in ("console",) + (() if exp.keep_checkpoints else ("checkpoints",)):
-            shutil.rmtree(exp.work / scratch, ignore_errors=True)
         write_outputs(exp, summary)
-        replace_dir(exp.work, exp.folder)
-        done = True
-        exp.failed_log.unlink(missing_ok=True)  # an earlier failure of this experiment is no longer news
+        exp.publish(("console",) + (() if exp.keep_checkpoints else ("checkpoints",)))
     finally:
-        if not done:
-            shutil.rmtree(exp.work, ignore_errors=True)
+        shutil.rmtree(exp.work, ignore_errors=True)  # (gone already when published)
     print(table(summary))
     print(f"wrote {relative(exp.folder)}/ (summary.json, README.md, {', '.join(PLOTS.values())}, logs/)")
     return 0

@@ -13,6 +13,7 @@ one training log per seed (train_seed<N>.log) and, optionally, the evaluation re
                              [--alpha A]
   python tools/record.py verify PATH [PATH ...] [--margin M] [--alpha A]
   python tools/record.py leaderboard [--check] [--readme README.md] [--records-dir DIR]
+  python tools/record.py reproduce FOLDER [--seeds N] [--against FOLDER] [--jobs 1] ...   (tools/reproduce.py)
 
 The checks `verify` makes are listed in tools/record_check.py; tools/run_log.py reads the logs.
 Exit status 0 only when every check of every record holds; otherwise one line per failed check, naming the file.
@@ -369,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", help="default: README.md of this repository")
     p.add_argument("--records-dir", help="default: records/ of this repository")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("reproduce", add_help=False,
+                       help="train a record and the record it beat again on this machine, seed by seed, and say "
+                            "whether the improvement holds here (tools/reproduce.py; reproduce --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reproduce"]:  # its own parser: bad input is one line, exit status 2
+        import reproduce
+
+        return reproduce.main(argv[1:])
 
     args = parser.parse_args(argv)
     if hasattr(args, "alpha") and not 0 < args.alpha < 1:
