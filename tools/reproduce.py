@@ -82,7 +82,6 @@ DEFAULT_EXPERIMENTS_DIR = ROOT / "experiments"
 DEFAULT_SEEDS = 3
 DEFAULT_TOLERANCE = 1e-3
 ARMS = ("against", "record")
-VERDICTS = ("holds", "weaker", "does not hold")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
