@@ -69,24 +69,17 @@ cached).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import time
-from collections import deque
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +91,11 @@ for _path in (ROOT, ROOT / "tools"):
 
 import train_gpt as tg  # noqa: E402
 from data.files import sha256_file, write_atomic  # noqa: E402
+from arm_runs import (TAIL_LINES, OneLineParser, OutputFolder, Run, RunFailed, UsageError,  # noqa: E402
+                      arm_statistics, difference, execute as execute_runs, finished_log, folder_date, has_result,
+                      hardware, keep_failure, num, relative, replace_dir, run_result, thread_env)
+# (arm_runs: running, statistics and the output folder, shared with tools/reproduce.py)
 from compare_logs import at, common_points, curve_of_log, fit_y_to_bulk  # noqa: E402  (loss curves against tokens)
-from record_check import mean_std, welch_test  # noqa: E402  (the statistics of a record claim, one definition)
 from run_log import TrainLog, parse_log  # noqa: E402  (the one reader of train logs)
 
 DEFAULT_EXPERIMENTS_DIR = ROOT / "experiments"
@@ -112,35 +108,17 @@ SET_BY_TOOL = ("SEED", "RUN_ID", "LOG_DIR", "CHECKPOINT_DIR")
 OUTPUT_LOCATIONS = ("RUN_ID", "LOG_DIR", "CHECKPOINT_DIR")  # where a run writes: not part of its configuration
 SAMPLE_DIR = "data/datasets/peps_sp1024_spread"  # run.sh's DATA_PATH when none is set (CPU, or GPU without FineWeb)
 FINEWEB_DIR = "data/datasets/fineweb10B_sp1024"  # run.sh's DATA_PATH on a GPU machine that has the FineWeb shards
-TAIL_LINES = 30
 PLOTS = {"loss": "train_loss.png", "difference": "train_loss_difference.png"}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line `error: <message>`, exit status 2, before anything is written."""
 
 
 class ExperimentError(Exception):
     """The runs finished but do not make one experiment: reported as one line, exit status 2, nothing written."""
 
 
-class RunFailed(Exception):
-    """A run ended without a usable result."""
-
-    def __init__(self, run: Run, reason: str):
-        super().__init__(f"{run.arm} run, seed {run.seed}: {reason}")
-        self.run, self.reason = run, reason
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Arguments and overrides
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,43 +191,20 @@ def code_files() -> list[Path]:
     return [Path(p) for p in tg.record_source_files()] + [ROOT / "run.sh"]
 
 
-def _relative(path: Path) -> str:
-    path = Path(path).resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.as_posix()
-
-
 def code_hashes(files: list[Path]) -> dict[str, str]:
     """{path relative to the repository: sha256 of its bytes}, in the files' order."""
-    return {_relative(p): sha256_file(p) for p in files}
+    return {relative(p): sha256_file(p) for p in files}
 
 
 def code_sha256(hashes: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{name} {digest}\n" for name, digest in hashes.items()).encode()).hexdigest()
 
 
-@lru_cache(maxsize=1)
-def gpu_names() -> tuple[str, ...]:
-    """The GPUs `nvidia-smi -L` lists (names without UUIDs), as run.sh counts them; () without any."""
-    if shutil.which("nvidia-smi") is None:
-        return ()
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return tuple(re.sub(r"\s*\(UUID:.*\)$", "", line.split(":", 1)[1]).strip()
-                 for line in listing.splitlines() if line.startswith("GPU"))
-
-
-def hardware() -> str:
-    names = gpu_names()
-    return f"{len(names)} x {', '.join(sorted(set(names)))}" if names else "cpu"
-
-
 def data_path(env: dict[str, str]) -> str:
     """The DATA_PATH a run gets: as set, else run.sh's default."""
     if env.get("DATA_PATH"):
         return env["DATA_PATH"]
-    if gpu_names() and list((ROOT / FINEWEB_DIR).glob("fineweb_val_*.bin")):
+    if hardware() != "cpu" and list((ROOT / FINEWEB_DIR).glob("fineweb_val_*.bin")):
         return FINEWEB_DIR
     return SAMPLE_DIR
 
@@ -280,23 +235,8 @@ def cache_key(fields: dict) -> str:
 # The plan: every run's environment, checked before the first one starts
 
 
-@dataclass(eq=False)  # a run is itself: hashable by identity
-class Run:
-    arm: str
-    seed: int
-    env: dict[str, str]
-    log: Path  # where its train log ends up in the experiment folder
-    cache_fields: dict | None = None  # baseline runs: what the cache key is made of
-    cached: bool = False
-    train_log: TrainLog | None = None
-
-    @property
-    def run_id(self) -> str:
-        return f"{self.arm}_seed{self.seed}"
-
-
 @dataclass
-class Experiment:
+class Experiment(OutputFolder):
     name: str
     date: str
     seeds: list[int]
@@ -313,16 +253,8 @@ class Experiment:
     runs: list[Run] = field(default_factory=list)
 
     @property
-    def folder(self) -> Path:
-        return self.experiments_dir / f"{self.date}_{self.name}"
-
-    @property
-    def work(self) -> Path:
-        return self.experiments_dir / f".{self.date}_{self.name}.tmp{os.getpid()}"
-
-    @property
-    def failed_log(self) -> Path:
-        return self.experiments_dir / f"{self.date}_{self.name}.failed.log"
+    def stem(self) -> str:  # experiments/<date>_<name>/
+        return f"{self.date}_{self.name}"
 
     @property
     def cache_dir(self) -> Path:
@@ -331,14 +263,6 @@ class Experiment:
     @property
     def code_sha256(self) -> str:
         return code_sha256(self.code)
-
-
-def thread_env(jobs: int) -> dict[str, str]:
-    if jobs <= 1:
-        return {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = str(max(1, cores // jobs))
-    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def arm_env(exp: Experiment, arm: str, seed: int) -> dict[str, str]:
@@ -354,10 +278,7 @@ def plan(argv) -> Experiment:
     args = build_parser().parse_args([str(a) for a in argv])
     if not NAME_PATTERN.fullmatch(args.name):
         raise UsageError(f"--name {args.name!r}: use letters, digits, '_', '.' and '-' (a folder name)")
-    try:
-        date = datetime.date.fromisoformat(args.date).isoformat() if args.date else datetime.date.today().isoformat()
-    except ValueError:
-        raise UsageError(f"--date {args.date!r}: expected YYYY-MM-DD") from None
+    date = folder_date(args.date)
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
     if not shlex.split(args.runner):
@@ -379,12 +300,12 @@ def plan(argv) -> Experiment:
         except tg.ConfigError as e:
             raise UsageError(f"the {arm}'s configuration: {e}") from None
     if exp.folder.exists() and not args.force:
-        raise UsageError(f"{_relative(exp.folder)} exists; choose another --name or give --force to replace it")
+        raise UsageError(f"{relative(exp.folder)} exists; choose another --name or give --force to replace it")
     exp.data_path = data_path(arm_env(exp, "baseline", seeds[0]))
     for seed in seeds:
         for arm in ARMS:
             env = arm_env(exp, arm, seed)
-            run = Run(arm, seed, env, exp.work / "logs" / f"{arm}_seed{seed}.txt")
+            run = exp.run(arm, seed, env, shlex.split(exp.runner), ROOT)
             if arm == "baseline":
                 run.cache_fields = {"code": exp.code_sha256, "config": run_config(env), "seed": seed,
                                     "runner": exp.runner, "hardware": hardware()}
@@ -410,7 +331,7 @@ def cache_lookup(exp: Experiment, run: Run) -> bool:
     run.log.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(entry / "train.log", run.log)
     log = parse_log(run.log)
-    if not _has_result(log):
+    if not has_result(log):
         run.log.unlink()
         return False
     run.cached, run.train_log = True, log
@@ -426,38 +347,16 @@ def cache_store(exp: Experiment, run: Run) -> None:
     shutil.copyfile(run.log, tmp / "train.log")
     stored = {**fields, "stored": datetime.datetime.now().isoformat(timespec="seconds"), "experiment": exp.name}
     (tmp / "key.json").write_text(json.dumps(stored, indent=1) + "\n")
-    _replace_dir(tmp, entry)
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename src to dest; an existing dest is moved aside first and removed after."""
-    old = dest.parent / f".{dest.name}.old{os.getpid()}"
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(src, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, entry)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Running
 
 
-def _has_result(log: TrainLog) -> bool:
-    final = log.final or {}
-    return all(isinstance(final.get(k), (int, float)) and math.isfinite(final[k]) for k in ("val_loss", "val_bpb"))
-
-
 def check_run(exp: Experiment, run: Run, status: int) -> None:
     """A finished run's log must have a result, its seed, the fingerprinted dataset and the experiment's code."""
-    if status != 0:
-        raise RunFailed(run, f"exit status {status}")
-    if not run.log.is_file():
-        raise RunFailed(run, f"no train log at {_relative(run.log)}")
-    log = parse_log(run.log)
-    if not _has_result(log):
-        raise RunFailed(run, "no `final val_loss:... val_bpb:...` line in its log")
-    if log.seed != run.seed:
-        raise RunFailed(run, f"its log says seed {log.seed}, not {run.seed}")
+    log = finished_log(run, status)
     read = log.hparams.get("data_path")
     if read is not None and (ROOT / read).resolve() != (ROOT / exp.data_path).resolve():
         raise RunFailed(run, f"it read DATA_PATH={read}, but the experiment fingerprinted {exp.data_path}; "
@@ -469,33 +368,6 @@ def check_run(exp: Experiment, run: Run, status: int) -> None:
     run.train_log = log
 
 
-def _console(exp: Experiment, run: Run) -> Path:
-    return exp.work / "console" / f"{run.run_id}.out"
-
-
-def start(exp: Experiment, run: Run) -> subprocess.Popen:
-    _console(exp, run).parent.mkdir(parents=True, exist_ok=True)
-    with open(_console(exp, run), "wb") as out:
-        return subprocess.Popen(shlex.split(exp.runner), cwd=ROOT, env=run.env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End a run this tool started (its whole process group: run.sh's python, or torchrun and its workers)."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def progress(message: str) -> None:
     print(f"experiment: {message}", file=sys.stderr, flush=True)
 
@@ -503,45 +375,9 @@ def progress(message: str) -> None:
 def execute(exp: Experiment, runs: list[Run], use_cache: bool = True) -> None:
     """These runs, at most --jobs at once, in plan order (per seed: baseline, then variant). Cached baselines are
     copied; a fresh baseline that finishes is cached at once. The first failure stops the others and raises."""
-    total = len(runs)
-    pending: deque[Run] = deque()
-    for run in runs:
-        if use_cache and run.arm == "baseline" and cache_lookup(exp, run):
-            progress(f"{run.run_id}: cached ({_result_text(run)})")
-        else:
-            pending.append(run)
-    active: dict[Run, tuple[subprocess.Popen, float]] = {}
-    done = total - len(pending)
-    try:
-        while pending or active:
-            while pending and len(active) < exp.jobs:
-                run = pending.popleft()
-                progress(f"{run.run_id}: running ({done + len(active) + 1}/{total})")
-                active[run] = (start(exp, run), time.monotonic())
-            _wait_a_little(active)
-            for run, (proc, started) in list(active.items()):
-                status = proc.poll()
-                if status is None:
-                    continue
-                del active[run]
-                check_run(exp, run, status)
-                if run.arm == "baseline":
-                    cache_store(exp, run)
-                done += 1
-                progress(f"{run.run_id}: done in {time.monotonic() - started:.1f} s ({_result_text(run)})")
-    finally:
-        for proc, _ in active.values():
-            stop(proc)
-
-
-def _wait_a_little(active: dict) -> None:
-    """Until the one active run ends (at most a second), or a moment when several are running."""
-    if len(active) == 1:
-        proc, _ = next(iter(active.values()))
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=1)
-    else:
-        time.sleep(0.05)
+    execute_runs(runs, exp.jobs, lambda run, status: check_run(exp, run, status), progress,
+                 lookup=(lambda run: run.arm == "baseline" and cache_lookup(exp, run)) if use_cache else None,
+                 store=lambda run: cache_store(exp, run) if run.arm == "baseline" else None)
 
 
 def data_signature(log: TrainLog) -> tuple:
@@ -574,79 +410,16 @@ def run_all(exp: Experiment) -> None:
         stale_cached_runs(exp)  # raises if the runs still disagree
 
 
-def _result_text(run: Run) -> str:
-    return f"val_loss {run.train_log.final['val_loss']:.6f} val_bpb {run.train_log.final['val_bpb']:.6f}"
-
-
-def tail(exp: Experiment, run: Run) -> list[str]:
-    """The failing run's last lines of output (stdout and stderr as they came), else of its train log."""
-    for path in (_console(exp, run), run.log):
-        if path.is_file():
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            if lines:
-                return lines[-TAIL_LINES:]
-    return []
-
-
 def report_failure(exp: Experiment, failure: RunFailed) -> None:
     run = failure.run
-    lines = tail(exp, run)
     settings = {k: v for k, v in run.env.items() if k in exp.base or k in exp.overrides or k in SET_BY_TOOL}
-    text = (f"# experiment {exp.name}: the {run.arm} run, seed {run.seed}, failed: {failure.reason}\n"
-            f"# command: {' '.join(f'{k}={shlex.quote(v)}' for k, v in settings.items())} {exp.runner}\n"
-            f"# its last {len(lines)} lines of output:\n" + "".join(line + "\n" for line in lines))
-    exp.experiments_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(exp.failed_log, text.encode())
-    kept = _relative(exp.failed_log)
-    print(f"error: {failure}; no experiment folder written; its last {len(lines)} lines of output (kept in {kept}):",
-          file=sys.stderr)
-    for line in lines:
-        print(f"  | {line}", file=sys.stderr)
+    keep_failure(failure, exp.failed_log, f"experiment {exp.name}: the {run.arm} run, seed {run.seed}, failed: "
+                 f"{failure.reason}", f"{' '.join(f'{k}={shlex.quote(v)}' for k, v in settings.items())} {exp.runner}",
+                 "experiment folder")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Results and statistics
-
-
-def run_result(run: Run) -> dict:
-    """One run's figures, from its log: the `final` line (val_loss, val_bpb, steps, train_time) and the batch size."""
-    log = run.train_log
-    final = log.final
-    steps, train_ms = int(final["steps"]), float(final["train_time"])
-    batch = int(log.hparams.get("train_batch_tokens", "0"))
-    seconds = train_ms / 1000
-    return {"arm": run.arm, "seed": run.seed, "val_loss": float(final["val_loss"]), "val_bpb": float(final["val_bpb"]),
-            "steps": steps, "train_tokens": steps * batch, "train_time_ms": train_ms,
-            "tokens_per_s": steps * batch / seconds if seconds > 0 else None,
-            "steps_per_s": steps / seconds if seconds > 0 else None, "log": f"logs/{run.log.name}",
-            "cached": run.cached}
-
-
-def _finite(x) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None
-
-
-def arm_statistics(rows: list[dict]) -> dict:
-    out = {"n": len(rows)}
-    for key in ("val_loss", "val_bpb"):
-        mean, std = mean_std([r[key] for r in rows])
-        out[f"{key}_mean"], out[f"{key}_std"] = mean, std
-    for key in ("tokens_per_s", "steps_per_s"):
-        values = [r[key] for r in rows if r[key] is not None]
-        out[f"{key}_mean"] = mean_std(values)[0] if values else None
-    return out
-
-
-def difference(baseline: list[dict], variant: list[dict]) -> dict:
-    """Variant mean minus baseline mean, and the one-sided Welch p that the variant's val_loss is lower (margin 0)."""
-    out = {key: mean_std([r[key] for r in variant])[0] - mean_std([r[key] for r in baseline])[0]
-           for key in ("val_loss", "val_bpb")}
-    if len(baseline) >= 2 and len(variant) >= 2:
-        w = welch_test([r["val_loss"] for r in variant], [r["val_loss"] for r in baseline], margin=0.0)
-        out.update(p_variant_lower=w.p, welch_t=_finite(w.t), welch_dof=_finite(w.dof))
-    else:
-        out.update(p_variant_lower=None, welch_t=None, welch_dof=None)
-    return out
 
 
 def summarize(exp: Experiment) -> dict:
@@ -673,7 +446,7 @@ def reproduce_command(exp: Experiment) -> str:
     if exp.runner != DEFAULT_RUNNER:
         parts += ["--runner", exp.runner]
     if exp.experiments_dir != DEFAULT_EXPERIMENTS_DIR.resolve():
-        parts += ["--experiments-dir", _relative(exp.experiments_dir)]
+        parts += ["--experiments-dir", relative(exp.experiments_dir)]
     parts += ["--", *(f"{k}={v}" for k, v in exp.overrides.items())]
     prefix = [f"{k}={v}" for k, v in exp.inherited.items()]
     return " ".join(shlex.quote(p) for p in prefix + parts)
@@ -681,10 +454,6 @@ def reproduce_command(exp: Experiment) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs: table, plots, README.md, summary.json
-
-
-def _num(x, spec: str, missing: str = "n/a") -> str:
-    return missing if x is None else format(x, spec)
 
 
 def table(summary: dict) -> str:
@@ -700,13 +469,13 @@ def table(summary: dict) -> str:
     lines = [title, header]
     for arm in ARMS:
         a = arms[arm]
-        bpb = f"{a['val_bpb_mean']:.6f} ± {_num(a['val_bpb_std'], '.6f')}"
+        bpb = f"{a['val_bpb_mean']:.6f} ± {num(a['val_bpb_std'], '.6f')}"
         lines.append(f"{arm:<9} {a['n']:>2}  {bpb:>24}  {a['val_loss_mean']:>13.6f}  "
-                     f"{_num(a['steps_per_s_mean'], '.3f'):>9}  {_num(a['tokens_per_s_mean'], '.0f'):>10}")
+                     f"{num(a['steps_per_s_mean'], '.3f'):>9}  {num(a['tokens_per_s_mean'], '.0f'):>10}")
     p = diff["p_variant_lower"]
     lines.append(f"difference (variant - baseline): val_loss {diff['val_loss']:+.6f} nats, "
                  f"val_bpb {diff['val_bpb']:+.6f}")
-    p_text = (f"{p:.4g} (t={_num(diff['welch_t'], '.3f')}, dof={_num(diff['welch_dof'], '.2f')})" if p is not None
+    p_text = (f"{p:.4g} (t={num(diff['welch_t'], '.3f')}, dof={num(diff['welch_dof'], '.2f')})" if p is not None
               else "n/a (needs 2 seeds per arm)")
     lines.append(f"one-sided Welch p (variant val_loss lower): {p_text}")
     if not summary["speeds_are_solo"]:
@@ -794,9 +563,9 @@ def readme(summary: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for arm in ARMS:
         a = arms[arm]
-        lines.append(f"| {arm} | {a['n']} | {a['val_bpb_mean']:.6f} ± {_num(a['val_bpb_std'], '.6f')} | "
-                     f"{a['val_loss_mean']:.6f} ± {_num(a['val_loss_std'], '.6f')} | "
-                     f"{_num(a['steps_per_s_mean'], '.3f')} | {_num(a['tokens_per_s_mean'], ',.0f')} |")
+        lines.append(f"| {arm} | {a['n']} | {a['val_bpb_mean']:.6f} ± {num(a['val_bpb_std'], '.6f')} | "
+                     f"{a['val_loss_mean']:.6f} ± {num(a['val_loss_std'], '.6f')} | "
+                     f"{num(a['steps_per_s_mean'], '.3f')} | {num(a['tokens_per_s_mean'], ',.0f')} |")
     p_text = f"**{p:.4g}**." if p is not None else "n/a (needs 2 seeds per arm)."
     lines += ["", (f"Difference (variant − baseline): **{diff['val_loss']:+.6f} nats** of val_loss, "
                    f"**{diff['val_bpb']:+.6f} BPB**. One-sided Welch p that the variant's val_loss is lower: {p_text}"),
@@ -812,8 +581,8 @@ def readme(summary: dict) -> str:
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in summary["runs"]:
         lines.append(f"| {r['arm']} | {r['seed']} | {r['val_loss']:.6f} | {r['val_bpb']:.6f} | {r['steps']} | "
-                     f"{r['train_tokens']:,} | {r['train_time_ms'] / 1000:.1f} s | {_num(r['tokens_per_s'], ',.0f')} | "
-                     f"{_num(r['steps_per_s'], '.3f')} | {'yes' if r['cached'] else 'no'} | [{r['log']}]({r['log']}) |")
+                     f"{r['train_tokens']:,} | {r['train_time_ms'] / 1000:.1f} s | {num(r['tokens_per_s'], ',.0f')} | "
+                     f"{num(r['steps_per_s'], '.3f')} | {'yes' if r['cached'] else 'no'} | [{r['log']}]({r['log']}) |")
     dataset = summary["dataset"]
     lines += ["", ("Cached baseline runs were trained by an earlier experiment with the same code, configuration, "
                    "dataset, seed, runner and hardware; their speed is from that time. The logs are not committed "
@@ -842,10 +611,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    done = False
     try:
-        exp.work.mkdir(parents=True)
-        (exp.work / "logs").mkdir()
+        (exp.work / "logs").mkdir(parents=True)
         try:
             run_all(exp)
         except RunFailed as failure:
@@ -855,17 +622,12 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         summary = summarize(exp)
-        for scratch in ("console",) + (() if exp.keep_checkpoints else ("checkpoints",)):
-            shutil.rmtree(exp.work / scratch, ignore_errors=True)
         write_outputs(exp, summary)
-        _replace_dir(exp.work, exp.folder)
-        done = True
-        exp.failed_log.unlink(missing_ok=True)  # an earlier failure of this experiment is no longer news
+        exp.publish(("console",) + (() if exp.keep_checkpoints else ("checkpoints",)))
     finally:
-        if not done:
-            shutil.rmtree(exp.work, ignore_errors=True)
+        shutil.rmtree(exp.work, ignore_errors=True)  # (gone already when published)
     print(table(summary))
-    print(f"wrote {_relative(exp.folder)}/ (summary.json, README.md, {', '.join(PLOTS.values())}, logs/)")
+    print(f"wrote {relative(exp.folder)}/ (summary.json, README.md, {', '.join(PLOTS.values())}, logs/)")
     return 0
 
 

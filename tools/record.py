@@ -13,6 +13,7 @@ one training log per seed (train_seed<N>.log) and, optionally, the evaluation re
                              [--alpha A]
   python tools/record.py verify PATH [PATH ...] [--margin M] [--alpha A]
   python tools/record.py leaderboard [--check] [--readme README.md] [--records-dir DIR]
+  python tools/record.py reproduce FOLDER [--seeds N] [--against FOLDER] [--jobs 1] ...   (tools/reproduce.py)
 
 The checks `verify` makes are listed in tools/record_check.py; tools/run_log.py reads the logs.
 Exit status 0 only when every check of every record holds; otherwise one line per failed check, naming the file.
@@ -60,11 +61,7 @@ def reproduce_command(lg: TrainLog) -> str:
     """The command that ran `lg`: exactly the variables its `env_overrides:` line names (less the per-run ones, which
     the command spells out), or, for a log written before that line existed, every hyperparameter it printed."""
     per_run = {name.upper() for name in PER_RUN_HPARAMS}
-    if lg.env_overrides is not None:
-        env = [f"{key}={shlex.quote(value)}" for key, value in lg.env_overrides.items() if key not in per_run]
-    else:
-        env = [f"{key.upper()}={shlex.quote({'True': '1', 'False': '0'}.get(value, value))}"
-               for key, value in lg.hparams.items() if key not in PER_RUN_HPARAMS]
+    env = [f"{key}={shlex.quote(value)}" for key, value in lg.run_env().items() if key not in per_run]
     world = lg.run.get("world_size", 1) or 1
     launch = f"torchrun --standalone --nproc_per_node={world} train_gpt.py" if world > 1 else "python train_gpt.py"
     return " ".join([f"DATA_PATH={lg.hparams.get('data_path', '...')}", "SEED=<seed>", "RUN_ID=seed<seed>"] + env
@@ -373,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", help="default: README.md of this repository")
     p.add_argument("--records-dir", help="default: records/ of this repository")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("reproduce", add_help=False,
+                       help="train a record and the record it beat again on this machine, seed by seed, and say "
+                            "whether the improvement holds here (tools/reproduce.py; reproduce --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reproduce"]:  # its own parser: bad input is one line, exit status 2
+        import reproduce
+
+        return reproduce.main(argv[1:])
 
     args = parser.parse_args(argv)
     if hasattr(args, "alpha") and not 0 < args.alpha < 1:

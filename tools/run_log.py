@@ -61,6 +61,13 @@ class TrainLog:
     def label(self) -> str:
         return self.hparams.get("run_id") or self.path.stem
 
+    def run_env(self) -> dict[str, str]:
+        """The variables the run was given: its `env_overrides:` line, or, for a log written before that line existed,
+        every hyperparameter it printed, as a variable (True/False as 1/0)."""
+        if self.env_overrides is not None:
+            return dict(self.env_overrides)
+        return {key.upper(): {"True": "1", "False": "0"}.get(value, value) for key, value in self.hparams.items()}
+
     def final_eval(self, mode: str) -> dict | None:
         found = [e for e in self.final_evals if e.get("mode") == mode]
         return found[-1] if found else None
