@@ -61,7 +61,7 @@ INT8_MAX, INT6_MAX = 127, 31
 # Candidate clips of a row for the int6 codecs, as quantiles of its |w| (1.0: the maximum, nothing clipped). Rows are
 # 512 to 1024 values wide at the baseline shape, so 0.99 clips the ~5-10 largest.
 INT6_CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995, 0.99)
-GPTQ_DAMPING = 0.01  # added to H's diagonal, as a fraction of its mean: keeps H invertible, and GPTQ's updates tame
+GPTQ_DAMPING = 0.01  # added to H's diagonal, as a fraction of its mean: H stays invertible and the updates moderate
 GPTQ_BLOCK = 128  # columns per lazy batch of the fast GPTQ
 ZLIB_LEVEL, LZMA_PRESET = 9, 9
 ZLIB_MAGIC, XZ_MAGIC = b"\x78", b"\xfd7zXZ\x00"
@@ -192,7 +192,7 @@ def gptq_reference(w: Tensor, hessian: Tensor, scale: Tensor, max_level: int = I
     elimination of row and column j of Hinv."""
     order = torch.sort(hessian.diagonal(), descending=True, stable=True).indices
     H = hessian.double()[order][:, order]
-    identity = torch.eye(len(H), dtype=torch.float64)
+    identity = torch.eye(len(H), dtype=torch.float64, device=H.device)
     mean_diagonal = H.diagonal().mean()
     Hinv = torch.linalg.inv(H + damping * mean_diagonal * identity if mean_diagonal > 0 else identity)
     W = w.double()[:, order].clone()
