@@ -62,8 +62,8 @@ def random_matrices(seed: int) -> dict[str, torch.Tensor]:
     w = torch.randn(96, 80, generator=g) * torch.logspace(-6, 1, 96)[:, None]
     w[3] = 0
     w[7, 5] *= 40
-    return {"a.weight": w, "b.weight": torch.rand(64, 200, generator=g) - 0.5, "tall.weight": torch.randn(300, 64,
-                                                                                                         generator=g)}
+    b = torch.rand(64, 200, generator=g) - 0.5
+    return {"a.weight": w, "b.weight": b, "tall.weight": torch.randn(300, 64, generator=g)}
 
 
 def small_tensors() -> dict[str, torch.Tensor]:
@@ -73,6 +73,10 @@ def small_tensors() -> dict[str, torch.Tensor]:
             "skip_weights": torch.randn(3, 512, generator=g), "narrow.weight": torch.randn(64, 63, generator=g),
             "gain_bf16": torch.randn(80, generator=g).bfloat16(), "scalar": torch.tensor(0.3),
             "counts": torch.arange(10), "flags": torch.tensor([True, False])}
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    return {**random_matrices(1), **small_tensors()}
 
 
 def calibration_inputs(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -272,7 +276,7 @@ def test_kept_tensors_come_back_exactly_in_their_dtype(codec):
 
 @pytest.mark.parametrize("codec", A.CODECS)
 def test_same_weights_same_bytes(codec):
-    state_dict = {**random_matrices(1), **small_tensors()}
+    state_dict = mixed_tensors()
     data = encode(state_dict, codec)
     # the same values in new storage (and a view into a larger one) give the same bytes
     copies = {name: t.clone() for name, t in state_dict.items()}
@@ -287,7 +291,6 @@ def test_same_weights_same_bytes(codec):
 
 def test_reported_size_is_the_file_size(tmp_path):
     state_dict = random_matrices(2)
-    sizes = set()
     for codec in A.CODECS:
         data = encode(state_dict, codec)
         path = tmp_path / f"model_{codec}.ptz"
@@ -295,8 +298,7 @@ def test_reported_size_is_the_file_size(tmp_path):
         assert size == len(data) == os.path.getsize(path) == len(path.read_bytes())
         decoded, meta = A.read_artifact(str(path))
         assert meta == META and torch.equal(decoded["b.weight"], A.decode_artifact(data)[0]["b.weight"])
-        sizes.add(size)
-    assert len(sizes) == 3 and not list(tmp_path.glob("*.tmp*"))
+    assert not list(tmp_path.glob("*.tmp*"))  # the temporary files were renamed
 
 
 @pytest.mark.slow
@@ -304,10 +306,10 @@ def test_same_bytes_in_a_fresh_process(tmp_path):
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
               "import test_artifact as t\n"
               "for codec in t.A.CODECS:\n"
-              "    open(sys.argv[1] + codec, 'wb').write(t.encode({**t.random_matrices(1), **t.small_tensors()}, codec))\n")
+              "    open(sys.argv[1] + codec, 'wb').write(t.encode(t.mixed_tensors(), codec))\n")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "x_")], check=True, cwd=ROOT)
-    for codec in A.CODECS:
-        assert (tmp_path / f"x_{codec}").read_bytes() == encode({**random_matrices(1), **small_tensors()}, codec)
+    for codec in A.CODECS:  # (the child runs with torch's default thread count, this process with one)
+        assert (tmp_path / f"x_{codec}").read_bytes() == encode(mixed_tensors(), codec)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
