@@ -1,0 +1,444 @@
+"""Tests of kernels/artifact.py, the codecs of the size-limited artifact.
+
+Per codec: the round trip of random and trained tensors stays within the codec's bound (int8: half a step of each row's
+scale; int6: half a step, or the clip for the values beyond it; GPTQ: no row's error on the calibration inputs above
+plain rounding's), kept tensors come back bit for bit, the same weights give the same bytes, the reported size is
+the file's size, and a damaged file is one ValueError. The fast paths are held to their slow twins: GPTQ to
+gptq_reference on a small layer, int6 unpacking to the bit-by-bit reference.
+
+"Trained" tensors come from a 2-layer, width-128 GPT trained for a few Adam steps on a synthetic sequence (a module
+fixture, ~2 s): its projection matrices are no longer zero and its rows have unequal scales and outliers.
+"""
+
+import io
+import json
+import lzma
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from kernels import artifact as A
+
+ROOT = Path(__file__).resolve().parent.parent
+META = {"model_config": {"num_layers": 2, "model_dim": 128}, "run_id": "test", "note": "ünïcode"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These are small tensors and many small ops: on the shared 2-core machines two threads per op made the trained
+    fixture 20x slower than one (measured: 25 s against 1.1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def payload_of(data: bytes) -> dict:
+    """The torch.save payload inside an artifact, read independently of decode_artifact."""
+    raw = lzma.decompress(data) if data.startswith(A.XZ_MAGIC) else zlib.decompress(data)
+    return torch.load(io.BytesIO(raw), weights_only=True)
+
+
+def stored_quantized(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer values [rows, cols], float32 scales [rows]) of a quantized matrix, straight from the payload."""
+    entry = payload_of(data)["tensors"][name]
+    if entry["kind"] == "int8":
+        return entry["q"].long(), entry["scale"].float()
+    rows, cols = entry["shape"]
+    q = torch.tensor(A.unpack_int6_reference(entry["packed"].numpy().tobytes(), rows * cols)).view(rows, cols)
+    return q, entry["scale"].float()
+
+
+def random_matrices(seed: int) -> dict[str, torch.Tensor]:
+    """Matrices whose rows span many scales: a zero row, rows whose float16 scale is subnormal, an outlier row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(96, 80, generator=g) * torch.logspace(-6, 1, 96)[:, None]
+    w[3] = 0
+    w[7, 5] *= 40
+    b = torch.rand(64, 200, generator=g) - 0.5
+    return {"a.weight": w, "b.weight": b, "tall.weight": torch.randn(300, 64, generator=g)}
+
+
+def small_tensors() -> dict[str, torch.Tensor]:
+    """What the plan keeps: 1-D gains, a [2, D] resid_mix, a [3, D] skip_weights, a [64, 63] matrix, other dtypes."""
+    g = torch.Generator().manual_seed(5)
+    return {"gain": torch.randn(80, generator=g), "resid_mix": torch.randn(2, 512, generator=g),
+            "skip_weights": torch.randn(3, 512, generator=g), "narrow.weight": torch.randn(64, 63, generator=g),
+            "gain_bf16": torch.randn(80, generator=g).bfloat16(), "scalar": torch.tensor(0.3),
+            "counts": torch.arange(10), "flags": torch.tensor([True, False])}
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    return {**random_matrices(1), **small_tensors()}
+
+
+def calibration_inputs(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Correlated inputs with unequal energies, as a layer sees them (independent ones leave GPTQ little to do)."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    return (torch.randn(rows, cols, generator=g) @ mixing) * torch.rand(cols, generator=g).add(0.2)
+
+
+def hessians_for(state_dict: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, how in A.quantization_plan(state_dict, "int6_gptq_lzma").items():
+        if how == "int6_gptq":
+            x = calibration_inputs(512, state_dict[name].size(1), seed).double()
+            out[name] = x.T @ x
+    return out
+
+
+def encode(state_dict: dict, codec: str) -> bytes:
+    hessians = hessians_for(state_dict) if codec == "int6_gptq_lzma" else None
+    return A.encode_artifact(state_dict, codec, META, hessians)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A trained model
+
+
+def synthetic_batch(g: torch.Generator, batch: int = 4, length: int = 64, vocab: int = 256) -> torch.Tensor:
+    """Sequences of a noisy affine recurrence: learnable structure, so a few steps move every weight."""
+    x = torch.empty(batch, length + 1, dtype=torch.long)
+    x[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
+    for t in range(length):
+        noise = torch.randint(0, 4, (batch,), generator=g)
+        x[:, t + 1] = (x[:, t] * 5 + 3 + noise * (noise == 0)) % vocab
+    return x
+
+
+CONFIG = tg.ModelConfig(vocab_size=256, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2)
+
+
+def model_loss(model: tg.GPT, batch: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(batch[:, :-1], batch[:, 1:]).mean().item()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(model, its state dict, calibration batches, a held-out batch) of a tiny GPT after 30 Adam steps."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = tg.GPT(CONFIG)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        batch = synthetic_batch(g)
+        loss = model(batch[:, :-1], batch[:, 1:]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    calibration = [synthetic_batch(g)[:, :-1] for _ in range(2)]
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}, calibration, synthetic_batch(g)
+
+
+@pytest.fixture(scope="module")
+def trained_hessians(trained):
+    model, state_dict, calibration, _ = trained
+    names = [n for n, how in A.quantization_plan(state_dict, "int6_gptq_lzma").items() if how == "int6_gptq"]
+    return A.collect_hessians(model, calibration, lambda m, batch: m(batch), names)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# int6 packing
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 102])
+def test_int6_packing_round_trips_and_matches_bit_by_bit_reference(count):
+    g = torch.Generator().manual_seed(count)
+    q = torch.randint(-31, 32, (count,), generator=g).numpy()
+    packed = A.pack_int6(q)
+    assert packed.dtype == np.uint8 and packed.size == A.packed_int6_bytes(count) == 3 * ((count + 3) // 4)
+    assert A.unpack_int6(packed, count).tolist() == q.tolist()
+    assert A.unpack_int6_reference(packed.tobytes(), count) == q.tolist()
+    # any bytes at all: the fast unpacking reads them as the reference does
+    noise = torch.randint(0, 256, (A.packed_int6_bytes(count),), generator=g, dtype=torch.uint8).numpy()
+    assert A.unpack_int6(noise, count).tolist() == A.unpack_int6_reference(noise.tobytes(), count)
+
+
+def test_int6_packing_refuses_values_out_of_range():
+    with pytest.raises(ValueError, match="outside"):
+        A.pack_int6(np.array([0, 32]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bounds of the round trip
+
+
+def check_int8_bound(original: dict, decoded: dict, data: bytes, names) -> None:
+    for name in names:
+        w = original[name].float()
+        q, scale = stored_quantized(data, name)
+        assert q.abs().max() <= 127
+        err = (w - decoded[name].float()).abs()
+        assert (err <= scale[:, None] / 2 * (1 + 1e-6)).all(), name  # half a step of each row's scale
+        row_max = w.abs().amax(dim=1)
+        normal = row_max / 127 >= 2 ** -14  # float16 normal range: the scale is rounded up by under 2^-10
+        assert (scale[normal] <= row_max[normal] / 127 * (1 + 2 ** -10)).all(), name
+
+
+def check_int6_bound(original: dict, decoded: dict, data: bytes, names) -> None:
+    for name in names:
+        w = original[name].float()
+        q, scale = stored_quantized(data, name)
+        assert q.abs().max() <= 31
+        w_hat = decoded[name].float()
+        assert torch.equal(w_hat, q.float() * scale[:, None])
+        # within half a step, except the values beyond the row's clip (31 steps), which move to the clip
+        bound = torch.maximum(scale[:, None] / 2, w.abs() - 31 * scale[:, None])
+        assert ((w - w_hat).abs() <= bound * (1 + 1e-6)).all(), name
+        # the chosen clip is never worse than clipping nothing (the maximum is one of the candidates)
+        max_scale = A.float16_scale(w.abs().amax(dim=1) / 31).float()
+        plain = A.round_to_grid(w, max_scale, 31) * max_scale[:, None]
+        assert ((w - w_hat).square().sum(1) <= (w - plain).square().sum(1) * (1 + 1e-6)).all(), name
+
+
+@pytest.mark.parametrize("codec", A.CODECS)
+def test_random_matrices_round_trip_within_bound(codec):
+    state_dict = random_matrices(0)
+    data = encode(state_dict, codec)
+    decoded, meta = A.decode_artifact(data)
+    assert meta == META
+    assert list(decoded) == list(state_dict)
+    for name, w in state_dict.items():
+        assert decoded[name].dtype == w.dtype and decoded[name].shape == w.shape
+    assert (decoded["a.weight"][3] == 0).all()
+    if codec == "int8_zlib":
+        check_int8_bound(state_dict, decoded, data, state_dict)
+    elif codec == "int6_lzma":
+        check_int6_bound(state_dict, decoded, data, state_dict)
+    else:
+        check_gptq_bound(state_dict, decoded, data, hessians_for(state_dict))
+
+
+def check_gptq_bound(original: dict, decoded: dict, data: bytes, hessians: dict) -> None:
+    """GPTQ moves values by more than half a step on purpose; its bound is on the outputs: per row, the error on the
+    calibration inputs is at most plain rounding's (int6_lzma's), and every value is on the row's int6 grid."""
+    for name, hessian in hessians.items():
+        w = original[name].float()
+        q, scale = stored_quantized(data, name)
+        assert q.abs().max() <= 31 and torch.equal(decoded[name].float(), q.float() * scale[:, None])
+        plain_q, plain_scale = A.quantize_int6_rows(w)
+        plain = A.output_error(w, A.dequantize_rows(plain_q, plain_scale, torch.float32), hessian)
+        gptq = A.output_error(w, decoded[name], hessian)
+        assert (gptq <= plain * (1 + 1e-9)).all(), name
+
+
+@pytest.mark.parametrize("codec", A.CODECS)
+def test_trained_model_round_trip_within_bound(codec, trained, trained_hessians):
+    model, state_dict, _, held_out = trained
+    hessians = trained_hessians if codec == "int6_gptq_lzma" else None
+    data = A.encode_artifact(state_dict, codec, META, hessians)
+    decoded, meta = A.decode_artifact(data)
+    plan = A.quantization_plan(state_dict, codec)
+    assert plan["tok_emb.weight"] == "int8" and plan["blocks.0.attn.c_k.weight"] != "keep"  # c_k: 64 x 128
+    assert plan["blocks.0.resid_mix"] == plan["skip_weights"] == plan["blocks.0.attn.q_gain"] == "keep"
+    int8 = [n for n, how in plan.items() if how == "int8"]
+    int6 = [n for n, how in plan.items() if how.startswith("int6")]
+    check_int8_bound(state_dict, decoded, data, int8)
+    if codec == "int6_lzma":
+        check_int6_bound(state_dict, decoded, data, int6)
+    if codec == "int6_gptq_lzma":
+        check_gptq_bound(state_dict, decoded, data, hessians)
+    for name, how in plan.items():
+        if how == "keep":
+            assert torch.equal(decoded[name], state_dict[name]) and decoded[name].dtype == state_dict[name].dtype
+    # the decoded state dict is the model's: it loads strictly, and the model still predicts nearly as well
+    restored = tg.GPT(CONFIG)
+    restored.load_state_dict(decoded, strict=True)
+    restored.eval()
+    assert abs(model_loss(restored, held_out) - model_loss(model, held_out)) < 0.005  # measured: 2e-4 at most
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exactness, determinism, sizes
+
+
+@pytest.mark.parametrize("codec", A.CODECS)
+def test_kept_tensors_come_back_exactly_in_their_dtype(codec):
+    state_dict = {**small_tensors(), "big.weight": torch.randn(64, 64).bfloat16()}
+    data = encode(state_dict, codec)
+    decoded, _ = A.decode_artifact(data)
+    plan = A.quantization_plan(state_dict, codec)
+    assert plan["big.weight"] != "keep" and decoded["big.weight"].dtype == torch.bfloat16
+    for name, t in small_tensors().items():
+        assert plan[name] == "keep"
+        assert decoded[name].dtype == t.dtype and decoded[name].shape == t.shape and torch.equal(decoded[name], t), name
+
+
+@pytest.mark.parametrize("codec", A.CODECS)
+def test_same_weights_same_bytes(codec):
+    state_dict = mixed_tensors()
+    data = encode(state_dict, codec)
+    # the same values in new storage (and a view into a larger one) give the same bytes
+    copies = {name: t.clone() for name, t in state_dict.items()}
+    big = torch.zeros(1000)
+    big[100:180] = state_dict["gain"]
+    copies["gain"] = big[100:180]
+    assert encode(copies, codec) == data
+    changed = dict(copies, gain=copies["gain"].clone())
+    changed["gain"][0] += 1
+    assert encode(changed, codec) != data
+
+
+def test_reported_size_is_the_file_size(tmp_path):
+    state_dict = random_matrices(2)
+    for codec in A.CODECS:
+        data = encode(state_dict, codec)
+        path = tmp_path / f"model_{codec}.ptz"
+        size = A.write_artifact(str(path), data)
+        assert size == len(data) == os.path.getsize(path) == len(path.read_bytes())
+        decoded, meta = A.read_artifact(str(path))
+        assert meta == META and torch.equal(decoded["b.weight"], A.decode_artifact(data)[0]["b.weight"])
+    assert not list(tmp_path.glob("*.tmp*"))  # the temporary files were renamed
+
+
+@pytest.mark.slow
+def test_same_bytes_in_a_fresh_process(tmp_path):
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+              "import test_artifact as t\n"
+              "for codec in t.A.CODECS:\n"
+              "    open(sys.argv[1] + codec, 'wb').write(t.encode(t.mixed_tensors(), codec))\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "x_")], check=True, cwd=ROOT)
+    for codec in A.CODECS:  # (the child runs with torch's default thread count, this process with one)
+        assert (tmp_path / f"x_{codec}").read_bytes() == encode(mixed_tensors(), codec)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPTQ
+
+
+def test_gptq_matches_the_reference_on_a_small_layer():
+    """Blocks of 32 over 72 columns (the last block partial), a dead input (always zero), unequal row scales."""
+    g = torch.Generator().manual_seed(3)
+    x = calibration_inputs(400, 72, seed=3)
+    x[:, 10] = 0
+    hessian = x.double().T @ x.double()
+    w = torch.randn(40, 72, generator=g) * torch.rand(40, 1, generator=g).add(0.1)
+    scale = A.int6_clip_candidates(w)[2]
+    fast = A.gptq_quantize(w, hessian, scale, block=32)
+    slow = A.gptq_reference(w, hessian, scale)
+    assert torch.equal(fast, slow)
+    assert fast.abs().max() <= 31 and torch.equal(fast, fast.round())
+    # one block, and blocks of one column, are the same algorithm
+    assert torch.equal(A.gptq_quantize(w, hessian, scale, block=72), slow)
+    assert torch.equal(A.gptq_quantize(w, hessian, scale, block=1), slow)
+
+
+def test_gptq_reconstructs_calibration_outputs_better_than_rounding():
+    g = torch.Generator().manual_seed(4)
+    x = calibration_inputs(1000, 96, seed=4)
+    w = torch.randn(64, 96, generator=g) * 0.05
+    hessian = x.double().T @ x.double()
+
+    def output_error(w_hat):
+        return (x.double() @ (w.double() - w_hat.double()).T).square().sum().item()
+
+    # the same scales, rounded plainly and by GPTQ
+    scale = A.int6_clip_candidates(w)[0]
+    plain = A.round_to_grid(w, scale, 31) * scale.float()[:, None]
+    gptq = A.gptq_quantize(w, hessian, scale) * scale.double()[:, None]
+    assert output_error(gptq) < 0.7 * output_error(plain)
+    # the codecs: int6_gptq_lzma against int6_lzma
+    state_dict = {"layer.weight": w}
+    decoded_gptq, _ = A.decode_artifact(A.encode_artifact(state_dict, "int6_gptq_lzma", {}, {"layer.weight": hessian}))
+    decoded_plain, _ = A.decode_artifact(A.encode_artifact(state_dict, "int6_lzma", {}))
+    assert output_error(decoded_gptq["layer.weight"]) < 0.7 * output_error(decoded_plain["layer.weight"])
+
+
+def test_gptq_codec_needs_every_hessian():
+    state_dict = random_matrices(0)
+    hessians = hessians_for(state_dict)
+    del hessians["b.weight"]
+    with pytest.raises(ValueError, match="missing: b.weight"):
+        A.encode_artifact(state_dict, "int6_gptq_lzma", {}, hessians)
+    with pytest.raises(ValueError, match="missing: a.weight, b.weight, tall.weight"):
+        A.encode_artifact(state_dict, "int6_gptq_lzma", {})
+
+
+def test_collect_hessians_sums_the_inputs_of_each_linear_layer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(tg.CastedLinear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 6))
+    batches = [torch.randn(3, 5, 12), torch.randn(2, 7, 12)]
+    hessians = A.collect_hessians(model, batches, lambda m, b: m(b), ["0.weight", "2.weight"])
+    x0 = torch.cat([b.reshape(-1, 12) for b in batches]).double()
+    with torch.no_grad():
+        x2 = torch.relu(model[0](x0.float())).double()
+    assert hessians["0.weight"].dtype == torch.float64
+    torch.testing.assert_close(hessians["0.weight"], x0.T @ x0)
+    torch.testing.assert_close(hessians["2.weight"], x2.T @ x2)
+    assert not model[0]._forward_pre_hooks and not model[2]._forward_pre_hooks  # hooks removed
+    with pytest.raises(ValueError, match="1.weight is not the weight of an nn.Linear"):
+        A.collect_hessians(model, batches, lambda m, b: m(b), ["1.weight"])
+    with pytest.raises(ValueError, match="no input reached 2.weight"):
+        A.collect_hessians(model, batches, lambda m, b: m[0](b), ["0.weight", "2.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.fixture(scope="module")
+def artifacts():
+    state_dict = {**random_matrices(0), **small_tensors()}
+    return {codec: encode(state_dict, codec) for codec in A.CODECS}
+
+
+@pytest.mark.parametrize("codec", A.CODECS)
+def test_damaged_artifacts_are_one_value_error(codec, artifacts):
+    data = artifacts[codec]
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x40
+    torch_save_of_other = io.BytesIO()
+    torch.save({"model": torch.zeros(3)}, torch_save_of_other)
+    wrong_stream = (lzma.compress if codec == "int8_zlib" else zlib.compress)(
+        (lzma.decompress if codec != "int8_zlib" else zlib.decompress)(data))
+    cases = {
+        "empty": (b"", "not an artifact"),
+        "a checkpoint": (b"PK\x03\x04" + bytes(100), "not an artifact"),
+        "truncated to the header": (data[:10], "truncated|does not decompress"),
+        "truncated by one byte": (data[:-1], "truncated|does not decompress"),
+        "one byte changed": (bytes(flipped), "damaged artifact"),
+        "trailing bytes": (data + b"junk", "bytes after the end"),
+        "zlib of other bytes": (zlib.compress(b"hello" * 10, 9), "not a torch.save archive"),
+        "another torch.save": (zlib.compress(torch_save_of_other.getvalue(), 9), "not an artifact of this format"),
+        "the other compressor": (wrong_stream, "codec"),
+    }
+    for what, (bad, message) in cases.items():
+        with pytest.raises(ValueError, match=message) as e:
+            A.decode_artifact(bad)
+        assert "\n" not in str(e.value), what
+
+
+def test_damaged_tensor_entry_is_named(tmp_path):
+    state_dict = random_matrices(0)
+    raw = lzma.decompress(encode(state_dict, "int6_lzma"))
+    payload = torch.load(io.BytesIO(raw), weights_only=True)
+    payload["tensors"]["b.weight"]["packed"] = payload["tensors"]["b.weight"]["packed"][:-3]
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path = tmp_path / "bad.ptz"
+    path.write_bytes(lzma.compress(buffer.getvalue()))
+    with pytest.raises(ValueError, match=r"bad.ptz: damaged artifact: tensor b.weight: 9597 packed bytes"):
+        A.read_artifact(str(path))
+    with pytest.raises(ValueError, match="missing.ptz: .*No such file"):
+        A.read_artifact(str(tmp_path / "missing.ptz"))
+
+
+def test_bad_arguments_are_clear_errors():
+    state_dict = random_matrices(0)
+    with pytest.raises(ValueError, match="unknown artifact codec 'int4'"):
+        A.encode_artifact(state_dict, "int4", {})
+    with pytest.raises(ValueError, match="meta must be JSON-able"):
+        A.encode_artifact(state_dict, "int8_zlib", {"config": object()})
+    with pytest.raises(ValueError, match="too large"):
+        A.encode_artifact({"x.weight": torch.full((64, 64), 1e8)}, "int8_zlib", {})
+    assert json.loads(payload_of(A.encode_artifact({}, "int8_zlib", META))["meta"]) == META
