@@ -44,6 +44,8 @@ import torch.nn.functional as F
 import kernels
 from kernels.attention import (REFERENCE_GIST, REFERENCE_VARLEN, VARLEN_BACKENDS, BackendError, VarlenAttention,
                                gist_layout, sdpa_causal, segment_ids, select_gist_attention, select_varlen_attention)
+from kernels.artifact import CODECS as ARTIFACT_CODECS
+from kernels.artifact import collect_hessians, encode_artifact, quantization_plan, read_artifact
 from kernels.newton_schulz import NS_COEFFICIENTS
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -131,6 +133,10 @@ class Hyperparameters(ModelConfig):
     checkpoint_dir: str = "checkpoints"
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0 means none
     resume: str = ""  # path of a resumable checkpoint to continue from
+    # the size-limited artifact (track_10min_16mb): none | int8_zlib | int6_lzma | int6_gptq_lzma (kernels/artifact.py)
+    artifact: str = "none"
+    artifact_limit_bytes: int = 16_000_000  # code bytes + compressed model bytes; a larger artifact fails the run
+    artifact_calibration_batches: int = 8  # int6_gptq_lzma: training micro-batches per process that calibrate GPTQ
     # speed
     compile: bool = True
     fused: str = "auto"  # 0 | 1 | auto | comma-separated kernel names (see kernels/__init__.py)
@@ -181,6 +187,9 @@ class Hyperparameters(ModelConfig):
         need(self.vocab_size <= 65536, "vocab_size", "shards hold uint16 tokens, so at most 65536")
         need(self.mlp_act in MLP_ACTIVATIONS, "mlp_act", f"must be one of {', '.join(MLP_ACTIVATIONS)}")
         need(self.warmdown_shape in WARMDOWN_SHAPES, "warmdown_shape", f"must be one of {', '.join(WARMDOWN_SHAPES)}")
+        need(self.artifact in ("none",) + ARTIFACT_CODECS, "artifact", f"must be none or one of {', '.join(ARTIFACT_CODECS)}")
+        need(self.artifact_limit_bytes > 0, "artifact_limit_bytes", "must be a positive integer")
+        need(self.artifact_calibration_batches > 0, "artifact_calibration_batches", "must be a positive integer")
         head_dim = self.model_dim // self.num_heads
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "rope_dims",
              f"must be an even number in [0, {head_dim}] (the head dimension; 0 means all)")
@@ -1423,6 +1432,9 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
     if weight_average and resumed_average is not None:
         weight_average.load_state_dict(resumed_average)
 
+    # int6_gptq_lzma: the calibration's forward passes, in training steps (a forward costs less than a step: generous)
+    calibration_share = (hp.artifact_calibration_batches / (hp.train_micro_batches // env.world_size)
+                         if hp.artifact == "int6_gptq_lzma" else 0.0)
     stop_signal = StopRequested()
     stop_signal.install()
     last_checkpoint = hp.resume or None
@@ -1461,7 +1473,9 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
         reduced = all_reduce_sum(torch.cat([totals, torch.tensor([float(stop_signal.requested)], device=device,
                                                                  dtype=torch.float64), clocks])).tolist()
         (loss_sum, loss_count, sigterm), elapsed_ms = reduced[:3], max(reduced[3:])
-        time_up = hp.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * hp.max_wallclock_seconds
+        # GPTQ's calibration runs after the last step and counts as training time: stop early enough to fit it
+        reserve_ms = calibration_share * (elapsed_ms - first_ms) / max(step - first_step, 1)
+        time_up = hp.max_wallclock_seconds > 0 and elapsed_ms + reserve_ms >= 1000 * hp.max_wallclock_seconds
         train_loss = loss_sum / max(loss_count, 1)
         if not math.isfinite(train_loss):
             log(f"error: step {step}: train loss is {train_loss}; stopping. Last good checkpoint: {last_checkpoint}")
@@ -1488,7 +1502,16 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
 
     if weight_average:
         weight_average.copy_to_model()
-        log(f"ema: decay:{hp.ema_decay} the final evaluation and checkpoint use the averaged weights")
+        log(f"ema: decay:{hp.ema_decay} the final evaluation, checkpoint and artifact use the averaged weights")
+    hessians = None
+    if hp.artifact == "int6_gptq_lzma":  # on training batches, with the clock running
+        start = time.perf_counter()
+        hessians = gptq_hessians(model, loader, hp, device)
+        synchronize(device)
+        calibration_ms = slowest_rank_ms(1000 * (time.perf_counter() - start), device)
+        train_ms += calibration_ms
+        log(f"artifact_calibration: batches:{hp.artifact_calibration_batches * env.world_size} "
+            f"time:{calibration_ms:.0f}ms train_time:{train_ms:.0f}ms (counted as training time)")
     # final evaluation, with the timer stopped
     strides = {"flat": hp.eval_window, "strided": hp.eval_stride}
     results = {mode: evaluate(model, val, mode, hp.eval_window, hp.eval_batch_tokens, env, stride=hp.eval_stride)
@@ -1504,9 +1527,22 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
     results = list(results.values())
     path = save_final_checkpoint(model, hp, tokenizer_sha256, step, results[-1], env)
     log(f"checkpoint: {path}")
+    total_bytes = 0
+    if hp.artifact != "none":  # the headline becomes the score of the model read back from the artifact
+        roundtrip, total_bytes = export_artifact(model, hp, tokenizer_sha256, hessians, env, log)
+        results = [evaluate(roundtrip, val, mode, hp.eval_window, hp.eval_batch_tokens, env, stride=hp.eval_stride)
+                   for mode in hp.eval_modes.split(",")]
+        for result in results:
+            log(f"final_roundtrip codec:{hp.artifact} mode:{result.mode} window:{hp.eval_window} "
+                f"stride:{strides[result.mode]} val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} "
+                f"eval_time:{1000 * result.seconds:.0f}ms")
     log(f"peak_memory: {peak_memory_mib(device):.0f}MiB")
     log(f"final val_loss:{results[-1].loss:.8f} val_bpb:{results[-1].bpb:.8f} mode:{results[-1].mode} steps:{step} "
         f"train_time:{train_ms:.0f}ms")
+    if total_bytes > hp.artifact_limit_bytes:
+        log(f"error: artifact {os.path.join(hp.checkpoint_dir, hp.run_id)}.ptz: {total_bytes} bytes (code + model) is "
+            f"more than ARTIFACT_LIMIT_BYTES={hp.artifact_limit_bytes}")
+        return 1
     return 0
 
 
@@ -1791,9 +1827,65 @@ def check_resume_settings(state: dict, hp: Hyperparameters, tokenizer_sha256: st
                               "it cannot change in the middle of a run")
 
 
+@torch.no_grad()
+def gptq_hessians(model: GPT, loader, hp: Hyperparameters, device: torch.device) -> dict[str, torch.Tensor]:
+    """X^T X of the inputs of every matrix GPTQ quantizes, over the next ARTIFACT_CALIBRATION_BATCHES training
+    micro-batches of this process (never validation data), summed over processes. Computed on an unfused twin of the
+    model: a fused relu2_linear reads mlp.fc.weight without calling the layer, so its inputs would go unseen."""
+    twin = GPT(model.config, Kernels(attention=model.kernels.attention,
+                                     gist_attention=model.kernels.gist_attention)).to(device)
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    names = [name for name, how in quantization_plan(model.state_dict(), hp.artifact).items() if how == "int6_gptq"]
+    batches = []
+    while len(batches) < hp.artifact_calibration_batches:
+        batches += loader.next_step()
+
+    def forward(net, batch):
+        inputs, targets, cu_seqlens = to_device(batch, device)
+        with autocast_context(device):
+            net(inputs, targets, cu_seqlens, hp.train_seq_len)
+
+    hessians = collect_hessians(twin, batches[:hp.artifact_calibration_batches], forward, names)
+    for hessian in hessians.values():
+        all_reduce_sum(hessian)
+    return hessians
+
+
+def export_artifact(model: GPT, hp: Hyperparameters, tokenizer_sha256: str, hessians, env, log) -> tuple[GPT, int]:
+    """Write CHECKPOINT_DIR/<RUN_ID>.ptz (rank 0), log its size with the record's code, and return the model read
+    back from the file (every rank reads it: the round trip is through the bytes that would be submitted) and the
+    total bytes."""
+    path = os.path.join(hp.checkpoint_dir, f"{hp.run_id}.ptz")
+    if env.is_main:
+        start = time.perf_counter()
+        meta = {**checkpoint_metadata(hp, tokenizer_sha256), "codec": hp.artifact, "run_id": hp.run_id}
+        write_atomic(path, encode_artifact(model.state_dict(), hp.artifact, meta, hessians))
+        log(f"artifact_encode: codec:{hp.artifact} time:{1000 * (time.perf_counter() - start):.0f}ms")
+    if is_distributed():
+        dist.barrier()
+    root = Path(__file__).resolve().parent
+    code = record_source_files()
+    model_bytes, code_bytes = os.path.getsize(path), sum(f.stat().st_size for f in code)
+    total = model_bytes + code_bytes
+    log(f"artifact: codec:{hp.artifact} model_bytes:{model_bytes} code_bytes:{code_bytes} total_bytes:{total} "
+        f"limit:{hp.artifact_limit_bytes} files:{path}," + ",".join(f.relative_to(root).as_posix() for f in code))
+    device = model.tok_emb.weight.device
+    roundtrip = GPT(model.config, model.kernels).to(device)  # same shape and kernels, weights from the file
+    roundtrip.load_state_dict(load_checkpoint(path, device)["model"])
+    return roundtrip, total
+
+
 def load_checkpoint(path: str, device) -> dict:
+    """A checkpoint (.pt) or an artifact (.ptz: the quantized model and the same metadata), as one dict."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: checkpoint not found")
+    if path.endswith(".ptz"):
+        try:
+            state_dict, meta = read_artifact(path)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        return {**meta, "kind": "artifact", "model": state_dict}
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
