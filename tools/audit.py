@@ -1466,7 +1466,8 @@ def main(argv=None) -> int:
         if args.data_dir is None:
             if not args.claim:
                 raise UsageError("give DATA_DIR, or --claim for the checks that need no dataset")
-            return _report_without_dataset(args, claims_without_dataset(args.claim))
+            checks = claims_without_dataset(args.claim)
+            return _report(args, checks, "no dataset", {"data_dir": None})
         if args.texts and not os.path.exists(args.texts):
             raise UsageError(f"{args.texts}: input not found")
         started = time.perf_counter()
@@ -1476,44 +1477,28 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    total_tokens = auditor.val_scan.tokens + auditor.train_scan.tokens
+    return _report(args, checks, f"{fmt(total_tokens)} tokens in {seconds:.1f} s", {
+        "data_dir": os.path.abspath(args.data_dir), "tokenizer": os.path.abspath(auditor.tokenizer_path),
+        "tokenizer_sha256": auditor.tokenizer_sha256, "vocab_size": auditor.vocab, "seconds": seconds,
+        "tokens": total_tokens,
+        "timings": {"val_scan_s": auditor.val_scan.seconds, "train_scan_s": auditor.train_scan.seconds,
+                    "exact_hash_s": auditor.val_scan.seconds_exact + auditor.train_scan.seconds_exact,
+                    "near_probe_s": auditor.train_scan.seconds_near, **auditor.timings}})
+
+
+def _report(args, checks: list[Check], what: str, about: dict) -> int:
+    """The summary (stdout, or stderr when the JSON goes to stdout), the JSON report, and the exit status."""
     faults = [c for c in checks if c.status == "fault"]
     summary_out = sys.stderr if args.json == "-" else sys.stdout
     for c in checks:
         print(c.line(), file=summary_out)
-    total_tokens = auditor.val_scan.tokens + auditor.train_scan.tokens
     print(f"{'result':<13} {'FAULT' if faults else 'ok'}: {len(faults)} of {len(checks)} checks found a fault; "
-          f"{fmt(total_tokens)} tokens in {seconds:.1f} s", file=summary_out)
+          f"{what}", file=summary_out)
     if args.json:
-        report = {"data_dir": os.path.abspath(args.data_dir), "tokenizer": os.path.abspath(auditor.tokenizer_path),
-                  "tokenizer_sha256": auditor.tokenizer_sha256, "vocab_size": auditor.vocab,
-                  "faults": len(faults), "seconds": seconds, "tokens": total_tokens,
-                  "timings": {"val_scan_s": auditor.val_scan.seconds, "train_scan_s": auditor.train_scan.seconds,
-                              "exact_hash_s": auditor.val_scan.seconds_exact + auditor.train_scan.seconds_exact,
-                              "near_probe_s": auditor.train_scan.seconds_near, **auditor.timings},
+        report = {**about, "faults": len(faults),
                   "checks": {c.name: {"status": c.status, "summary": c.summary, **c.details} for c in checks}}
         text = json.dumps(report, indent=1, default=_json_default) + "\n"
-        if args.json == "-":
-            sys.stdout.write(text)
-        else:
-            try:
-                Path(args.json).write_text(text, encoding="utf-8")
-            except OSError as e:
-                print(f"error: {args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
-                return 2
-    return 1 if faults else 0
-
-
-def _report_without_dataset(args, checks: list[Check]) -> int:
-    faults = [c for c in checks if c.status == "fault"]
-    summary_out = sys.stderr if args.json == "-" else sys.stdout
-    for c in checks:
-        print(c.line(), file=summary_out)
-    print(f"{'result':<13} {'FAULT' if faults else 'ok'}: {len(faults)} of {len(checks)} checks found a fault; no "
-          "dataset", file=summary_out)
-    if args.json:
-        text = json.dumps({"data_dir": None, "faults": len(faults),
-                           "checks": {c.name: {"status": c.status, "summary": c.summary, **c.details}
-                                      for c in checks}}, indent=1, default=_json_default) + "\n"
         if args.json == "-":
             sys.stdout.write(text)
         else:

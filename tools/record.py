@@ -254,6 +254,7 @@ def verify_one(folder: Path, rules: str, margin: float, alpha: float) -> tuple[R
 
 
 def cmd_verify(args) -> int:
+    peer_records.forget()
     reports: list[RecordReport] = []
     usage = False
     for p in args.paths:
@@ -377,6 +378,7 @@ def cmd_leaderboard(args) -> int:
     readme = Path(args.readme) if args.readme else REPO / "README.md"
     records_dir = Path(args.records_dir) if args.records_dir else REPO / "records"
     rules = args.rules
+    peer_records.forget()
     if rules == "auto":
         kinds = {r for _, r in peer_records.find_records(records_dir)} if records_dir.is_dir() else set()
         rules = "ours" if kinds <= {"ours"} else "other"
