@@ -25,7 +25,8 @@ import run_log  # noqa: E402
 
 RATIO = 0.5922  # val_bpb / val_loss of our invented sp1024 runs (tokens per byte / ln 2)
 VAL_TOKENS = 62_021_632
-SCRIPT = ('def main():\n    log0(f"final_int8_zlib_roundtrip_exact val_loss:{q_val_loss:.8f} val_bpb:{q_val_bpb:.8f}")\n'
+SCRIPT = ('def main():\n'
+          '    log0(f"final_int8_zlib_roundtrip_exact val_loss:{q_val_loss:.8f} val_bpb:{q_val_bpb:.8f}")\n'
           '    log0(f"Total submission size int8+zlib: {quant_file_bytes + code_bytes} bytes")\n    seed = 1337\n')
 
 
@@ -103,8 +104,9 @@ def golf(tmp_path) -> Path:
     """records/track_10min_16mb with a base record (March logs) and a later one (April logs) that beats it by 0.02 nats
     on three seeds each; everything in it checks out."""
     track = tmp_path / "records" / "track_10min_16mb"
-    golf_record(track, "Base", "2026-03-20", {s: march_log(s, loss) for s, loss in ((1, 2.000), (2, 2.002), (3, 1.998))})
-    golf_record(track, "Next", "2026-03-25", {s: april_log(s, loss) for s, loss in ((1, 1.980), (2, 1.981), (3, 1.979))})
+    base, later = {1: 2.000, 2: 2.002, 3: 1.998}, {1: 1.980, 2: 1.981, 3: 1.979}
+    golf_record(track, "Base", "2026-03-20", {s: march_log(s, loss) for s, loss in base.items()})
+    golf_record(track, "Next", "2026-03-25", {s: april_log(s, loss) for s, loss in later.items()})
     return tmp_path / "records"
 
 
