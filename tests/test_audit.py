@@ -498,6 +498,43 @@ def test_claim_results_json_and_submission(clean, tmp_path):
     assert c["claims"][1]["source"] == "submission.json seed 2"
 
 
+def golf_log(path: Path) -> Path:
+    """A log in parameter-golf's March shape (our numbers): the sliding-window score re-printed as
+    final_int8_zlib_roundtrip_exact, then the legal TTT evaluation that the record scores."""
+    path.write_text("step:7000/9000 val_loss:1.9300 val_bpb:1.1430 train_time:600000ms step_avg:85.71ms\n"
+                    "final_int6_sliding_window_exact val_loss:1.89500000 val_bpb:1.12230000\n"
+                    "final_int8_zlib_roundtrip_exact val_loss:1.89500000 val_bpb:1.12230000\n"
+                    "legal_ttt val_loss:1.8910 val_bpb:1.1200 eval_time:400000ms\n"
+                    "legal_ttt_exact val_loss:1.89100000 val_bpb:1.12000000\n"
+                    "ttt_sliding:done val_loss=1.891000 val_bpb=1.120000 elapsed=400.0s\n")
+    return path
+
+
+def test_claim_is_the_scored_line(tmp_path):
+    """Not the last line with `final` in it (final_int8_zlib_roundtrip_exact): the last final evaluation."""
+    [claim] = audit.parse_claim(str(golf_log(tmp_path / "train_seed42.log")))
+    assert (claim.loss, claim.bpb, claim.bpb_decimals) == (1.891, 1.12, 8)
+    assert claim.source == "train_seed42.log (legal_ttt_exact)"
+
+
+def test_claims_without_a_dataset(tmp_path, capsys):
+    log = claim_log(tmp_path / "ok.txt", 3.0, 3.0 * 1000 / math.log(2) / 2500, 2, 1000, 2500)
+    code = audit.main(["--claim", str(log), "--claim", str(golf_log(tmp_path / "golf.log"))])
+    out = capsys.readouterr().out
+    assert code == 0 and "claim         info" in out and "dataset       skipped" in out
+    assert "0.41054 tokens per byte" in out  # legal_ttt_exact's val_bpb / val_loss x ln 2
+    bad = claim_log(tmp_path / "bad.txt", 3.0, 3.0 * 1000 / math.log(2) / 2400, 2, 1000, 2500)  # 100 bytes short
+    assert audit.main(["--claim", str(bad), "--json", str(tmp_path / "r.json")]) == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["checks"]["claim"]["status"] == "fault" and "2,500 bytes give" in report["checks"]["claim"]["summary"]
+    results = {"config": {}, "bpb": 1.0, "loss": 2.0, "tokens": 10, "bytes": 20,
+               "docs": [{"id": 0, "tokens": 10, "bytes": 20, "nats": 20.0}]}  # bpb should be 20/ln2/20 = 1.4427
+    (tmp_path / "eval.json").write_text(json.dumps(results))
+    assert audit.main(["--claim", str(tmp_path / "eval.json")]) == 1
+    assert "bpb 1.0 != 1.44269504089 recomputed" in capsys.readouterr().out
+    assert audit.main([]) == 2 and "give DATA_DIR" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 

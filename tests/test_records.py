@@ -182,11 +182,13 @@ def test_verify_via_subprocess(made):
 
 
 def test_verify_paths(tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "verify", tmp_path)
-    assert code == 0 and out == f"no records under {tmp_path}\n"
+    code, out, _ = run_cli(capsys, "verify", tmp_path)  # nothing to check: bad usage
+    assert code == 2 and out == f"no records under {tmp_path}\n"
     (tmp_path / "train_seed1.log").write_text("x\n")  # a record folder that lost its submission.json
+    code, out, _ = run_cli(capsys, "verify", tmp_path)
+    assert code == 1 and out == f"{tmp_path}: not a record (a folder with submission.json and train_seed<N>.log)\n"
     code, out, _ = run_cli(capsys, "verify", tmp_path, tmp_path / "missing")
-    assert code == 1 and out == (f"{tmp_path}: not a record (a folder with submission.json and train_seed<N>.log)\n"
+    assert code == 2 and out == (f"{tmp_path}: not a record (a folder with submission.json and train_seed<N>.log)\n"
                                  f"{tmp_path / 'missing'}: no such file or directory\n")
     (tmp_path / "submission.json").write_text("{")
     code, out, _ = run_cli(capsys, "verify", tmp_path)

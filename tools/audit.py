@@ -4,6 +4,7 @@ audit.py: check a token dataset, and a BPB figure claimed on it, before anyone t
 
   python tools/audit.py DATA_DIR [--tokenizer T] [--texts ORIGINAL] [--claim LOG_OR_JSON ...] [--json OUT.json]
                         [--vocab-size V] [--shingle N] [--threshold F] [--shingle-sample M] [--threads K]
+  python tools/audit.py --claim LOG_OR_JSON [...] [--json OUT.json]      (no dataset: the checks that need none)
 
 DATA_DIR holds `*_val_*.bin` and `*_train_*.bin` shards (this project's layout and parameter-golf's); the tokenizer
 defaults to DATA_DIR/tokenizer.model. Documents are named by their 0-based index in their split, as the `id` of
@@ -29,9 +30,12 @@ Checks, one line each in the summary (`ok`, `FAULT`, or `info` for a report that
                 running on into the next text, or different)
   completeness  the validation split holds the manifest's documents, tokens and decoded bytes; a truncated final
                 document is named
-  claim         with --claim: a train_gpt.py log (its `final val_loss:... val_bpb:...` line and the matching
-                `final_eval` line), eval_ttt.py's results JSON (per-document nats) or a record's submission.json;
-                val_bpb recomputed with this dataset's exact bytes, and the difference
+  claim         with --claim: a training log (its scored line, tools/run_log.py's rule: our `final val_loss:...
+                val_bpb:...` line and the matching `final_eval` line; parameter-golf's last final evaluation, e.g.
+                legal_ttt_exact, never a step or diagnostic line), eval_ttt.py's results JSON (per-document nats) or
+                a record's submission.json; val_bpb recomputed with this dataset's exact bytes, and the difference.
+                Without DATA_DIR: val_bpb against the claim's own val_loss, tokens and bytes where it states them
+                (eval_ttt.py's rows against their totals), else the tokens per byte it implies
 
 Exit status: 0 when no check finds a fault, 1 when one does, 2 for bad usage or unreadable input (one line
 `error: ...` on stderr). A progress bar (tqdm) goes to stderr on long passes.
@@ -57,6 +61,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_log import printed_decimals, read_run  # noqa: E402
 
 DEFAULT_SHINGLE = 8
 DEFAULT_THRESHOLD = 0.5
@@ -609,17 +615,10 @@ class Claim:
     rows: list | None = None  # eval_ttt.py per-document rows
 
 
-def _decimals(text: str) -> int:
-    text = text.lower()
-    if "e" in text:
-        return 12
-    return len(text.split(".", 1)[1]) if "." in text else 0
-
-
 def _float_decimals(value: float) -> int:
     """Decimals a submission.json number carries: those of its repr, and at least the 8 that train_gpt.py's logs
     print (2.5 in a JSON file was 2.50000000 in the log)."""
-    return min(max(_decimals(repr(float(value))), 8), 12)
+    return min(max(printed_decimals(repr(float(value))), 8), 12)
 
 
 _KV = re.compile(r"(\w+):(\S+)")
@@ -638,19 +637,20 @@ def parse_claim(path: str) -> list[Claim]:
         except ValueError as e:
             raise UsageError(f"{path}: not valid JSON ({e})") from None
         return _json_claims(obj, name, path)
-    lines = [ln for ln in text.split("\n") if "val_loss:" in ln and "val_bpb:" in ln]
-    final = [ln for ln in lines if ln.startswith("final ")] or [ln for ln in lines if "final" in ln]
-    if not final:
-        raise UsageError(f"{path}: no `final val_loss:... val_bpb:...` line (a training log), and not a results or "
-                         "submission JSON")
-    line = final[-1]
-    f = dict(_KV.findall(line))
-    try:
-        claim = Claim(name, float(f["val_loss"]), float(f["val_bpb"]), loss_decimals=_decimals(f["val_loss"]),
-                      bpb_decimals=_decimals(f["val_bpb"]))
-    except (KeyError, ValueError):
-        raise UsageError(f"{path}: unreadable line: {line[:100]}") from None
-    mode = f.get("mode")
+    # a training log of any dialect (tools/run_log.py): its scored line is its last final evaluation (ours: the
+    # `final` line; parameter-golf's: the last round trip, sliding window or TTT line, never a step or diagnostic)
+    scored = read_run(path).scored
+    if scored is None or scored.val_bpb is None:
+        raise UsageError(f"{path}: no `final val_loss:... val_bpb:...` line or other final evaluation (a training "
+                         "log), and not a results or submission JSON")
+    ours = data.startswith(b"#### file ")
+    claim = Claim(name if scored.label == "final" else f"{name} ({scored.label})", scored.val_loss, scored.val_bpb,
+                  loss_decimals=_float_decimals(scored.val_loss) if ours else printed_decimals(scored.loss_text),
+                  bpb_decimals=_float_decimals(scored.val_bpb) if ours else printed_decimals(scored.bpb_text))
+    if scored.label != "final":
+        return [claim]
+    # our `final` line names its mode; that mode's `final_eval` line says what was scored
+    mode = dict(_KV.findall([ln for ln in text.split("\n") if ln.startswith("final ")][-1])).get("mode")
     evals = [dict(_KV.findall(ln)) for ln in text.split("\n") if ln.startswith("final_eval ")]
     match = [e for e in evals if e.get("mode") == mode] if mode else []
     hp = dict(re.findall(r"^hparam (\w+)=(\S*)$", text, flags=re.M))
@@ -1307,6 +1307,47 @@ class Auditor:
         return out
 
 
+def claims_without_dataset(paths: list[str]) -> list[Check]:
+    """The checks of --claim that need no dataset: each claim's val_bpb against its own val_loss, tokens and bytes
+    (val_bpb = val_loss x tokens / ln 2 / bytes) where it states them, and eval_ttt.py's per-document rows against
+    their totals; a claim that states neither is reported with the tokens per byte its two numbers imply."""
+    from record_check import eval_problems
+
+    rows_out, faults = [], []
+    for path in paths:
+        try:
+            obj = json.loads(Path(path).read_text(encoding="utf-8")) if path.endswith(".json") else None
+        except (OSError, ValueError):
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("docs"), list):  # eval_ttt.py results: rows and totals
+            problems = eval_problems(obj)
+            rows_out.append({"source": os.path.basename(path), "problems": problems})
+            faults.extend(f"{os.path.basename(path)}: {p}" for p in problems)
+            continue
+        for c in parse_claim(path):
+            row = {"source": c.source, "claimed_bpb": c.bpb, "claimed_loss": c.loss, "problems": []}
+            if c.loss and c.tokens and c.bytes:
+                recomputed = c.loss * c.tokens / math.log(2) / c.bytes
+                tol = (0.5 * 10 ** -c.bpb_decimals + 0.5 * 10 ** -c.loss_decimals * c.tokens / math.log(2) / c.bytes)
+                row["recomputed_bpb"] = recomputed
+                if abs(c.bpb - recomputed) > tol * 1.01 + 1e-12:
+                    row["problems"].append(f"claims val_bpb {c.bpb:.8g}, its own val_loss, {fmt(c.tokens)} tokens "
+                                           f"and {fmt(c.bytes)} bytes give {recomputed:.8g}")
+            elif c.loss:
+                row["tokens_per_byte"] = c.bpb * math.log(2) / c.loss
+            rows_out.append(row)
+            faults.extend(f"{c.source}: {p}" for p in row["problems"])
+    shown = "; ".join(f"{r['source']}: val_bpb {r['claimed_bpb']:.6f}" + (
+        f" = {r['recomputed_bpb']:.6f} from its own tokens and bytes" if "recomputed_bpb" in r else
+        f", {r['tokens_per_byte']:.5f} tokens per byte" if "tokens_per_byte" in r else "")
+        for r in rows_out[:3] if "claimed_bpb" in r)
+    claim = Check("claim", "fault", " | ".join(faults), {"claims": rows_out}) if faults else \
+        Check("claim", "info", (shown or f"{len(rows_out)} results files consistent") + " (without the dataset: its "
+                               "exact bytes not checked)", {"claims": rows_out})
+    return [claim, Check("dataset", "skipped", "no DATA_DIR: structure, overlap, near-overlap, bytes, convention, "
+                                               "texts and completeness need the dataset")]
+
+
 def _plain_hash(ids: np.ndarray) -> int:
     pw, _ = power_tables(len(ids) + 1)
     return int(np.multiply(ids.astype(np.uint16), pw[:len(ids)], dtype=U64).sum(dtype=U64))
@@ -1383,7 +1424,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="audit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data_dir", metavar="DATA_DIR", help="folder with *_val_*.bin and *_train_*.bin shards")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
+                   help="folder with *_val_*.bin and *_train_*.bin shards (without it, only the --claim checks that "
+                        "need no dataset run)")
     p.add_argument("--tokenizer", help="SentencePiece model (default DATA_DIR/tokenizer.model)")
     p.add_argument("--texts", help="the original corpus (.jsonl, .jsonl.gz, .txt or a folder of .txt, as "
                                    "data/prepare_corpus.py reads it): validation document k is its k-th document")
@@ -1420,6 +1463,11 @@ def main(argv=None) -> int:
             raise UsageError(f"--vocab-size {args.vocab_size}: must be in (1, 65536]")
         for path in args.claim:  # read claims first: a bad one should not cost a whole pass
             parse_claim(path)
+        if args.data_dir is None:
+            if not args.claim:
+                raise UsageError("give DATA_DIR, or --claim for the checks that need no dataset")
+            checks = claims_without_dataset(args.claim)
+            return _report(args, checks, "no dataset", {"data_dir": None})
         if args.texts and not os.path.exists(args.texts):
             raise UsageError(f"{args.texts}: input not found")
         started = time.perf_counter()
@@ -1429,20 +1477,26 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    total_tokens = auditor.val_scan.tokens + auditor.train_scan.tokens
+    return _report(args, checks, f"{fmt(total_tokens)} tokens in {seconds:.1f} s", {
+        "data_dir": os.path.abspath(args.data_dir), "tokenizer": os.path.abspath(auditor.tokenizer_path),
+        "tokenizer_sha256": auditor.tokenizer_sha256, "vocab_size": auditor.vocab, "seconds": seconds,
+        "tokens": total_tokens,
+        "timings": {"val_scan_s": auditor.val_scan.seconds, "train_scan_s": auditor.train_scan.seconds,
+                    "exact_hash_s": auditor.val_scan.seconds_exact + auditor.train_scan.seconds_exact,
+                    "near_probe_s": auditor.train_scan.seconds_near, **auditor.timings}})
+
+
+def _report(args, checks: list[Check], what: str, about: dict) -> int:
+    """The summary (stdout, or stderr when the JSON goes to stdout), the JSON report, and the exit status."""
     faults = [c for c in checks if c.status == "fault"]
     summary_out = sys.stderr if args.json == "-" else sys.stdout
     for c in checks:
         print(c.line(), file=summary_out)
-    total_tokens = auditor.val_scan.tokens + auditor.train_scan.tokens
     print(f"{'result':<13} {'FAULT' if faults else 'ok'}: {len(faults)} of {len(checks)} checks found a fault; "
-          f"{fmt(total_tokens)} tokens in {seconds:.1f} s", file=summary_out)
+          f"{what}", file=summary_out)
     if args.json:
-        report = {"data_dir": os.path.abspath(args.data_dir), "tokenizer": os.path.abspath(auditor.tokenizer_path),
-                  "tokenizer_sha256": auditor.tokenizer_sha256, "vocab_size": auditor.vocab,
-                  "faults": len(faults), "seconds": seconds, "tokens": total_tokens,
-                  "timings": {"val_scan_s": auditor.val_scan.seconds, "train_scan_s": auditor.train_scan.seconds,
-                              "exact_hash_s": auditor.val_scan.seconds_exact + auditor.train_scan.seconds_exact,
-                              "near_probe_s": auditor.train_scan.seconds_near, **auditor.timings},
+        report = {**about, "faults": len(faults),
                   "checks": {c.name: {"status": c.status, "summary": c.summary, **c.details} for c in checks}}
         text = json.dumps(report, indent=1, default=_json_default) + "\n"
         if args.json == "-":

@@ -25,6 +25,7 @@ track by mean val_bpb, one table per dataset (a val_bpb ranks only against other
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import math
@@ -36,10 +37,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import peer_records
 from record_check import (DEFAULT_ALPHA, DEFAULT_MARGIN, EVAL_FILE, EVAL_PARAMETERS_SHOWN, PER_RUN_HPARAMS, REPO,
-                          TRACKS, RecordError, derived_submission, eval_problems, log_dataset, record_dataset,
-                          eval_vs_logs_problems, find_records, get_track, log_file_name, log_set_problems, read_json,
-                          significance, verify_record, warn)
+                          STATUSES, TRACKS, Check, RecordError, RecordReport, derived_submission, eval_problems,
+                          log_dataset, record_dataset, eval_vs_logs_problems, find_records, get_track, log_file_name,
+                          log_set_problems, our_record_checks, read_json, significance, verify_record, warn)
 from run_log import TrainLog, parse_log
 
 START_MARKER = "<!-- leaderboard:start -->"
@@ -222,30 +224,71 @@ def cmd_new(args) -> int:
 # `verify`
 
 
+def records_at(path: Path, rules: str) -> list[tuple[Path, str]]:
+    """(folder, rules) for every record at or under path. Our own rules find folders with submission.json (and a
+    folder with train_seed<N>.log but no submission.json, which then fails); `auto` tells the three kinds apart by
+    their files (tools/peer_records.py)."""
+    if rules != "ours":
+        return peer_records.find_records(path, rules)
+    found = find_records(path)
+    if not found and any(path.glob("train_seed*.log")):
+        found = [path]
+    return [(folder, "ours") for folder in found]
+
+
+def verify_one(folder: Path, rules: str, margin: float, alpha: float) -> tuple[RecordReport, list[str]]:
+    """The record's named checks, and (ours) the failure lines verify prints; whatever cannot be read is a FAULT."""
+    try:
+        if rules == "ours":
+            if not (folder / "submission.json").is_file():
+                line = f"{folder}: not a record (a folder with submission.json and train_seed<N>.log)"
+                return RecordReport(folder, rules, [Check("record", "FAULT", line)]), [line]
+            return our_record_checks(folder, margin, alpha)
+        return peer_records.verify_folder(folder, rules, margin, alpha), []
+    except Exception as e:  # a record that cannot be read is a FAULT row, never a traceback
+        line = f"{folder}: cannot be checked ({type(e).__name__}: {e})"
+        return RecordReport(folder, rules, [Check("files", "FAULT", line)]), [line]
+
+
 def cmd_verify(args) -> int:
-    records: list[Path] = []
-    failures: list[str] = []
+    peer_records.forget()
+    reports: list[RecordReport] = []
+    usage = False
     for p in args.paths:
         path = Path(p)
         if not path.exists():
-            failures.append(f"{path}: no such file or directory")
+            print(f"{path}: no such file or directory")
+            usage = True
             continue
-        found = find_records(path) if path.is_dir() else []
+        found = records_at(path, args.rules) if path.is_dir() else []
         if not found:
-            if path.is_dir() and not any(path.glob("train_seed*.log")):
-                print(f"no records under {path}")  # nothing to check (a record folder without submission.json fails)
+            print(f"no records under {path}")
+            usage = True
+        for folder, rules in found:
+            report, failures = verify_one(folder, rules, args.margin, args.alpha)
+            reports.append(report)
+            if rules == "ours":
+                print("\n".join(failures) if failures else f"ok {folder}: {report.summary}")
             else:
-                failures.append(f"{path}: not a record (a folder with submission.json and train_seed<N>.log)")
-        records.extend(found)
-    for folder in records:
-        record_failures, summary = verify_record(folder, args.margin, args.alpha)
-        if record_failures:
-            failures.extend(record_failures)
-        else:
-            print(f"ok {folder}: {summary}")
-    for line in failures:
-        print(line)
-    return 1 if failures else 0
+                print(f"{'FAULT' if report.faults else 'ok'} {folder} ({rules})")
+                print("\n".join(c.line() for c in report.checks))
+    peers = [r for r in reports if r.rules != "ours"]
+    if peers:
+        counts = collections.Counter((c.check, c.status) for r in peers for c in r.checks)
+        names = list(dict.fromkeys(c.check for r in peers for c in r.checks))
+        print(f"{len(peers)} records of other leaderboards, {sum(1 for r in peers if r.faults)} with a FAULT; per "
+              "check: " + "; ".join(f"{n} " + " ".join(f"{counts[n, s]} {s}" for s in STATUSES if counts[n, s])
+                                    for n in names))
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps({"records": [r.as_json() for r in reports]}, indent=1) + "\n",
+                                       encoding="utf-8")
+        except OSError as e:
+            print(f"{args.json}: cannot write ({e.strerror or e})")
+            return 2
+    if usage:
+        return 2
+    return 1 if any(r.faults for r in reports) else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,9 +300,11 @@ def leaderboard_markdown(records_dir: Path, readme_dir: Path) -> str:
     for folder in find_records(records_dir) if records_dir.is_dir() else []:
         try:
             sub = read_json(folder / "submission.json")
+            float(sub["val_bpb"]["mean"])  # what the table ranks by: a submission.json of another kind has none
             by_track.setdefault(str(sub["track"]), []).append((folder, sub))
         except (OSError, ValueError, KeyError, TypeError):
-            warn(f"{folder / 'submission.json'}: unreadable, left out of the leaderboard")
+            warn(f"{folder / 'submission.json'}: unreadable or not one of ours (no track, val_bpb.mean), left out of "
+                 "the leaderboard")
     if not by_track:
         return "No records yet."
     order = [t for t in TRACKS if t in by_track] + sorted(t for t in by_track if t not in TRACKS)
@@ -304,9 +349,42 @@ def leaderboard_row(rank: int, folder: Path, sub: dict, readme_dir: Path) -> str
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
+def peer_leaderboard_markdown(records_dir: Path, rules: str, margin: float, alpha: float) -> str:
+    """The tables of another leaderboard's tree, one per track: parameter-golf's ranked by claimed val_bpb (the logs'
+    mean where nothing is claimed), modded-nanogpt's by mean train time; a row some check faults names the checks."""
+    parts = []
+    for track, rows in peer_records.leaderboard_rows(records_dir, rules, margin, alpha).items():
+        golf = rows[0]["rules"] == "parameter-golf"
+        rows.sort(key=lambda r: (r["score"] if r["score"] is not None else
+                                 r["logs"][0] if r["logs"] else math.inf, r["date"], r["name"]))
+        lines = [f"### {track} ({rows[0]['rules']})", "",
+                 "| rank | " + ("val_bpb claimed | logs: mean ± std (runs)" if golf else
+                              "train time (s) | val_loss: mean ± std (runs)") + " | date | name | flagged by |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for rank, r in enumerate(rows, 1):
+            logs = "–" if not r["logs"] else f"{r['logs'][0]:.5f} ± " + (
+                f"{r['logs'][1]:.5f}" if r["logs"][1] is not None else "–") + f" ({r['runs']})"
+            score = "–" if r["score"] is None else f"{r['score']:.5f}" if golf else f"{r['score']:.2f}"
+            cells = [str(rank), score, logs, r["date"], r["name"], ", ".join(r["flags"]) or "–"]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) if parts else "No records."
+
+
 def cmd_leaderboard(args) -> int:
     readme = Path(args.readme) if args.readme else REPO / "README.md"
     records_dir = Path(args.records_dir) if args.records_dir else REPO / "records"
+    rules = args.rules
+    peer_records.forget()
+    if rules == "auto":
+        kinds = {r for _, r in peer_records.find_records(records_dir)} if records_dir.is_dir() else set()
+        rules = "ours" if kinds <= {"ours"} else "other"
+    if rules != "ours":  # another leaderboard's tree: its tables on stdout (our README is for our records)
+        if not records_dir.is_dir():
+            print(f"{records_dir}: not a directory")
+            return 2
+        print(peer_leaderboard_markdown(records_dir, "auto" if rules == "other" else rules, args.margin, args.alpha))
+        return 0
     try:
         text = readme.read_text(encoding="utf-8")
     except OSError as e:
@@ -343,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                        help=f"significance level of the one-sided Welch t-test (default {DEFAULT_ALPHA})")
 
+    def rules_option(p):
+        p.add_argument("--rules", choices=("auto", "ours") + peer_records.RULES, default="auto",
+                       help="whose rules: ours, parameter-golf's or modded-nanogpt's (auto: by each folder's files)")
+
     p = sub.add_parser("new", help="build a record folder from training logs")
     p.add_argument("logs", nargs="+", metavar="LOG", help="training logs (logs/<RUN_ID>.txt), one per seed")
     p.add_argument("--name", required=True)
@@ -362,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("verify", help="check records: code, numbers, logs, track, statistics")
     p.add_argument("paths", nargs="+", metavar="PATH", help="record folders (or folders holding records)")
+    rules_option(p)
+    p.add_argument("--json", metavar="FILE", help='also write {"records": [{"path", "rules", "checks": [{"check", '
+                                                  '"status", "detail"}]}]} to FILE')
     stats_options(p)
     p.set_defaults(func=cmd_verify)
 
@@ -369,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit non-zero when the README's tables are out of date")
     p.add_argument("--readme", help="default: README.md of this repository")
     p.add_argument("--records-dir", help="default: records/ of this repository")
+    rules_option(p)
+    stats_options(p)
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("reproduce", add_help=False,

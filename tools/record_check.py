@@ -65,16 +65,22 @@ class Track:
     gpus: int  # 0 means CPU
     gpu_model: str  # substring of the GPU name, e.g. "H100"; "" for CPU
     known: bool = True
+    eval_seconds: float | None = None  # limit on the evaluation after training (the final evaluations' eval_time)
+    artifact_bytes: int | None = None  # limit on code + compressed model (the log's `artifact:` total_bytes)
 
     def describe(self) -> str:
         hardware = "CPU" if self.gpus == 0 else f"{self.gpus}x {self.gpu_model}"
-        return f"{hardware}, {self.budget_seconds / 60:g} min training"
+        limits = "".join([f", {self.eval_seconds / 60:g} min evaluation" if self.eval_seconds else "",
+                          f", artifact at most {self.artifact_bytes:,} bytes" if self.artifact_bytes else ""])
+        return f"{hardware}, {self.budget_seconds / 60:g} min training{limits}"
 
 
+ARTIFACT_LIMIT = 16_000_000  # bytes of code + compressed model (decimal 16 MB, parameter-golf's cap)
 TRACKS = {
     "8xh100_10min": Track("8xh100_10min", 600, 8, "H100"),
     "1xh100_10min": Track("1xh100_10min", 600, 1, "H100"),
     "cpu_5min": Track("cpu_5min", 300, 0, ""),
+    "track_10min_16mb": Track("track_10min_16mb", 600, 8, "H100", eval_seconds=600, artifact_bytes=ARTIFACT_LIMIT),
 }
 TRACK_PATTERN = re.compile(r"^(?:cpu|(\d+)x([a-z0-9]+))_(\d+)min$")
 
@@ -342,22 +348,56 @@ def log_set_problems(logs: list[TrainLog], track: Track | None) -> list[tuple[Tr
     return out
 
 
-def track_problems(lg: TrainLog, track: Track) -> list[str]:
-    problems = []
+def train_time_allowed_ms(budget_seconds: float, train_ms: float, steps: int | None, capped: bool,
+                          steps_allowed: float = 1.0) -> float:
+    """The training budget in ms, plus `steps_allowed` average steps for a run stopped by its own wall-clock cap at
+    or under the budget: the cap is checked after each step, so such a run ends at most one step past it."""
+    return 1000.0 * budget_seconds + (steps_allowed * train_ms / steps if capped and steps else 0.0)
+
+
+def limit_problems(lg: TrainLog, track: Track) -> dict[str, str]:
+    """{check name: problem} for the track's limits on one log: train_time (every track), eval_time and artifact_size
+    (tracks that have those limits)."""
+    problems = {}
     if lg.final and isinstance(lg.final.get("train_time"), (int, float)):
         train_ms = float(lg.final["train_time"])
-        budget_ms = 1000.0 * track.budget_seconds
         try:
             cap_s = float(lg.hparams.get("max_wallclock_seconds", "0"))
         except ValueError:
             cap_s = 0.0
-        steps = lg.final.get("steps") or 1
-        # The cap is checked after each step, so a capped run ends at most one step past it; allow one average step.
-        allowed_ms = budget_ms + (train_ms / steps if 0 < cap_s <= track.budget_seconds else 0.0)
-        if train_ms > allowed_ms:
-            problems.append(f"train_time {train_ms / 1000:.1f}s exceeds the {track.name} budget of "
-                            f"{track.budget_seconds:g}s" + ("" if 0 < cap_s <= track.budget_seconds else
-                                                           f" (MAX_WALLCLOCK_SECONDS={cap_s:g})"))
+        capped = 0 < cap_s <= track.budget_seconds
+        if train_ms > train_time_allowed_ms(track.budget_seconds, train_ms, lg.final.get("steps") or 1, capped):
+            problems["train_time"] = (f"train_time {train_ms / 1000:.1f}s exceeds the {track.name} budget of "
+                                      f"{track.budget_seconds:g}s" + ("" if capped else
+                                                                      f" (MAX_WALLCLOCK_SECONDS={cap_s:g})"))
+    if track.eval_seconds is not None:
+        seconds = our_eval_seconds(lg)
+        if seconds > track.eval_seconds:
+            problems["eval_time"] = (f"evaluation took {seconds:.1f}s (final_eval and final_roundtrip lines), over the "
+                                     f"{track.name} limit of {track.eval_seconds:g}s")
+    if track.artifact_bytes is not None:
+        art = lg.artifact or {}
+        total = art.get("total_bytes")
+        if not isinstance(total, int):
+            problems["artifact_size"] = f"no `artifact: ... total_bytes:N` line (track {track.name} scores an artifact)"
+        elif total > track.artifact_bytes:
+            problems["artifact_size"] = (f"artifact total_bytes {total:,} exceeds the {track.name} limit of "
+                                         f"{track.artifact_bytes:,}")
+        elif isinstance(art.get("model_bytes"), int) and isinstance(art.get("code_bytes"), int) \
+                and art["model_bytes"] + art["code_bytes"] != total:
+            problems["artifact_size"] = (f"artifact total_bytes {total:,} is not model_bytes {art['model_bytes']:,} + "
+                                         f"code_bytes {art['code_bytes']:,}")
+    return problems
+
+
+def our_eval_seconds(lg: TrainLog) -> float:
+    """Seconds of evaluation after training: every final_eval line's eval_time and the final_roundtrip line's."""
+    rows = lg.final_evals + ([lg.final_roundtrip] if lg.final_roundtrip else [])
+    return sum(float(r["eval_time"]) for r in rows if isinstance(r.get("eval_time"), (int, float))) / 1000.0
+
+
+def track_problems(lg: TrainLog, track: Track) -> list[str]:
+    problems = list(limit_problems(lg, track).values())
     if track.gpus == 0:
         if not lg.gpus.startswith("none"):
             problems.append(f"track {track.name} is a CPU track but the run had GPUs: {lg.gpus}")
@@ -652,3 +692,65 @@ def verify_record(folder: Path, margin: float = DEFAULT_MARGIN, alpha: float = D
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         fail("submission.json", f"seeds unreadable for the statistics ({type(e).__name__})")
     return failures, summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Named checks: one row per check, for `verify --json` and for the rules of other leaderboards (tools/peer_records.py)
+
+STATUSES = ("ok", "FAULT", "info", "skip")
+
+
+@dataclass
+class Check:
+    check: str  # e.g. "claim", "train_time"
+    status: str  # one of STATUSES
+    detail: str  # one line naming the file and the numbers
+
+    def line(self) -> str:
+        return f"  {self.check:<15} {self.status:<5} {self.detail}"
+
+
+@dataclass
+class RecordReport:
+    path: Path
+    rules: str  # "ours", "parameter-golf" or "modded-nanogpt"
+    checks: list[Check]
+    summary: str = ""
+
+    @property
+    def faults(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "FAULT"]
+
+    def as_json(self) -> dict:
+        return {"path": str(self.path), "rules": self.rules,
+                "checks": [{"check": c.check, "status": c.status, "detail": c.detail} for c in self.checks]}
+
+
+def our_record_checks(folder: Path, margin: float = DEFAULT_MARGIN,
+                      alpha: float = DEFAULT_ALPHA) -> tuple[RecordReport, list[str]]:
+    """verify_record as named checks: `record` (code, numbers, logs, track, dataset, statistics: every failure line
+    but the limits') and the track's limits one check each (train_time; eval_time and artifact_size on tracks with
+    those limits); and verify_record's failure lines, all of them."""
+    all_failures, summary = verify_record(folder, margin, alpha)
+    failures = list(all_failures)
+    checks: list[Check] = []
+    track = None
+    try:
+        track = get_track(str(read_json(folder / "submission.json").get("track", "")))
+    except (OSError, ValueError, AttributeError, RecordError):
+        pass
+    if track is not None:
+        logs = [parse_log(p) for p in sorted(folder.glob("train_seed*.log"))]
+        names = ["train_time"] + (["eval_time"] if track.eval_seconds else []) \
+            + (["artifact_size"] if track.artifact_bytes else [])
+        found = {name: [] for name in names}
+        for lg in logs:
+            for name, problem in limit_problems(lg, track).items():
+                found[name].append(f"{folder / lg.name}: {problem}")
+        for name in names:
+            lines = found[name]
+            failures = [f for f in failures if f not in lines]
+            checks.append(Check(name, "FAULT" if lines else "ok", "; ".join(lines) if lines else
+                                f"{len(logs)} logs within the {track.name} limit"))
+    checks.insert(0, Check("record", "FAULT" if failures else "ok", "; ".join(failures) if failures else summary))
+    return RecordReport(folder, "ours", checks, summary), all_failures
