@@ -41,7 +41,6 @@ Only the standard library, torch and numpy are imported: a record embeds kernels
 import io
 import json
 import lzma
-import os
 import zlib
 from collections.abc import Callable, Iterable
 
@@ -441,20 +440,6 @@ def decode_artifact(data: bytes) -> tuple[dict[str, Tensor], dict]:
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise ValueError(f"damaged artifact: malformed payload ({type(e).__name__}: {e})") from None
     return state_dict, meta
-
-
-def write_artifact(path: str, data: bytes) -> int:
-    """Writes the artifact atomically (a temporary file, then a rename); returns the file's size in bytes."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return os.path.getsize(path)
 
 
 def read_artifact(path: str) -> tuple[dict[str, Tensor], dict]:

@@ -2,6 +2,7 @@
 processes, resume, compile warm-up undo, run.sh's CPU path)."""
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -626,3 +627,67 @@ def test_first_token_error_names_the_first_non_empty_shard(tmp_path):
     write_shard(tmp_path / "d_train_000001.bin", [7, 1, 5, 6])
     with pytest.raises(tg.DataError, match=r"d_train_000001\.bin: first token is 7, not BOS"):
         tg.TokenStream(str(tmp_path / "d_train_*.bin"), 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the size-limited artifact (issue 21)
+
+ARTIFACT_RUN = dict(MODEL_DIM="64", NUM_KV_HEADS="2", EVAL_MODES="flat,strided", EVAL_WINDOW="64", EVAL_STRIDE="32",
+                    ARTIFACT_CALIBRATION_BATCHES="3")  # width 64: every block matrix is quantized (kernels/artifact.py)
+
+
+def artifact_line(log: str) -> dict:
+    fields = re.search(r"^artifact: (.*)$", log, re.M).group(1).split()
+    return {k: v for k, v in (f.split(":", 1) for f in fields)}
+
+
+@pytest.mark.slow
+def test_artifact_run_scores_the_round_trip_and_eval_ttt_agrees(sample_data, tmp_path):
+    log, _ = run_training(tmp_path, sample_data, "gptq", ARTIFACT="int6_gptq_lzma", **ARTIFACT_RUN)
+    fields = artifact_line(log)
+    ptz = tmp_path / "ckpt" / "gptq.ptz"
+    code = tg.record_source_files()
+    assert fields["codec"] == "int6_gptq_lzma" and int(fields["model_bytes"]) == ptz.stat().st_size
+    assert int(fields["code_bytes"]) == sum(f.stat().st_size for f in code)
+    assert int(fields["total_bytes"]) == int(fields["model_bytes"]) + int(fields["code_bytes"])
+    assert fields["limit"] == "16000000" and "train_gpt.py" in fields["files"] and "kernels/artifact.py" in fields["files"]
+    assert re.search(r"^artifact_calibration: batches:3 time:\d+ms train_time:\d+ms", log, re.M)
+    fp32 = dict(re.findall(r"^final_eval mode:(\w+) .*? val_loss:(\S+)", log, re.M))
+    roundtrip = dict(re.findall(r"^final_roundtrip codec:int6_gptq_lzma mode:(\w+) .*? val_loss:(\S+)", log, re.M))
+    assert fp32.keys() == roundtrip.keys() == {"flat", "strided"}
+    for mode in fp32:  # quantized, so not equal; close, since int6 with GPTQ loses little
+        assert float(roundtrip[mode]) != float(fp32[mode])
+        assert abs(float(roundtrip[mode]) - float(fp32[mode])) < 0.02
+    final = re.search(r"^final val_loss:(\S+) val_bpb:\S+ mode:strided", log, re.M).group(1)
+    assert final == roundtrip["strided"]  # the headline is the round trip
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval_ttt.py"), "--checkpoint", str(ptz), "--mode", "strided",
+                           "--window", "64", "--stride", "32", "--max-docs", "2", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["loss"] == pytest.approx(float(roundtrip["strided"]), abs=1e-7)
+
+
+@pytest.mark.slow
+def test_artifact_over_the_limit_fails_after_writing_everything(sample_data, tmp_path):
+    env = {**os.environ, **TINY_RUN, **ARTIFACT_RUN, "DATA_PATH": str(sample_data), "RUN_ID": "big",
+           "LOG_DIR": str(tmp_path / "logs"), "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "OMP_NUM_THREADS": "1",
+           "ARTIFACT": "int8_zlib", "ARTIFACT_LIMIT_BYTES": "100000"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1
+    log = (tmp_path / "logs" / "big.txt").read_text()
+    total = int(artifact_line(log)["total_bytes"])
+    assert total > 100000 and (tmp_path / "ckpt" / "big.ptz").is_file()
+    assert re.search(r"^final_roundtrip codec:int8_zlib mode:strided ", log, re.M)
+    error = re.search(r"^error: artifact .*big\.ptz: (\d+) bytes .* ARTIFACT_LIMIT_BYTES=100000$", log, re.M)
+    assert error and int(error.group(1)) == total
+
+
+def test_artifact_settings_are_checked():
+    with pytest.raises(tg.ConfigError, match="ARTIFACT='int4': must be none or one of int8_zlib"):
+        tg.Hyperparameters.from_env({"ARTIFACT": "int4"})
+    with pytest.raises(tg.ConfigError, match="ARTIFACT_LIMIT_BYTES"):
+        tg.Hyperparameters.from_env({"ARTIFACT_LIMIT_BYTES": "0"})

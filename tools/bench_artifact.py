@@ -71,7 +71,7 @@ def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: 
                        for _ in range(calibration_batches)]
             names = [n for n, how in plan.items() if how == "int6_gptq"]
             start = time.perf_counter()
-            hessians = A.collect_hessians(model, batches, lambda m, batch: m(batch), names)
+            hessians = A.collect_hessians(model, batches, lambda m, batch: m(batch[:, :-1], batch[:, 1:]), names)
             hessian_s = time.perf_counter() - start
         start = time.perf_counter()
         data = A.encode_artifact(state_dict, codec, {"model_config": vars(model.config)}, hessians)
