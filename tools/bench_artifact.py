@@ -2,6 +2,7 @@
 
     python tools/bench_artifact.py                       # random baseline-shape model (9 x 512) and run.sh's CPU model
     python tools/bench_artifact.py --checkpoint X.pt     # a train_gpt.py checkpoint's model instead
+    python tools/bench_artifact.py --checkpoint X.pt --data DIR --eval-docs 20   # + BPB lost by the round trip
     python tools/bench_artifact.py --codecs int8_zlib,int6_lzma --threads 1
 
 One markdown table row per model and codec: the artifact's bytes, encode and decode seconds, and the round trip's
@@ -11,6 +12,11 @@ quality. A randomly initialised model starts its output projections at zero, whi
 the random models draw those like the other matrices (nn.Linear's default uniform init). Random weights are
 near-uniform and compress far less than trained ones. A last column gives, for the int6 codecs, the bytes the same
 payload would take with the int6 values one per byte instead of packed 4 in 3 (a what-if, for the choice of packing).
+
+With --checkpoint and --data, GPTQ is calibrated as a training run calibrates it (train_gpt.gptq_hessians: the run's
+own settings, ARTIFACT_CALIBRATION_BATCHES micro-batches of the training split), and each codec's round-trip model is
+scored on the first --eval-docs validation documents in strided mode (the run's EVAL_WINDOW and EVAL_STRIDE) against
+the checkpoint's own weights: the BPB the round trip costs.
 """
 
 import argparse
@@ -53,7 +59,27 @@ def unpacked_int6_bytes(data: bytes) -> int:
     return len(lzma.compress(buffer.getvalue(), preset=A.LZMA_PRESET))
 
 
-def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: int) -> None:
+def quality(model: tg.GPT, hyperparameters: dict, data: str, eval_docs: int):
+    """(GPTQ Hessians from training batches, function scoring a state dict's strided BPB) for a run's checkpoint."""
+    hp = tg.Hyperparameters(**{**hyperparameters, "artifact": "int6_gptq_lzma", "data_path": data})
+    device = torch.device("cpu")
+    stream = tg.TokenStream(tg.split_pattern(data, "train"), hp.vocab_size)
+    loader = tg.DocumentLoader(stream, tg.LoaderConfig.from_hyperparameters(hp))
+    start = time.perf_counter()
+    hessians = tg.gptq_hessians(model, loader, hp, device)
+    hessian_s = time.perf_counter() - start
+    sp = tg.load_tokenizer(str(Path(data) / "tokenizer.model"))
+    val = tg.ValidationSet.load(data, hp.vocab_size, tg.build_byte_tables(sp, hp.vocab_size), eval_docs)
+
+    def strided_bpb(state_dict) -> float:
+        scored = tg.GPT(model.config)
+        scored.load_state_dict(state_dict)
+        return tg.evaluate(scored, val, "strided", hp.eval_window, hp.eval_batch_tokens, stride=hp.eval_stride).bpb
+
+    return hessians, hessian_s, strided_bpb
+
+
+def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: int, scoring=None) -> None:
     model.eval()
     state_dict = {name: t.detach().clone() for name, t in model.state_dict().items()}
     plan = A.quantization_plan(state_dict, "int6_gptq_lzma")
@@ -61,11 +87,16 @@ def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: 
     raw = sum(t.numel() * t.element_size() for t in state_dict.values())
     print(f"\n{label}: {raw:,} bytes as stored in training; values by how the int6 codecs store them: "
           + ", ".join(f"{how} {n:,}" for how, n in sorted(counts.items())))
-    print("| codec | bytes | encode s | decode s | Hessians s | max rel. error | int6 one per byte |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if scoring:
+        base_bpb = scoring[2](state_dict)
+        print(f"strided BPB of the checkpoint's own weights: {base_bpb:.4f}")
+    print("| codec | bytes | encode s | decode s | Hessians s | max rel. error | int6 one per byte | BPB | Δ BPB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for codec in codecs:
         hessians, hessian_s = None, 0.0
-        if codec == "int6_gptq_lzma":
+        if codec == "int6_gptq_lzma" and scoring:
+            hessians, hessian_s = scoring[0], scoring[1]
+        elif codec == "int6_gptq_lzma":
             g = torch.Generator().manual_seed(0)
             batches = [torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
                        for _ in range(calibration_batches)]
@@ -82,8 +113,12 @@ def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: 
         error = max(((decoded[n].float() - t.float()).abs().max() / t.float().abs().max()).item()
                     for n, t in state_dict.items() if t.is_floating_point() and t.abs().max() > 0)
         unpacked = f"{unpacked_int6_bytes(data):,}" if codec != "int8_zlib" else ""
+        scores = ""
+        if scoring:
+            bpb = scoring[2](decoded)
+            scores = f" {bpb:.4f} | {bpb - base_bpb:+.4f} |"
         print(f"| {codec} | {len(data):,} | {encode_s:.2f} | {decode_s:.2f} | {hessian_s:.2f} | {error:.4f} | "
-              f"{unpacked} |", flush=True)
+              f"{unpacked} |{scores}", flush=True)
 
 
 def main() -> int:
@@ -93,6 +128,8 @@ def main() -> int:
     p.add_argument("--calibration-batches", type=int, default=4, help="GPTQ: random-token batches for the Hessians")
     p.add_argument("--seq-len", type=int, default=1024, help="GPTQ: tokens per calibration batch")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--data", help="with --checkpoint: its dataset folder, for real calibration and the BPB columns")
+    p.add_argument("--eval-docs", type=int, default=20, help="validation documents scored for the BPB columns")
     args = p.parse_args()
     codecs = [c for c in args.codecs.split(",") if c]
     unknown = [c for c in codecs if c not in A.CODECS]
@@ -102,9 +139,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.checkpoint:
-        model, _ = tg.load_model(args.checkpoint, torch.device("cpu"))
+        model, state = tg.load_model(args.checkpoint, torch.device("cpu"))
+        scoring = quality(model, state["hyperparameters"], args.data, args.eval_docs) if args.data else None
         bench(f"{args.checkpoint} ({model.config.num_layers} x {model.config.model_dim})", model, codecs,
-              args.calibration_batches, args.seq_len)
+              args.calibration_batches, args.seq_len, scoring)
         return 0
     for label, config in (("random baseline shape (9 x 512, vocab 1024)", BASELINE),
                           ("random run.sh CPU model (4 x 128, 4 heads, 2 kv heads)", CPU_MODEL)):
