@@ -128,8 +128,16 @@ def rewrite(data: Path, split: str, docs: list[np.ndarray]) -> None:
 
 
 def test_constants_agree():
-    assert audit.BOS == train_gpt.BOS_ID
     assert audit.P % 2 == 1 and (audit.P * audit.P_INV) % (1 << 64) == 1
+
+
+def test_shingles_never_cross_the_given_bos():
+    """The document boundary is the BOS id the audit is given (the tokenizer's), not a constant of its own: the same
+    tokens with another id as BOS give other shingles."""
+    tokens = np.array([7, 4, 5, 6, 7, 8, 9, 4, 5, 6], dtype=np.uint16)
+    for bos, shingles in ((7, 4), (4, 3)):  # windows of 3 with no BOS in them, after the first BOS
+        index = audit.ShingleIndex(tokens, np.flatnonzero(tokens == bos), 3, bos)
+        assert len(index.packed) == shingles
 
 
 @pytest.mark.slow

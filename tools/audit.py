@@ -11,7 +11,7 @@ defaults to DATA_DIR/tokenizer.model. Documents are named by their 0-based index
 eval_ttt.py's result rows (documents are the stretches that start with BOS, in shard order).
 
 Checks, one line each in the summary (`ok`, `FAULT`, or `info` for a report that is not a fault):
-  structure     every shard has a valid header and size (train_gpt.load_shard); every split starts with BOS; no empty
+  structure     every shard has a valid header and size (data/shards.read_shard); every split starts with BOS; no empty
                 documents; no id >= the vocabulary; document and token counts, compared with manifest.json
   overlap       validation documents whose token sequence is exactly that of a training document (vectorised 64-bit
                 polynomial hashes of every document, streamed over the training shards; candidates confirmed token
@@ -62,13 +62,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data.shards import SHARD_HEADER_BYTES, ShardError, read_shard  # noqa: E402
 from run_log import printed_decimals, read_run  # noqa: E402
 
 DEFAULT_SHINGLE = 8
 DEFAULT_THRESHOLD = 0.5
 CHUNK_TOKENS = 1 << 22  # tokens per streamed piece: bounds the memory of every pass (a few uint64 arrays of this size)
 BITMAP_BITS = 31  # the near-overlap filter: at most 2^31 bits (256 MiB), one bit per top-bits prefix of a shingle hash
-BOS = 1  # train_gpt.BOS_ID (tests check that they agree)
 MAX_LISTED = 2000  # positions kept per kind of structural fault (counts are always complete)
 SHOWN = 5  # documents named in a summary line
 
@@ -184,14 +184,12 @@ class SplitScan:
 
 
 def open_shards(files: list[str], scan: SplitScan):
-    """The readable shards (memory-mapped by train_gpt.load_shard); a bad one is a structural fault."""
-    import train_gpt
-
+    """The readable shards (memory-mapped by data/shards.read_shard); a bad one is a structural fault."""
     out = []
     for path in files:
         try:
-            tokens = train_gpt.load_shard(path)
-        except train_gpt.DataError as e:
+            tokens = read_shard(path)
+        except ShardError as e:
             scan.bad_files.append({"file": os.path.basename(path), "problem": str(e)})
             continue
         scan.files.append(path)
@@ -240,14 +238,12 @@ def scan_split(shards: list[np.ndarray], scan: SplitScan, vocab: int, bos: int, 
 
     def chunks():
         # plain reads, not the memory maps: pages of a mapped 16 GB split would all count as resident
-        import train_gpt
-
         tail = np.zeros(0, dtype=np.uint16)
         for tokens in shards:
             with open(tokens.filename if isinstance(tokens, np.memmap) else os.devnull, "rb") as f:
                 for s in range(0, len(tokens), CHUNK_TOKENS):
                     if isinstance(tokens, np.memmap):
-                        f.seek(train_gpt.SHARD_HEADER_BYTES + 2 * s)
+                        f.seek(SHARD_HEADER_BYTES + 2 * s)
                         t = np.fromfile(f, dtype="<u2", count=min(CHUNK_TOKENS, len(tokens) - s))
                     else:
                         t = np.asarray(tokens[s:s + CHUNK_TOKENS])
@@ -347,13 +343,11 @@ def scan_split(shards: list[np.ndarray], scan: SplitScan, vocab: int, bos: int, 
     return scan
 
 
-def read_shard(tokens: np.ndarray) -> np.ndarray:
+def shard_in_memory(tokens: np.ndarray) -> np.ndarray:
     """A whole shard as an array in memory (read, not mapped)."""
-    import train_gpt
-
     if isinstance(tokens, np.memmap):
         with open(tokens.filename, "rb") as f:
-            f.seek(train_gpt.SHARD_HEADER_BYTES)
+            f.seek(SHARD_HEADER_BYTES)
             return np.fromfile(f, dtype="<u2", count=len(tokens))
     return np.asarray(tokens)
 
@@ -378,7 +372,7 @@ class ShingleIndex:
     bits its hash, the low `doc_bits` bits its document. A bitmap of the hashes' top bits filters the training
     shingles first (about 3% of absent ones pass); those that pass are looked up in the sorted array."""
 
-    def __init__(self, val: np.ndarray, doc_starts: np.ndarray, n: int, every: int = 1):
+    def __init__(self, val: np.ndarray, doc_starts: np.ndarray, n: int, bos: int, every: int = 1):
         self.n, self.every = n, every
         num_docs = len(doc_starts)
         self.doc_bits = max(1, int(num_docs).bit_length())
@@ -389,7 +383,7 @@ class ShingleIndex:
             stop = min(len(val), s + CHUNK_TOKENS + n - 1)
             h = shingle_hashes(val[s:stop], n)
             cb = np.zeros(stop - s + 1, dtype=np.int32)
-            np.cumsum(val[s:stop] == BOS, out=cb[1:])
+            np.cumsum(val[s:stop] == bos, out=cb[1:])
             ok = (cb[n:n + len(h)] - cb[:len(h)]) == 0  # no BOS inside the window
             ok &= sampled(h, every)
             where = np.flatnonzero(ok)
@@ -801,13 +795,13 @@ class Auditor:
         with tqdm(total=total, unit="tok", unit_scale=True, desc="audit", file=sys.stderr, disable=None,
                   mininterval=1.0) as bar:
             scan_split(val_shards, self.val_scan, self.vocab, self.bos, threads=a.threads, bar=bar)
-            self.val = np.concatenate([read_shard(s) for s in val_shards]) if val_shards else \
+            self.val = np.concatenate([shard_in_memory(s) for s in val_shards]) if val_shards else \
                 np.zeros(0, dtype=np.uint16)
             _, self.val_starts, self.val_lengths, self.val_keys = self.val_scan.doc_table()
             t0 = time.perf_counter()
             self.index = None
             if a.shingle > 0 and train_shards:
-                self.index = ShingleIndex(self.val, self.val_starts, a.shingle, a.shingle_sample)
+                self.index = ShingleIndex(self.val, self.val_starts, a.shingle, self.bos, a.shingle_sample)
             self.timings["near_index_s"] = time.perf_counter() - t0
             val_keys = np.sort(self.val_keys)
 
