@@ -406,8 +406,8 @@ def test_run_sh_cpu_path_writes_log_and_loadable_checkpoint(tmp_path, sample_dat
     model, state = tg.load_model(str(tmp_path / "ckpt" / "runsh.pt"), "cpu")
     assert state["tokenizer_sha256"] == tg.sha256_of_file(os.path.join(sample_data, "tokenizer.model"))
     with torch.no_grad():
-        logits = model(torch.tensor([[tg.BOS_ID, 40, 41]]))
-    assert logits.shape == (1, 3, 1024) and torch.isfinite(logits).all()
+        losses = model.eval()(torch.tensor([[tg.BOS_ID, 40, 41]]), torch.tensor([[40, 41, 42]]))
+    assert losses.shape == (1, 3) and torch.isfinite(losses).all() and (losses > 0).all()
 
 
 def test_readme_documents_every_hyperparameter():

@@ -37,18 +37,18 @@ def default_backends() -> str:
 
 def unavailable_reason(backend: str) -> str | None:
     """Why train_gpt.py cannot use this backend here (not installed, CUDA-only), or None if it loads. Asks
-    train_gpt.load_attention_backend, the function a run would use, rather than reading a run's error message."""
+    kernels.attention.load_varlen_backend, the function a run would use, rather than reading a run's error message."""
     sys.path.insert(0, str(ROOT))
     import torch
-    from train_gpt import ConfigError, load_attention_backend
+    from kernels.attention import BackendError, load_varlen_backend
 
     if backend == "auto":
         return None  # train_gpt.py picks one, or stops with its own error (shown as the run's failure)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if load_attention_backend(backend, device) is None:
+        if load_varlen_backend(backend, device) is None:
             return f"does not load on {device.type}" + ("" if device.type == "cuda" else ", CUDA-only")
-    except ConfigError as error:
+    except BackendError as error:
         return str(error)
     return None
 
