@@ -677,11 +677,16 @@ def command_line(command) -> int:
 
 
 def run(args, env: tg.DistributedEnv) -> int:
+    graphs_before, breaks_before = tg.compile_counts()
     loaded = load(args, env)
     result = run_config(args, loaded.model, loaded.val, env, keep_token_losses=bool(args.dump_token_losses),
                         progress=progress_to_stderr)
     out = results_dict(config_dict(args, loaded.setup), result, loaded.val,
                        context_slots_per_token(args, loaded.model, loaded.val))
+    # graphs compiled while scoring: a compiled attention (flex for a gist model on CUDA) must compile once, not once
+    # per batch (evaluation pads its batches to one length for it)
+    graphs, graph_breaks = tg.compile_counts()
+    out["compile"] = {"graphs": graphs - graphs_before, "graph_breaks": graph_breaks - breaks_before}
     losses = gather_token_losses(result, loaded.val, env.device) if args.dump_token_losses else None
     if env.is_main:
         if args.out:

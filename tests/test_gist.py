@@ -396,6 +396,7 @@ def test_cli_gist_mode_results_and_context(model, val, small_dir, tmp_path, caps
     expected = eval_ttt.gist_evaluate(model, val)
     assert results["bpb"] == pytest.approx(expected.bpb, rel=1e-9)
     assert results["config"]["gist_tokens"] == 4 and results["config"]["gist_segment"] == 32
+    assert results["compile"] == {"graphs": 0, "graph_breaks": 0}  # eager on CPUs (flex compiles once on CUDA)
     # context per scored token, counted one token at a time: its segment's raw tokens up to itself, 4 slots per
     # earlier segment
     counts = val.token_counts.tolist()
