@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job.
 #   With CUDA GPUs: torchrun on all of them, the default (parameter-golf baseline) configuration, on FineWeb sp1024
-#   if data/download_fineweb.py has fetched it, else on the bundled sample, ending with the int8+zlib artifact.
+#   if data/download_fineweb.py has fetched it, else on the bundled sample, ending with the int6+lzma artifact.
 #   Without: a tiny configuration on the bundled sample that trains for 215 s on 2 CPU cores (so that the whole run,
 #   evaluation included, fits in 5 minutes) and ends with a val_bpb line and a checkpoint. Its batch is small (2,048
 #   tokens, one micro-batch): in 215 s the run is short of optimizer steps, not of tokens (docs/experiments.md; the
@@ -35,8 +35,9 @@ if [ "$gpus" -gt 0 ]; then
     prepare_sample
     export DATA_PATH=${DATA_PATH:-$SAMPLE_DIR}
   fi
-  # the 16 MB track's artifact: parameter-golf's baseline export (int8 + zlib), scored after the round trip
-  export ARTIFACT=${ARTIFACT:-int8_zlib}
+  # the 16 MB track's artifact, scored after the round trip: int6 + lzma, because with this repository's code bytes
+  # (kernels and eval_ttt.py included) the baseline shape's int8 + zlib export is over 16,000,000 bytes (README)
+  export ARTIFACT=${ARTIFACT:-int6_lzma}
   # gradient accumulation makes up for fewer GPUs; the micro-batch count must be a multiple of the GPU count
   if [ $((8 % gpus)) -ne 0 ]; then export TRAIN_MICRO_BATCHES=${TRAIN_MICRO_BATCHES:-$gpus}; fi
   exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$gpus" train_gpt.py

@@ -151,7 +151,8 @@ def test_results_json_and_token_loss_dump(checkpoint, val, ttt, tmp_path, capsys
     assert line.startswith("eval mode:ttt window:64 chunk:16 lora_rank:4 lora_lr:0.05 lora_targets:q,v,o,mlp,head")
     results = json.loads(out.read_text())
     assert set(results) == {"config", "bpb", "loss", "tokens", "bytes", "seconds", "tokens_per_s", "docs",
-                            "context_slots_per_token"}
+                            "context_slots_per_token", "compile"}
+    assert results["compile"] == {"graphs": 0, "graph_breaks": 0}  # TTT runs eagerly
     # the context of each scored token, one at a time: its chunk's window (W - C = 48 tokens before the chunk) up to it
     slots = [p - max(0, p // 16 * 16 - 48) + 1 for n in val.token_counts.tolist() for p in range(n)]
     assert results["context_slots_per_token"] == pytest.approx(np.mean(slots))
