@@ -163,3 +163,15 @@ def test_cli_gist_mode_defaults_to_the_training_pieces(small_dir, tmp_path, caps
     assert results["config"]["window"] == seq_len
     slots = [p % seq_len % seg + 1 + k * (p % seq_len // seg) for d in docs for p in range(len(d) - 1)]
     assert results["context_slots_per_token"] == pytest.approx(np.mean(slots))
+
+
+def test_a_segment_as_long_as_the_training_pieces_is_one_clear_error():
+    """GIST_SEGMENT >= TRAIN_SEQ_LEN: every training piece is one segment, no slot is ever inserted, gist_emb never
+    gets a gradient, and gist mode would feed untrained slots to every later segment."""
+    for seg in ("128", "200"):
+        with pytest.raises(tg.ConfigError, match="GIST_SEGMENT=.*must be shorter than TRAIN_SEQ_LEN=128"):
+            tg.Hyperparameters.from_env({"GIST_TOKENS": "4", "GIST_SEGMENT": seg, "TRAIN_SEQ_LEN": "128"})
+    assert tg.gist_piece_lengths(np.array([128, 100]), 4, 128).tolist() == [128, 100]  # (no slot in any piece)
+    hp = tg.Hyperparameters.from_env({"GIST_TOKENS": "4", "GIST_SEGMENT": "127", "TRAIN_SEQ_LEN": "128"})
+    assert hp.gist_segment == 127
+    assert tg.Hyperparameters.from_env({"GIST_SEGMENT": "4096"}).gist_tokens == 0  # off: the segment does not matter
