@@ -9,9 +9,12 @@ Modes (every one of them per document: no scored token ever sees another documen
            is first scored with the current adapters (with up to W tokens of input ending at the chunk's end, like
            strided), then the adapters take one Adam step on that chunk's loss. So a chunk's score depends only on the
            tokens before it in its own document.
-  gist     for a model trained with gist tokens (GIST_TOKENS=k, GIST_SEGMENT=L): each document is read segment by
-           segment, L raw tokens at a time, with exactly the training mask: segment j sees its own raw tokens and the
-           gist slots of segments 0..j-1, whose keys and values are computed once, with their segment, and cached.
+  gist     for a model trained with gist tokens (GIST_TOKENS=k, GIST_SEGMENT=L): each document is cut into pieces of W
+           tokens (default: the checkpoint's TRAIN_SEQ_LEN, where training cuts documents into pieces), and each
+           piece is read segment by segment, L raw tokens at a time, with exactly the training mask: segment j sees its
+           own raw tokens and the gist slots of the piece's segments 0..j-1, whose keys and values are computed once,
+           with their segment, and cached. A W longer than the document reads it whole (more slots, further back, than
+           training ever showed the model).
 
 Usage:
   python eval_ttt.py --checkpoint checkpoints/run.pt --mode ttt --out results.json --dump-token-losses losses.npy
@@ -357,13 +360,17 @@ class GistCache:
 
 
 @torch.no_grad()
-def gist_document_losses(model: tg.GPT, doc: np.ndarray) -> np.ndarray:
+def gist_document_losses(model: tg.GPT, doc: np.ndarray, window: int = 0) -> np.ndarray:
     """Per-token losses (nats) of one document (BOS first) in gist mode: one forward of at most L + k tokens per
     segment. Raw tokens have their raw index as rotary position, the slots after segment j position (j + 1) * L, as in
-    training (train_gpt.gist_layout)."""
+    training (train_gpt.gist_layout). window > 0: the document is cut into pieces of `window` tokens, as training cuts
+    it at TRAIN_SEQ_LEN, and each piece is read on its own (its first segment sees no slot); 0: one piece."""
+    n = len(doc) - 1
+    if 0 < window < n:
+        return np.concatenate([gist_document_losses(model, doc[start: start + window + 1])
+                               for start in range(0, n, window)])
     k, seg, vocab = model.config.gist_tokens, model.config.gist_segment, model.config.vocab_size
     device = next(model.parameters()).device
-    n = len(doc) - 1
     cache = GistCache(len(model.blocks))
     losses = []
     for start in range(0, n, seg):
@@ -381,8 +388,9 @@ def gist_document_losses(model: tg.GPT, doc: np.ndarray) -> np.ndarray:
 
 
 def gist_evaluate(model: tg.GPT, val: tg.ValidationSet, env: tg.DistributedEnv | None = None,
-                  keep_token_losses: bool = False) -> tg.EvalResult:
-    """Score every selected document in gist mode; documents are shared out over the ranks as for the other modes."""
+                  keep_token_losses: bool = False, window: int = 0) -> tg.EvalResult:
+    """Score every selected document in gist mode, in pieces of `window` tokens (0: whole documents; see
+    gist_document_losses); documents are shared out over the ranks as for the other modes."""
     if not model.config.gist_tokens:
         raise tg.ConfigError("--mode gist: the checkpoint's model has no gist tokens (trained with GIST_TOKENS=0)")
     rank, world = (env.rank, env.world_size) if env else (0, 1)
@@ -391,8 +399,8 @@ def gist_evaluate(model: tg.GPT, val: tg.ValidationSet, env: tg.DistributedEnv |
     was_training = model.training
     model.eval()
     try:
-        losses = {d: gist_document_losses(model, val.document(d)) for d in tg.assign_documents(val.token_counts,
-                                                                                               world)[rank]}
+        mine = tg.assign_documents(val.token_counts, world)[rank]
+        losses = {d: gist_document_losses(model, val.document(d), window) for d in mine}
     finally:
         model.train(was_training)
     return tg.gather_result("gist", val, losses, start_time, device, keep_token_losses)
@@ -400,11 +408,12 @@ def gist_evaluate(model: tg.GPT, val: tg.ValidationSet, env: tg.DistributedEnv |
 
 def context_slots_per_token(args, model: tg.GPT, val: tg.ValidationSet) -> float:
     """The mean number of key/value slots a scored token attends to (itself included): raw tokens of its window for
-    flat, strided and ttt; in gist mode its segment's raw tokens up to itself plus the gist slots of earlier segments."""
+    flat, strided and ttt; in gist mode its segment's raw tokens up to itself plus the gist slots of its piece's earlier
+    segments."""
     counts = val.token_counts.tolist()
     if args.mode == "gist":
         k, seg = model.config.gist_tokens, model.config.gist_segment
-        index = np.arange(max(counts, default=0))
+        index = np.arange(max(counts, default=0)) % args.window  # the position in its piece
         slots = index % seg + 1 + (index // seg) * k  # of the token predicting from position `index`
         return sum(int(slots[:n].sum()) for n in counts) / max(sum(counts), 1)
     if args.mode == "flat":
@@ -439,9 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder with *_val_*.bin shards (default: the checkpoint's DATA_PATH)")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; its sha256 must match)")
     p.add_argument("--mode", choices=("flat", "strided", "ttt", "gist"), default="strided",
-                   help="gist: for checkpoints trained with GIST_TOKENS > 0, segment by segment with cached gist slots")
+                   help="gist: for checkpoints trained with GIST_TOKENS > 0, segment by segment with cached gist "
+                        "slots, in pieces of --window tokens")
     p.add_argument("--window", type=int, help="tokens of input per window or chunk (default: the checkpoint's "
-                                               "EVAL_WINDOW)")
+                                               "EVAL_WINDOW); gist: per piece (default: its TRAIN_SEQ_LEN)")
     p.add_argument("--stride", type=int, help="strided: tokens scored per window after the first (default: window/2)")
     p.add_argument("--chunk", type=int, help="ttt: tokens scored, then trained on, per step (default: window/4)")
     p.add_argument("--lora-rank", type=int, default=TTTConfig.lora_rank)
@@ -497,7 +507,7 @@ def run_config(args, model, val, env, keep_token_losses: bool, progress=None) ->
     model.rotary.set_ntk_alpha(args.rope_ntk_alpha)
     try:
         if args.mode == "gist":
-            return gist_evaluate(model, val, env, keep_token_losses)
+            return gist_evaluate(model, val, env, keep_token_losses, window=args.window)
         if model.config.gist_tokens and args.mode == "ttt":
             raise tg.ConfigError("--mode ttt: not implemented for gist models (use gist, strided or flat)")
         if args.mode == "ttt":
@@ -553,7 +563,8 @@ def summary_line(args, result: tg.EvalResult, val, model_config: tg.ModelConfig 
     elif args.mode == "strided":
         knobs = f"window:{args.window} stride:{args.stride}"
     elif args.mode == "gist":
-        knobs = f"gist_tokens:{model_config.gist_tokens} gist_segment:{model_config.gist_segment}"
+        knobs = (f"gist_tokens:{model_config.gist_tokens} gist_segment:{model_config.gist_segment} "
+                 f"window:{args.window}")
     else:
         knobs = f"window:{args.window}"
     return (f"eval mode:{args.mode} {knobs} rope_ntk_alpha:{args.rope_ntk_alpha:g} val_loss:{result.loss:.6f} "
@@ -587,8 +598,9 @@ class Loaded:
 
 def fill_defaults(args, hyperparameters: dict) -> None:
     """Options left unset take the checkpoint's settings; the stride and the chunk follow the window."""
-    if args.window is None:
-        args.window = int(hyperparameters.get("eval_window") or hyperparameters.get("train_seq_len") or 1024)
+    if args.window is None:  # gist mode: the pieces training cut documents into
+        eval_window = None if args.mode == "gist" else hyperparameters.get("eval_window")
+        args.window = int(eval_window or hyperparameters.get("train_seq_len") or 1024)
     if args.stride is None:
         args.stride = tg.default_eval_stride(args.window)
     if args.chunk is None:

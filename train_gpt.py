@@ -209,6 +209,9 @@ class Hyperparameters(ModelConfig):
         need(self.gist_tokens == 0 or self.attn_backend in ("auto", "reference"), "attn_backend",
              "cannot express the gist attention mask (GIST_TOKENS > 0); use auto (flex_attention on CUDA, the "
              "dense-mask reference on CPUs) or reference")
+        need(self.gist_tokens == 0 or self.gist_segment < self.train_seq_len, "gist_segment",
+             f"must be shorter than TRAIN_SEQ_LEN={self.train_seq_len}: slots go between the segments of a piece of at "
+             f"most TRAIN_SEQ_LEN tokens, so with one segment per piece no gist slot would ever be trained")
 
     def _resolve_defaults(self) -> None:
         if not self.tokenizer_path:

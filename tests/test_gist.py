@@ -393,14 +393,14 @@ def test_cli_gist_mode_results_and_context(model, val, small_dir, tmp_path, caps
     out = tmp_path / "gist.json"
     assert eval_ttt.main(["--checkpoint", checkpoint, "--mode", "gist", "--out", out]) == 0
     results = json.loads(out.read_text())
-    expected = eval_ttt.gist_evaluate(model, val)
+    expected = eval_ttt.gist_evaluate(model, val, window=64)  # the checkpoint's TRAIN_SEQ_LEN (issue 23)
     assert results["bpb"] == pytest.approx(expected.bpb, rel=1e-9)
     assert results["config"]["gist_tokens"] == 4 and results["config"]["gist_segment"] == 32
     assert results["compile"] == {"graphs": 0, "graph_breaks": 0}  # eager on CPUs (flex compiles once on CUDA)
     # context per scored token, counted one token at a time: its segment's raw tokens up to itself, 4 slots per
-    # earlier segment
+    # earlier segment of its piece of 64
     counts = val.token_counts.tolist()
-    slots = [p % 32 + 1 + 4 * (p // 32) for n in counts for p in range(n)]
+    slots = [p % 32 + 1 + 4 * (p % 64 // 32) for n in counts for p in range(n)]
     assert results["context_slots_per_token"] == pytest.approx(np.mean(slots))
     assert "eval mode:gist gist_tokens:4 gist_segment:32" in capsys.readouterr().out
     # strided W = S = 32 holds each token's own window only
