@@ -688,8 +688,14 @@ def command_line(command) -> int:
             dist.destroy_process_group()
 
 
+def compile_counts() -> tuple[int, int]:
+    """train_gpt.compile_counts, without importing Dynamo into a process that never compiled (importing it is not free,
+    and an evaluation that compiles nothing, as every CPU one, has nothing to count)."""
+    return tg.compile_counts() if "torch._dynamo" in sys.modules else (0, 0)
+
+
 def run(args, env: tg.DistributedEnv) -> int:
-    graphs_before, breaks_before = tg.compile_counts()
+    graphs_before, breaks_before = compile_counts()
     loaded = load(args, env)
     result = run_config(args, loaded.model, loaded.val, env, keep_token_losses=bool(args.dump_token_losses),
                         progress=progress_to_stderr)
@@ -697,7 +703,7 @@ def run(args, env: tg.DistributedEnv) -> int:
                        context_slots_per_token(args, loaded.model, loaded.val))
     # graphs compiled while scoring: a compiled attention (flex for a gist model on CUDA) must compile once, not once
     # per batch (evaluation pads its batches to one length for it)
-    graphs, graph_breaks = tg.compile_counts()
+    graphs, graph_breaks = compile_counts()
     out["compile"] = {"graphs": graphs - graphs_before, "graph_breaks": graph_breaks - breaks_before}
     losses = gather_token_losses(result, loaded.val, env.device) if args.dump_token_losses else None
     if env.is_main:
