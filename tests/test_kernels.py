@@ -491,6 +491,11 @@ def compile_and_run(name, args, kwargs, leaves, backend):
     return outputs, grads, kernel_ops
 
 
+# Inductor fuses newton_schulz's elementwise steps between the Triton matmuls and keeps them in fp32 where eager rounds
+# each to bf16; five iterations amplify that rounding (2.2e-2 measured on an H200, torch 2.11).
+COMPILED_TOL = {("newton_schulz", torch.bfloat16): 4e-2}
+
+
 def check_compiled_matches_eager(name, dtype, backend):
     args, kwargs, leaves = op_case(name, DEVICE, dtype)
     eager_outputs, eager_grads = run_op(kernels.OPS[name], args, kwargs, leaves)
@@ -498,7 +503,8 @@ def check_compiled_matches_eager(name, dtype, backend):
     assert kernel_ops, "the compiled graph holds no kernels op: the Triton path was not traced"
     for i, (actual, expected) in enumerate(zip(outputs + grads, eager_outputs + eager_grads, strict=True)):
         assert actual.dtype == expected.dtype
-        assert_close(actual, expected, TOL[dtype], f"{name}: output/gradient {i}, compiled vs eager")
+        assert_close(actual, expected, COMPILED_TOL.get((name, dtype), TOL[dtype]),
+                     f"{name}: output/gradient {i}, compiled vs eager")
 
 
 @needs_triton
@@ -571,6 +577,9 @@ def test_registered_op_opcheck(case):
     """torch.library.opcheck: schema, autograd registration, fake implementation against the real one, and tracing
     with dynamic shapes (as varlen batches would be compiled)."""
     op, args = registered_op_cases()[case]
+    # on a GPU machine the Triton path takes CUDA tensors only (the cases are built on the CPU, for the interpreter)
+    args = tuple(a.detach().to(DEVICE).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
     torch.library.opcheck(op, args)
 
 
