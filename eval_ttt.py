@@ -1,38 +1,33 @@
 """
-eval_ttt.py: per-document bits-per-byte evaluation of a train_gpt.py checkpoint, with test-time training (TTT).
+eval_ttt.py: bits per byte of a trained model, document by document, with test-time training (TTT).
 
-Modes (every one of them per document: no scored token ever sees another document):
-  flat     contiguous windows of the concatenated validation documents (train_gpt.evaluate)
-  strided  per document, the first W tokens, then S tokens at a time with the W - S tokens before them
-           (train_gpt.evaluate)
+    result = evaluate(model, val, EvalSpec(mode="ttt", window=256, chunk=64))    # an EvalResult: .bpb, .loss, ...
+
+Modes (each per document: no scored token ever sees another document):
+  flat     the validation documents concatenated and cut into contiguous windows of W tokens (older leaderboards);
+           a window boundary cuts a document's context
+  strided  per document, the first W tokens, then S tokens at a time, each with the W - S tokens before it
   ttt      per-document LoRA adapters, reset for every document. The document is cut into chunks of C tokens; each chunk
-           is first scored with the current adapters (with up to W tokens of input ending at the chunk's end, like
-           strided), then the adapters take one Adam step on that chunk's loss. So a chunk's score depends only on the
-           tokens before it in its own document.
-  gist     for a model trained with gist tokens (GIST_TOKENS=k, GIST_SEGMENT=L): each document is cut into pieces of W
-           tokens (default: the checkpoint's TRAIN_SEQ_LEN, where training cuts documents into pieces), and each
-           piece is read segment by segment, L raw tokens at a time, with exactly the training mask: segment j sees its
-           own raw tokens and the gist slots of the piece's segments 0..j-1, whose keys and values are computed once,
-           with their segment, and cached. A W longer than the document reads it whole (more slots, further back, than
-           training ever showed the model).
+           is first scored with the current adapters (with up to W tokens of input ending at the chunk's end), then the
+           adapters take one Adam step on that chunk's loss. A chunk's score depends only on the tokens before it.
+  gist     for a model trained with gist tokens (gist.py): each document in pieces of W tokens, read segment by
+           segment with exactly the training mask
 
-Usage:
-  python eval_ttt.py --checkpoint checkpoints/run.pt --mode ttt --out results.json --dump-token-losses losses.npy
-  torchrun --nproc_per_node=8 eval_ttt.py --checkpoint ... --mode strided --window 1024 --stride 512
+Command line (a checkpoint .pt or an artifact .ptz of train_gpt.py):
+  python eval_ttt.py --checkpoint checkpoints/RUN.pt --mode ttt --out results.json --dump-token-losses losses.npy
+  torchrun --nproc_per_node=8 eval_ttt.py --checkpoint RUN.ptz --mode strided --window 1024 --stride 512
 
-The model, the byte tables, BPB, the windows and the strided scorer all come from train_gpt.py; this file adds the
-batched per-document LoRA TTT loop, the command line for one configuration, the results file and the token-loss dump.
-Sweeps over a grid of these settings, with their CSV and plots, are tools/sweep.py, which calls the functions here.
+The model is any object with train_gpt.GPT's public methods: forward(input_ids, target_ids, cu_seqlens, max_seqlen,
+head_correction) -> per-token losses, adaptable_linears(), set_rope_ntk_alpha(alpha), config, kernels (and for gist
+mode gist_document_losses). This module never imports train_gpt (train_gpt imports it for its final evaluation): the
+command line is handed train_gpt, which builds the model from the checkpoint, by the script's entry point.
 
-TTT batching: each process takes its documents (train_gpt.assign_documents), longest first, and runs them in a batch of
---doc-batch slots, one document per slot: every step scores and trains chunk j_s of the document in slot s, as one
-[slots, <= W] forward and backward. Each slot has its own adapter weights A [slots, r, in] and B [slots, out, r] (B = 0
-at the start, A the same seeded random matrix for every document) and its own Adam moments and step count. When a
-document ends, its slot is reset and refilled with the next document at once (rather than waiting for the batch's
-longest document), so the batch stays full; per-slot Adam step counts make a slot's trajectory the same whether its
-document started together with its batch-mates or not. Rows are padded at their end, where causal attention keeps the
-real tokens blind to the padding, so a document's scores do not depend on its batch-mates (up to float rounding of
-differently shaped matrix products).
+TTT batching: each process takes its documents, longest first, and runs them in a batch of doc_batch slots, one
+document per slot: every step scores and trains chunk j_s of the document in slot s, as one [slots, <= W] forward and
+backward. Each slot has its own adapter weights A [slots, r, in] and B [slots, out, r] (B = 0 at the start, A the same
+seeded random matrix for every document) and its own Adam moments and step count. A finished slot is refilled at once,
+so the batch stays full; per-slot step counts make a slot's trajectory the same whatever its batch-mates. Rows are
+padded at their end, where causal attention keeps the real tokens blind to the padding.
 """
 
 from __future__ import annotations
@@ -43,70 +38,296 @@ import io
 import json
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import train_gpt as tg
-from kernels.attention import repeat_kv
+from data.files import sha256_file, write_atomic
+from data.loader import (IGNORE_INDEX, ConfigError, DataError, ValidationSet, bits_per_byte, build_byte_tables,
+                         load_tokenizer)
+from kernels.attention import BackendError
 
-ROOT = Path(__file__).resolve().parent
-
-# ----------------------------------------------------------------------------------------------------------------------
-# LoRA test-time training
-
-# --lora-targets names -> the names of the projections adapters attach to (per block, plus the tied lm_head)
+MODES = ("flat", "strided", "ttt", "gist")
+# lora_targets names -> the projections adapters attach to (per block; "head" is the tied lm_head)
 TARGET_GROUPS = {"q": ("attn.q",), "k": ("attn.k",), "v": ("attn.v",), "o": ("attn.o",), "fc": ("mlp.fc",),
                  "proj": ("mlp.proj",), "mlp": ("mlp.fc", "mlp.proj"), "attn": ("attn.q", "attn.k", "attn.v", "attn.o"),
                  "head": ()}
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
+ALL_TARGETS = ("q", "k", "v", "o", "mlp", "head")
 
 
-@dataclass
-class TTTConfig:
-    window: int = 256  # tokens of input per scored chunk, the chunk included
-    chunk: int = 64  # tokens scored, then trained on, per step
+# ----------------------------------------------------------------------------------------------------------------------
+# What to evaluate, and the result
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One evaluation's settings, checked when made; the command line's defaults are these. stride 0 and chunk 0 follow
+    the window (W/2 and W/4) and are resolved when the spec is made."""
+
+    mode: str = "strided"  # flat | strided | ttt | gist
+    window: int = 1024  # tokens of input per window (strided, flat), per chunk's window (ttt), per piece (gist)
+    stride: int = 0  # strided: tokens scored per window after the first
+    batch_tokens: int = 65_536  # flat, strided: tokens per forward pass
+    chunk: int = 0  # ttt: tokens scored, then trained on, per step
     lora_rank: int = 16
-    lora_lr: float = 0.005
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "mlp", "head")
-    doc_batch: int = 16  # documents (slots) per forward/backward
-    seed: int = 0  # of the shared initial A matrices
-    beta1: float = ADAM_BETAS[0]
-    beta2: float = ADAM_BETAS[1]
-    eps: float = ADAM_EPS
+    lora_lr: float = 0.005  # Adam learning rate of the adapters
+    lora_targets: tuple[str, ...] = ALL_TARGETS
+    doc_batch: int = 16  # ttt: documents per forward and backward
+    seed: int = 0  # ttt: of the adapters' shared initial A matrices
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    rope_ntk_alpha: float = 1.0  # NTK-aware RoPE scaling for windows longer than training
+
+    def __post_init__(self):
+        if not self.stride:
+            object.__setattr__(self, "stride", default_stride(self.window))
+        if not self.chunk:
+            object.__setattr__(self, "chunk", max(1, self.window // 4))
+        object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
+
+        def need(condition: bool, name: str, problem: str) -> None:
+            if not condition:
+                raise SpecError(name, getattr(self, name), problem)
+
+        need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}")
+        for name in ("window", "batch_tokens", "lora_rank", "doc_batch"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        need(0 < self.stride <= self.window, "stride", f"must be in 1..window ({self.window})")
+        need(self.chunk > 0, "chunk", "must be a positive integer")
+        need(self.mode != "ttt" or self.chunk <= self.window, "chunk", f"must be <= the window ({self.window})")
+        need(self.lora_lr >= 0 and math.isfinite(self.lora_lr), "lora_lr", "must be a finite number >= 0")
+        need(self.rope_ntk_alpha > 0 and math.isfinite(self.rope_ntk_alpha), "rope_ntk_alpha", "must be > 0")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        need(self.eps > 0, "eps", "must be > 0")
+
+    def settings(self) -> dict:
+        """The settings that decide this mode's scores (the others are left out), for results files and logs."""
+        names = {"flat": ("window", "batch_tokens"), "strided": ("window", "stride", "batch_tokens"),
+                 "ttt": ("window", "chunk", "lora_rank", "lora_lr", "lora_targets", "doc_batch", "seed", "beta1",
+                         "beta2", "eps"),
+                 "gist": ("window",)}[self.mode]
+        values = {name: getattr(self, name) for name in ("mode",) + names + ("rope_ntk_alpha",)}
+        if "lora_targets" in values:
+            values["lora_targets"] = ",".join(values["lora_targets"])
+        return values
 
 
-def parse_targets(spec: str) -> tuple[str, ...]:
-    names = tuple(s.strip() for s in spec.split(",") if s.strip())
-    if spec.strip() == "all":
-        names = ("q", "k", "v", "o", "mlp", "head")
+class SpecError(ConfigError):
+    """An EvalSpec setting the evaluation cannot run with."""
+
+    def __init__(self, name: str, value, problem: str):
+        self.name, self.value, self.problem = name, value, problem
+        super().__init__(f"{name} {value}: {problem}")
+
+
+def default_stride(window: int) -> int:
+    """The strided evaluation's stride when none is given: half the window (each scored token sees at least W/2)."""
+    return max(1, window // 2)
+
+
+def parse_targets(spec) -> tuple[str, ...]:
+    """LoRA targets from a comma-separated string or a sequence of names; "all" is every projection and the head."""
+    names = tuple(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip())
+    if names == ("all",):
+        names = ALL_TARGETS
     unknown = [n for n in names if n not in TARGET_GROUPS]
     if not names or unknown:
-        raise ValueError(f"unknown LoRA target {unknown[0]!r}" if unknown else "no LoRA target given")
+        problem = f"unknown LoRA target {unknown[0]!r}" if unknown else "no LoRA target given"
+        raise SpecError("lora_targets", ",".join(names), f"{problem}; known: {', '.join(TARGET_GROUPS)}, all")
     return names
 
 
-def projections(model: tg.GPT) -> dict[str, torch.nn.Module]:
-    """{projection name: the model's linear layer} for every projection an adapter can cover."""
-    modules = {}
-    for i, block in enumerate(model.blocks):
-        for suffix, module in {"attn.q": block.attn.c_q, "attn.k": block.attn.c_k, "attn.v": block.attn.c_v,
-                               "attn.o": block.attn.proj, "mlp.fc": block.mlp.fc, "mlp.proj": block.mlp.proj}.items():
-            modules[f"blocks.{i}.{suffix}"] = module
-    return modules
+@dataclass
+class EvalResult:
+    mode: str
+    doc_nats: np.ndarray  # per selected document
+    doc_tokens: np.ndarray
+    doc_bytes: np.ndarray
+    seconds: float
+    token_losses: dict | None = None  # {doc: per-token losses}, this process's documents only
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.doc_tokens.sum())
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.doc_bytes.sum())
+
+    @property
+    def loss(self) -> float:
+        return float(self.doc_nats.sum() / max(self.total_tokens, 1))
+
+    @property
+    def bpb(self) -> float:
+        return bits_per_byte(float(self.doc_nats.sum()), self.total_bytes)
 
 
-def lora_shapes(model: tg.GPT, targets) -> dict[str, tuple[int, int]]:
-    """{projection name: (in_features, out_features)} of the projections the adapters cover."""
+def evaluate(model, data: ValidationSet, spec: EvalSpec, *, process: tuple[int, int] | None = None,
+             keep_token_losses: bool = False, progress=None) -> EvalResult:
+    """Score every selected document of `data` as `spec` says. The documents are shared out over the processes
+    (process = (rank, world size); default: torch.distributed's, or one process), and the per-document sums
+    all-reduced, so every process returns the whole result; token_losses hold this process's documents only."""
+    rank, world = process or ((dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1))
+    if spec.mode == "ttt" and model.config.gist_tokens:
+        raise SpecError("mode", "ttt", "not implemented for gist models (use gist, strided or flat)")
+    if spec.mode == "gist" and not model.config.gist_tokens:
+        raise SpecError("mode", "gist", "the checkpoint's model has no gist tokens (trained with GIST_TOKENS=0)")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    model.set_rope_ntk_alpha(spec.rope_ntk_alpha)
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        mine = assign_documents(data.token_counts, world)[rank]
+        if spec.mode == "ttt":
+            losses = ttt_losses(model, data, mine, spec, progress)
+        elif spec.mode == "gist":
+            losses = {d: model.gist_document_losses(data.document(d), spec.window) for d in mine}
+        else:
+            windows = [w for w in evaluation_windows(data, spec) if w[0] in set(mine)]
+            losses = window_losses(model, data, windows, spec.batch_tokens)
+    finally:
+        model.set_rope_ntk_alpha(1.0)
+        model.train(was_training)
+    doc_nats = torch.zeros(data.num_docs, dtype=torch.float64, device=device)
+    for doc, values in losses.items():
+        if np.isnan(values).any():
+            raise RuntimeError(f"document {doc}: a token was not scored ({spec.mode} evaluation)")
+        doc_nats[doc] = float(values.sum())
+    sum_over_processes(doc_nats)
+    synchronize(device)
+    return EvalResult(spec.mode, doc_nats.cpu().numpy(), data.token_counts.copy(), data.byte_counts.copy(),
+                      time.perf_counter() - start, losses if keep_token_losses else None)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def assign_documents(lengths, world_size: int) -> list[list[int]]:
+    """Deterministic length-balanced assignment of documents to processes (longest first, to the least-loaded one,
+    ties to the lowest rank). Every process computes the same answer; no coordination needed."""
+    loads = [0] * world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for doc in sorted(range(len(lengths)), key=lambda d: (-int(lengths[d]), d)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shares[rank].append(doc)
+        loads[rank] += int(lengths[doc])
+    return [sorted(s) for s in shares]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# flat and strided: windows (doc, start, end, score_from) packed into varlen forward passes. A window's inputs are the
+# document's tokens start..end-1; the targets of positions score_from..end-1 are scored.
+
+
+def strided_windows(num_targets: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, score_from) over a document's prediction positions 0..num_targets-1: the first `window`, then
+    `stride` at a time, each with the `window - stride` positions before them as context (so stride == window gives
+    non-overlapping windows from the document's start)."""
+    end = min(window, num_targets)
+    windows = [(0, end, 0)]
+    while end < num_targets:
+        new_end = min(end + stride, num_targets)
+        windows.append((max(0, end - (window - stride)), new_end, end))
+        end = new_end
+    return windows
+
+
+def flat_windows(token_counts: np.ndarray, window: int) -> list[tuple[int, int, int, int]]:
+    """(doc, start, end, score_from) pieces of the concatenated documents cut every `window` tokens."""
+    items, position = [], 0
+    for doc, count in enumerate(token_counts.tolist()):
+        start = 0
+        while start < count:
+            end = min(count, start + window - (position + start) % window)
+            items.append((doc, start, end, start))
+            start = end
+        position += count
+    return items
+
+
+def evaluation_windows(data: ValidationSet, spec: EvalSpec) -> list[tuple[int, int, int, int]]:
+    if spec.mode == "flat":
+        return flat_windows(data.token_counts, spec.window)
+    return [(doc, *w) for doc, n in enumerate(data.token_counts.tolist())
+            for w in strided_windows(n, spec.window, spec.stride)]
+
+
+def pack_windows(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group windows (by index) into batches of at most batch_tokens tokens, longest first (first-fit decreasing)."""
+    batches, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                batches[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            batches.append([i])
+            room.append(batch_tokens - lengths[i])
+    return batches
+
+
+@torch.no_grad()
+def window_losses(model, data: ValidationSet, windows, batch_tokens: int) -> dict[int, np.ndarray]:
+    """Per-token losses (nats) of the scored positions, as {doc: float64 array over the document's targets}. A model
+    whose attention is compiled for one shape (fixed_shapes) gets every batch padded to batch_tokens tokens, with a
+    segment of its own whose targets are ignored."""
+    docs = {doc: data.document(doc) for doc in sorted({w[0] for w in windows})}
+    losses = {doc: np.full(len(tokens) - 1, np.nan) for doc, tokens in docs.items()}
+    lengths = [end - start for _, start, end, _ in windows]
+    device = next(model.parameters()).device
+    batch_tokens = max(batch_tokens, max(lengths, default=1))
+    pad = getattr(model, "fixed_shapes", False)
+    for batch in pack_windows(lengths, batch_tokens):
+        inputs = np.concatenate([docs[windows[i][0]][windows[i][1]: windows[i][2]] for i in batch])
+        targets = np.concatenate([docs[windows[i][0]][windows[i][1] + 1: windows[i][2] + 1] for i in batch])
+        cu_seqlens = np.concatenate([[0], np.cumsum([lengths[i] for i in batch])]).astype(np.int32)
+        real = len(inputs)
+        if pad and real < batch_tokens:
+            inputs = np.concatenate([inputs, np.zeros(batch_tokens - real, dtype=inputs.dtype)])
+            targets = np.concatenate([targets, np.full(batch_tokens - real, IGNORE_INDEX, dtype=targets.dtype)])
+            cu_seqlens = np.append(cu_seqlens, batch_tokens).astype(np.int32)
+        token_losses = model(torch.from_numpy(inputs.astype(np.int64)).to(device)[None],
+                             torch.from_numpy(targets.astype(np.int64)).to(device)[None],
+                             torch.from_numpy(cu_seqlens).to(device), max(lengths[i] for i in batch))
+        token_losses = token_losses[0].double().cpu().numpy()
+        for i, offset in zip(batch, cu_seqlens[:-1].tolist()):
+            doc, start, end, score_from = windows[i]
+            losses[doc][score_from:end] = token_losses[offset + score_from - start: offset + end - start]
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ttt: batched per-document LoRA, score first, then one Adam step
+
+
+def lora_shapes(model, targets) -> dict[str, tuple[int, int]]:
+    """{projection name: (in_features, out_features)} of the projections the adapters cover ("head": the tied head)."""
     suffixes = {s for t in targets for s in TARGET_GROUPS[t]}
     shapes = {}
-    for name, module in projections(model).items():
+    for name, module in model.adaptable_linears().items():
         if name.split(".", 2)[2] in suffixes:
             out_features, in_features = module.weight.shape
             shapes[name] = (in_features, out_features)
@@ -116,49 +337,31 @@ def lora_shapes(model: tg.GPT, targets) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-# Fused kernels that compute a projection or the head without calling the layer, so a forward hook never sees them.
-BYPASS_HOOKS = frozenset({"relu2_linear", "linear_softcap_cross_entropy"})
+# A fused kernel that computes a projection without calling its layer, so a forward hook never sees it.
+BYPASSES_HOOKS = frozenset({"relu2_linear"})
 
 
 def ttt_fused_ops(fused: frozenset) -> frozenset:
     """The fused ops a TTT model can use: all but those that bypass the adapters' hooks."""
-    return fused - BYPASS_HOOKS
+    return fused - BYPASSES_HOOKS
 
 
 @contextlib.contextmanager
-def adapted(model: tg.GPT, lora, names):
-    """The model with `lora(name, x)` added to the output of each projection in `names` (forward hooks on the linear
-    layers: the trainer's model knows nothing of adapters). Fused kernels that would bypass a hooked layer or the
-    head must be off in the model (ttt_fused_ops)."""
-    def add_delta(name):
-        return lambda module, args, out: out + lora(name, args[0]).to(out.dtype)
-
-    bypassing = sorted(model.kernels.fused & BYPASS_HOOKS)
+def adapted(model, lora: BatchedLoRA):
+    """The model with lora.delta(name, x) added to the output of each adapted projection (forward hooks on the model's
+    linear layers: the model knows nothing of adapters)."""
+    bypassing = sorted(model.kernels.fused & BYPASSES_HOOKS)
     if bypassing:
-        raise tg.ConfigError(f"TTT adapters need a model without the fused ops {', '.join(bypassing)} (they bypass the "
-                             "hooked layers); load it with ttt_fused_ops()")
-    layers = projections(model)
-    handles = [layers[name].register_forward_hook(add_delta(name)) for name in names if name != "head"]
+        raise ConfigError(f"TTT adapters need a model without the fused ops {', '.join(bypassing)} (they bypass the "
+                          "adapted layers); load it with ttt_fused_ops()")
+    layers = model.adaptable_linears()
+    handles = [layers[name].register_forward_hook(lambda module, args, out, name=name: out + lora.delta(
+        name, args[0]).to(out.dtype)) for name in lora.names if name != "head"]
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
-
-
-def adapted_losses(model: tg.GPT, lora, names, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    """Per-token losses [B, T] (fp32 nats, 0 where the target is ignored) of the model with adapters on `names` (the
-    head's included): as GPT.forward in eval mode, the lm_head runs only where a target is scored."""
-    with adapted(model, lora, names):
-        x = model.hidden_states(input_ids)
-        flat_x, flat_targets = x.flatten(0, 1), target_ids.flatten()
-        scored = (flat_targets != tg.IGNORE_INDEX).nonzero().squeeze(1)
-        raw = model.head(flat_x[scored])
-        if "head" in names:
-            raw = raw + lora("head", x).flatten(0, 1)[scored].to(raw.dtype)
-    losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=x.device)
-    losses[scored] = model.softcap_losses(raw, flat_targets[scored])
-    return losses.view_as(target_ids)
 
 
 def initial_lora_a(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -170,20 +373,19 @@ def initial_lora_a(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> 
 
 
 class BatchedLoRA:
-    """Per-slot LoRA adapters and Adam state for a batch of documents, and the `lora(name, x)` callable that gives the
-    delta of projection `name` for the slots of the current step (see `adapted`).
+    """Per-slot LoRA adapters and Adam state for a batch of documents.
 
     delta_s(x) = (x @ A_s^T) @ B_s^T for slot s, A [slots, r, in], B [slots, out, r]. Adam (as torch.optim.Adam, without
     weight decay) keeps its moments and its step count per slot."""
 
-    def __init__(self, shapes, cfg: TTTConfig, slots: int, device: torch.device):
-        self.cfg, self.slots = cfg, slots
+    def __init__(self, shapes, spec: EvalSpec, slots: int, device: torch.device):
+        self.spec, self.slots = spec, slots
         self.names = tuple(sorted(shapes))  # the projections covered
-        self.a0 = {n: a.to(device) for n, a in initial_lora_a(shapes, cfg.lora_rank, cfg.seed).items()}
+        self.a0 = {n: a.to(device) for n, a in initial_lora_a(shapes, spec.lora_rank, spec.seed).items()}
         self.params: dict[str, torch.Tensor] = {}
         for name, (fan_in, fan_out) in shapes.items():
             self.params[f"{name}.A"] = self.a0[name].expand(slots, -1, -1).clone()
-            self.params[f"{name}.B"] = torch.zeros(slots, fan_out, cfg.lora_rank, device=device)
+            self.params[f"{name}.B"] = torch.zeros(slots, fan_out, spec.lora_rank, device=device)
         self.exp_avg = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.steps = torch.zeros(slots, dtype=torch.float64)
@@ -205,94 +407,101 @@ class BatchedLoRA:
         self.index = slots
         self.live = {k: p[slots].requires_grad_(True) for k, p in self.params.items()}
 
-    def __call__(self, name: str, x: torch.Tensor):
-        a = self.live.get(f"{name}.A")
-        if a is None:
-            return None
-        b = self.live[f"{name}.B"]
-        shape = x.shape
-        x = x.reshape(a.size(0), -1, shape[-1])  # the head gets its input flattened to [rows * T, dim]
-        delta = torch.bmm(torch.bmm(x, a.transpose(1, 2).to(x.dtype)), b.transpose(1, 2).to(x.dtype))
-        return delta.reshape(*shape[:-1], delta.size(-1))
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapters' output for x [rows, T, in] of projection `name` -> [rows, T, out]."""
+        a, b = self.live[f"{name}.A"], self.live[f"{name}.B"]
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2).to(x.dtype)), b.transpose(1, 2).to(x.dtype))
+
+    def head_delta(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The head adapters' output [n, V] for the scored positions only: x [n, D], rows [n] the batch row of each
+        (ascending). Each row's positions are laid out in a [rows, most, D] block for two batched matmuls."""
+        a, b = self.live["head.A"], self.live["head.B"]
+        first = torch.searchsorted(rows, torch.arange(a.size(0), device=rows.device))
+        column = torch.arange(len(rows), device=rows.device) - first[rows]
+        block = x.new_zeros(a.size(0), int(column.max()) + 1 if len(rows) else 0, x.size(1))
+        block[rows, column] = x
+        out = torch.bmm(torch.bmm(block, a.transpose(1, 2).to(x.dtype)), b.transpose(1, 2).to(x.dtype))
+        return out[rows, column]
 
     def step(self, loss: torch.Tensor, rows: list[int]) -> None:
         """One Adam step, for the selected slots at positions `rows`, on `loss` (a sum of per-slot losses, so each slot
         gets the gradient of its own loss only)."""
         keys = list(self.live)
         grads = torch.autograd.grad(loss, [self.live[k] for k in keys])
-        cfg = self.cfg
+        spec = self.spec
         rows_t = torch.tensor(rows, device=self.index.device)
         index, cpu_index = self.index[rows_t], self.index[rows_t].cpu()
         self.steps[cpu_index] += 1
         steps = self.steps[cpu_index].to(index.device)
-        bias1 = (1 - cfg.beta1 ** steps).float().view(-1, 1, 1)
-        bias2_sqrt = (1 - cfg.beta2 ** steps).sqrt().float().view(-1, 1, 1)
+        bias1 = (1 - spec.beta1 ** steps).float().view(-1, 1, 1)
+        bias2_sqrt = (1 - spec.beta2 ** steps).sqrt().float().view(-1, 1, 1)
         with torch.no_grad():
             for key, grad in zip(keys, grads):
                 grad = grad[rows_t]
-                m = self.exp_avg[key][index].lerp_(grad, 1 - cfg.beta1)
-                v = self.exp_avg_sq[key][index].mul_(cfg.beta2).addcmul_(grad, grad, value=1 - cfg.beta2)
-                update = (cfg.lora_lr / bias1) * m / (v.sqrt() / bias2_sqrt + cfg.eps)
+                m = self.exp_avg[key][index].lerp_(grad, 1 - spec.beta1)
+                v = self.exp_avg_sq[key][index].mul_(spec.beta2).addcmul_(grad, grad, value=1 - spec.beta2)
+                update = (spec.lora_lr / bias1) * m / (v.sqrt() / bias2_sqrt + spec.eps)
                 self.params[key][index] = self.live[key].detach()[rows_t] - update
                 self.exp_avg[key][index] = m
                 self.exp_avg_sq[key][index] = v
         self.live = {}
 
 
-def chunk_window(num_targets: int, chunk_index: int, cfg: TTTConfig) -> tuple[int, int, int]:
+def adapted_losses(model, lora: BatchedLoRA, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token losses [rows, T] of the model with the selected slots' adapters (one row per slot)."""
+    head = None
+    if "head" in lora.names:
+        length = input_ids.size(1)
+        head = lambda x, index: lora.head_delta(x, torch.div(index, length, rounding_mode="floor"))  # noqa: E731
+    with adapted(model, lora):
+        return model(input_ids, target_ids, head_correction=head)
+
+
+def chunk_window(num_targets: int, chunk_index: int, spec: EvalSpec) -> tuple[int, int, int]:
     """(start, end, score_from) of chunk `chunk_index` over a document's prediction positions: inputs start..end-1, the
     targets of positions score_from..end-1 (the chunk) are scored, with the W - C positions before the chunk as context
     (as strided scoring with stride C)."""
-    score_from = chunk_index * cfg.chunk
-    end = min(score_from + cfg.chunk, num_targets)
-    return max(0, score_from - (cfg.window - cfg.chunk)), end, score_from
+    score_from = chunk_index * spec.chunk
+    end = min(score_from + spec.chunk, num_targets)
+    return max(0, score_from - (spec.window - spec.chunk)), end, score_from
 
 
-def ttt_evaluate(model: tg.GPT, val: tg.ValidationSet, cfg: TTTConfig, env: tg.DistributedEnv | None = None,
-                 keep_token_losses: bool = False, progress=None) -> tg.EvalResult:
-    """Score every selected document with chunked LoRA test-time training; documents are shared out over the ranks by
-    train_gpt.assign_documents and the per-document sums all-reduced."""
-    if cfg.chunk > cfg.window:
-        raise tg.ConfigError(f"--chunk {cfg.chunk}: must be <= the window {cfg.window}")
-    rank, world = (env.rank, env.world_size) if env else (0, 1)
+def ttt_losses(model, data: ValidationSet, mine: list[int], spec: EvalSpec, progress=None) -> dict[int, np.ndarray]:
+    """Per-token losses of this process's documents under chunked LoRA test-time training."""
     device = next(model.parameters()).device
-    tg.synchronize(device)
-    start_time = time.perf_counter()
-    counts = val.token_counts
-    mine = tg.assign_documents(counts, world)[rank]
+    counts = data.token_counts
     queue = [d for d in sorted(mine, key=lambda d: (-int(counts[d]), d)) if counts[d] > 0]  # longest first
     losses = {d: np.full(int(counts[d]), np.nan) for d in mine}
-    slots = max(1, min(cfg.doc_batch, len(queue)))
-    lora = BatchedLoRA(lora_shapes(model, cfg.lora_targets), cfg, slots, device)
+    slots = max(1, min(spec.doc_batch, len(queue)))
+    lora = BatchedLoRA(lora_shapes(model, spec.lora_targets), spec, slots, device)
     slot_doc: list[int | None] = [None] * slots
     slot_tokens: list[np.ndarray | None] = [None] * slots
     slot_chunk = [0] * slots
-    was_training = model.training
-    model.eval()
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    last_report, done_docs = time.perf_counter(), 0
+    start_time = last_report = time.perf_counter()
+    done_docs = 0
     try:
         while True:
             for s in range(slots):  # refill finished slots
                 if slot_doc[s] is None and queue:
                     slot_doc[s], slot_chunk[s] = queue.pop(0), 0
-                    slot_tokens[s] = val.document(slot_doc[s])
+                    slot_tokens[s] = data.document(slot_doc[s])
                     lora.reset(s)
             active = [s for s in range(slots) if slot_doc[s] is not None]
             if not active:
                 break
-            rows = [chunk_window(int(counts[slot_doc[s]]), slot_chunk[s], cfg) for s in active]
+            rows = [chunk_window(int(counts[slot_doc[s]]), slot_chunk[s], spec) for s in active]
             length = max(end - start for start, end, _ in rows)
             inputs = np.zeros((len(active), length), dtype=np.int64)  # padded at the end of each row
-            targets = np.full((len(active), length), tg.IGNORE_INDEX, dtype=np.int64)
+            targets = np.full((len(active), length), IGNORE_INDEX, dtype=np.int64)
             for i, (s, (start, end, score_from)) in enumerate(zip(active, rows)):
                 tokens = slot_tokens[s]
                 inputs[i, : end - start] = tokens[start:end]
                 targets[i, score_from - start: end - start] = tokens[score_from + 1: end + 1]
             lora.select(torch.tensor(active, device=device))
-            with torch.enable_grad(), tg.autocast_context(device):
-                token_losses = adapted_losses(model, lora, lora.names, torch.from_numpy(inputs).to(device),
+            with torch.enable_grad():
+                token_losses = adapted_losses(model, lora, torch.from_numpy(inputs).to(device),
                                               torch.from_numpy(targets).to(device))
             # the score of each chunk, taken before any training on it
             scored = token_losses.detach().double().cpu().numpy()
@@ -302,8 +511,8 @@ def ttt_evaluate(model: tg.GPT, val: tg.ValidationSet, cfg: TTTConfig, env: tg.D
                 if end < counts[slot_doc[s]]:
                     train_rows.append(i)  # no step after a document's last chunk
             if train_rows:
-                per_row = token_losses.sum(dim=1) / torch.from_numpy(targets != tg.IGNORE_INDEX).sum(1).clamp(min=1).to(
-                    device)
+                scored_count = torch.from_numpy(targets != IGNORE_INDEX).sum(1).clamp(min=1).to(device)
+                per_row = token_losses.sum(dim=1) / scored_count
                 lora.step(per_row[train_rows].sum(), train_rows)
             for s, (start, end, score_from) in zip(active, rows):
                 slot_chunk[s] += 1
@@ -312,120 +521,78 @@ def ttt_evaluate(model: tg.GPT, val: tg.ValidationSet, cfg: TTTConfig, env: tg.D
                     done_docs += 1
             if progress and time.perf_counter() - last_report > 60:
                 last_report = time.perf_counter()
-                progress(f"ttt rank:{rank} docs:{done_docs}/{len(mine)} elapsed:{last_report - start_time:.0f}s")
+                progress(f"ttt docs:{done_docs}/{len(mine)} elapsed:{last_report - start_time:.0f}s")
     finally:
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
-        model.train(was_training)
-    return tg.gather_result("ttt", val, losses, start_time, device, keep_token_losses)
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Gist mode: segment by segment, with the gist slots' keys and values cached
+# What a result reports
 
 
-class GistCache:
-    """The attention of one segment's forward in gist mode (the model's `gist_attend`), over the cached gist keys and
-    values of the document's earlier segments, all visible, then the segment itself, causally (its raw tokens, then
-    its k gist slots). The segment's own gist keys and values (after rotary, as attention sees them) join the cache
-    for the next segments: segment j's forward is over L + k tokens, never over the earlier raw tokens."""
-
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers  # per layer [1, cached slots, Hkv, D]
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.layer, self.new_gists = 0, 0
-
-    def next_segment(self, new_gists: int) -> None:
-        """The next forward is one segment whose last `new_gists` tokens are gist slots to cache."""
-        self.layer, self.new_gists = 0, new_gists
-
-    def __call__(self, q, k, v):
-        """q [1, T, Hq, D], k/v [1, T, Hkv, D] of this segment, at the next layer -> [1, T, Hq, D]."""
-        layer = self.layer
-        self.layer += 1
-        past = 0 if self.keys[layer] is None else self.keys[layer].size(1)
-        keys = k if past == 0 else torch.cat([self.keys[layer], k], dim=1)
-        values = v if past == 0 else torch.cat([self.values[layer], v], dim=1)
-        t = q.size(1)
-        mask = torch.ones(t, past + t, dtype=torch.bool, device=q.device)
-        mask[:, past:] = torch.tril(mask[:, past:])
-        q_heads, k_heads, v_heads = (x[0].transpose(0, 1) for x in (q, keys, values))
-        k_heads, v_heads = repeat_kv(q_heads, k_heads, v_heads, 0)
-        y = torch.nn.functional.scaled_dot_product_attention(q_heads, k_heads, v_heads, attn_mask=mask)
-        if self.new_gists:  # cached: the earlier slots, then this segment's
-            gist_k, gist_v = k[:, -self.new_gists:], v[:, -self.new_gists:]
-            self.keys[layer] = gist_k if past == 0 else torch.cat([self.keys[layer], gist_k], dim=1)
-            self.values[layer] = gist_v if past == 0 else torch.cat([self.values[layer], gist_v], dim=1)
-        return y.transpose(0, 1)[None]
-
-
-@torch.no_grad()
-def gist_document_losses(model: tg.GPT, doc: np.ndarray, window: int = 0) -> np.ndarray:
-    """Per-token losses (nats) of one document (BOS first) in gist mode: one forward of at most L + k tokens per
-    segment. Raw tokens have their raw index as rotary position, the slots after segment j position (j + 1) * L, as in
-    training (train_gpt.gist_layout). window > 0: the document is cut into pieces of `window` tokens, as training cuts
-    it at TRAIN_SEQ_LEN, and each piece is read on its own (its first segment sees no slot); 0: one piece."""
-    n = len(doc) - 1
-    if 0 < window < n:
-        return np.concatenate([gist_document_losses(model, doc[start: start + window + 1])
-                               for start in range(0, n, window)])
-    k, seg, vocab = model.config.gist_tokens, model.config.gist_segment, model.config.vocab_size
-    device = next(model.parameters()).device
-    cache = GistCache(len(model.blocks))
-    losses = []
-    for start in range(0, n, seg):
-        end = min(start + seg, n)
-        gists = k if end < n else 0  # no gist slots after the last segment
-        ids = np.concatenate([doc[start:end], vocab + np.arange(gists)]).astype(np.int64)
-        positions = np.concatenate([np.arange(start, end), np.full(gists, start + seg)])
-        cache.next_segment(gists)
-        with tg.autocast_context(device):
-            cos, sin = model.rotary(torch.from_numpy(positions).to(device)[None])
-            x = model.run_blocks(model.embed_with_gists(torch.from_numpy(ids).to(device)[None]), cos, sin, cache)
-            targets = torch.from_numpy(doc[start + 1: end + 1].astype(np.int64)).to(device)
-            losses.append(model.token_losses(x[0, : end - start], targets).double().cpu().numpy())
-    return np.concatenate(losses) if losses else np.zeros(0)
-
-
-def gist_evaluate(model: tg.GPT, val: tg.ValidationSet, env: tg.DistributedEnv | None = None,
-                  keep_token_losses: bool = False, window: int = 0) -> tg.EvalResult:
-    """Score every selected document in gist mode, in pieces of `window` tokens (0: whole documents; see
-    gist_document_losses); documents are shared out over the ranks as for the other modes."""
-    if not model.config.gist_tokens:
-        raise tg.ConfigError("--mode gist: the checkpoint's model has no gist tokens (trained with GIST_TOKENS=0)")
-    rank, world = (env.rank, env.world_size) if env else (0, 1)
-    device = next(model.parameters()).device
-    start_time = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        mine = tg.assign_documents(val.token_counts, world)[rank]
-        losses = {d: gist_document_losses(model, val.document(d), window) for d in mine}
-    finally:
-        model.train(was_training)
-    return tg.gather_result("gist", val, losses, start_time, device, keep_token_losses)
-
-
-def context_slots_per_token(args, model: tg.GPT, val: tg.ValidationSet) -> float:
+def context_slots_per_token(model, data: ValidationSet, spec: EvalSpec) -> float:
     """The mean number of key/value slots a scored token attends to (itself included): raw tokens of its window for
-    flat, strided and ttt; in gist mode its segment's raw tokens up to itself plus the gist slots of its piece's earlier
-    segments."""
-    counts = val.token_counts.tolist()
-    if args.mode == "gist":
-        k, seg = model.config.gist_tokens, model.config.gist_segment
-        index = np.arange(max(counts, default=0)) % args.window  # the position in its piece
-        slots = index % seg + 1 + (index // seg) * k  # of the token predicting from position `index`
-        return sum(int(slots[:n].sum()) for n in counts) / max(sum(counts), 1)
-    if args.mode == "flat":
-        windows = [w[1:] for w in tg.flat_windows(val.token_counts, args.window)]
-    elif args.mode == "strided":
-        windows = [w for n in counts for w in tg.strided_windows(n, args.window, args.stride)]
+    flat, strided and ttt; in gist mode what the model reads (gist_context_slots)."""
+    counts = data.token_counts.tolist()
+    if spec.mode == "gist":
+        return model.gist_context_slots(counts, spec.window)
+    if spec.mode == "ttt":
+        windows = [chunk_window(n, c, spec) for n in counts for c in range(-(-n // spec.chunk))]
     else:
-        cfg = TTTConfig(window=args.window, chunk=args.chunk)
-        windows = [chunk_window(n, c, cfg) for n in counts for c in range(-(-n // cfg.chunk))]
+        windows = [w[1:] for w in evaluation_windows(data, spec)]
     # a window (start, end, score_from) scores positions score_from..end-1; position p attends to p - start + 1 slots
     total = sum((end - score_from) * (score_from - start + 1 + end - start) / 2 for start, end, score_from in windows)
     return total / max(sum(counts), 1)
+
+
+def results_dict(spec: EvalSpec, result: EvalResult, data: ValidationSet, setup: dict,
+                 context_slots: float | None = None) -> dict:
+    """A results file: the configuration (setup and spec), the totals, and every document's tokens, bytes and nats."""
+    tokens, num_bytes = result.total_tokens, result.total_bytes
+    return {"config": {**setup, **spec.settings()}, "bpb": result.bpb, "loss": result.loss, "tokens": tokens,
+            "bytes": num_bytes, "context_slots_per_token": context_slots,
+            "seconds": result.seconds, "tokens_per_s": tokens / max(result.seconds, 1e-9),
+            "docs": [{"id": int(data.doc_ids[k]), "tokens": int(result.doc_tokens[k]),
+                      "bytes": int(result.doc_bytes[k]), "nats": float(result.doc_nats[k])}
+                     for k in range(data.num_docs)]}
+
+
+def summary_line(spec: EvalSpec, result: EvalResult, data: ValidationSet, model_config=None) -> str:
+    knobs = {key: value for key, value in spec.settings().items() if key not in ("mode", "rope_ntk_alpha", "seed",
+                                                                                  "beta1", "beta2", "eps",
+                                                                                  "batch_tokens")}
+    if spec.mode == "gist" and model_config is not None:
+        knobs = {"gist_tokens": model_config.gist_tokens, "gist_segment": model_config.gist_segment, **knobs}
+    text = " ".join(f"{k}:{v:g}" if isinstance(v, float) else f"{k}:{v}" for k, v in knobs.items())
+    return (f"eval mode:{spec.mode} {text} rope_ntk_alpha:{spec.rope_ntk_alpha:g} val_loss:{result.loss:.6f} "
+            f"val_bpb:{result.bpb:.6f} docs:{data.num_docs} tokens:{result.total_tokens} bytes:{result.total_bytes} "
+            f"time:{result.seconds:.2f}s tokens_per_s:{result.total_tokens / max(result.seconds, 1e-9):.0f}")
+
+
+def gather_token_losses(result: EvalResult, data: ValidationSet, device) -> np.ndarray:
+    """All documents' per-token losses, in document order, on every process (each fills its own documents; summing
+    zeros is exact)."""
+    offsets = np.concatenate([[0], np.cumsum(data.token_counts)]).astype(np.int64)
+    flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
+    for doc, values in result.token_losses.items():
+        flat[offsets[doc]: offsets[doc + 1]] = torch.from_numpy(values).float()
+    if is_distributed():
+        flat = sum_over_processes(flat.to(device)).cpu()
+    return flat.numpy()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def progress_to_stderr(line: str) -> None:
+    """Every process's progress lines, to stderr, for long runs."""
+    rank = os.environ.get("RANK", "0")
+    print(f"rank:{rank} {line}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -441,236 +608,120 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="eval_ttt.py", description="Per-document BPB evaluation (flat, strided, LoRA TTT) of a "
-                                                "train_gpt.py checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="a train_gpt.py checkpoint (.pt)")
-    p.add_argument("--data", help="folder with *_val_*.bin shards (default: the checkpoint's DATA_PATH)")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; its sha256 must match)")
-    p.add_argument("--mode", choices=("flat", "strided", "ttt", "gist"), default="strided",
-                   help="gist: for checkpoints trained with GIST_TOKENS > 0, segment by segment with cached gist "
-                        "slots, in pieces of --window tokens")
+# command-line option -> EvalSpec field, for the options that set one
+SPEC_OPTIONS = {"mode": "mode", "window": "window", "stride": "stride", "batch_tokens": "batch_tokens",
+                "chunk": "chunk", "lora_rank": "lora_rank", "lora_lr": "lora_lr", "lora_targets": "lora_targets",
+                "doc_batch": "doc_batch", "seed": "seed", "rope_ntk_alpha": "rope_ntk_alpha"}
+
+
+def add_spec_options(p: argparse.ArgumentParser) -> None:
+    """The options that make an EvalSpec; their defaults are EvalSpec's (None: the checkpoint's, or follows the
+    window)."""
+    d = EvalSpec()
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="gist: for models trained with GIST_TOKENS > 0, segment by segment with cached gist slots")
     p.add_argument("--window", type=int, help="tokens of input per window or chunk (default: the checkpoint's "
                                                "EVAL_WINDOW); gist: per piece (default: its TRAIN_SEQ_LEN)")
     p.add_argument("--stride", type=int, help="strided: tokens scored per window after the first (default: window/2)")
-    p.add_argument("--chunk", type=int, help="ttt: tokens scored, then trained on, per step (default: window/4)")
-    p.add_argument("--lora-rank", type=int, default=TTTConfig.lora_rank)
-    p.add_argument("--lora-lr", type=float, default=TTTConfig.lora_lr, help="ttt: Adam learning rate of the adapters")
-    p.add_argument("--lora-targets", default=",".join(TTTConfig.lora_targets),
-                   help="comma-separated: q,k,v,o,fc,proj (mlp = fc,proj; attn = q,k,v,o),head, or all")
-    p.add_argument("--doc-batch", type=int, default=TTTConfig.doc_batch, help="ttt: documents per forward/backward")
-    p.add_argument("--seed", type=int, default=TTTConfig.seed, help="ttt: seed of the adapters' initial A matrices")
-    p.add_argument("--max-docs", type=int, default=0, help="only the first N validation documents (0: all)")
     p.add_argument("--batch-tokens", type=int, help="flat/strided: tokens per forward (default: the checkpoint's)")
-    p.add_argument("--rope-ntk-alpha", type=float, default=1.0, help="NTK-aware RoPE scaling for long windows")
-    p.add_argument("--attn-backend", default="auto", help=" | ".join(("auto",) + tg.VARLEN_BACKENDS))
-    p.add_argument("--fused", default="auto", help="train_gpt FUSED setting (kernels; LoRA projections use torch)")
+    p.add_argument("--chunk", type=int, help="ttt: tokens scored, then trained on, per step (default: window/4)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument("--lora-lr", type=float, default=d.lora_lr, help="ttt: Adam learning rate of the adapters")
+    p.add_argument("--lora-targets", default=",".join(d.lora_targets),
+                   help="comma-separated: q,k,v,o,fc,proj (mlp = fc,proj; attn = q,k,v,o),head, or all")
+    p.add_argument("--doc-batch", type=int, default=d.doc_batch, help="ttt: documents per forward/backward")
+    p.add_argument("--seed", type=int, default=d.seed, help="ttt: seed of the adapters' initial A matrices")
+    p.add_argument("--rope-ntk-alpha", type=float, default=d.rope_ntk_alpha,
+                   help="NTK-aware RoPE scaling for long windows")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="eval_ttt.py", description="Per-document BPB evaluation (flat, strided, LoRA TTT, gist) of a "
+                                                "train_gpt.py checkpoint or artifact.")
+    p.add_argument("--checkpoint", required=True, help="a train_gpt.py checkpoint (.pt) or artifact (.ptz)")
+    p.add_argument("--data", help="folder with *_val_*.bin shards (default: the checkpoint's DATA_PATH)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; its sha256 must match)")
+    add_spec_options(p)
+    p.add_argument("--max-docs", type=int, default=0, help="only the first N validation documents (0: all)")
+    p.add_argument("--attn-backend", default="auto", help="auto | fa3 | fa2 | torch_varlen | masked_sdpa | reference")
+    p.add_argument("--fused", default="0", help="train_gpt's FUSED setting (ttt: relu2_linear stays off)")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--dump-token-losses", help="write per-token losses (nats, float32 .npy) in the order of `docs`")
     return p
 
 
-def check_args(args) -> None:
-    """One clear line for each bad value, before any work."""
-    def need(condition, option, problem):
-        if not condition:
-            raise UsageError(f"--{option} {getattr(args, option.replace('-', '_'))}: {problem}")
-
-    need(args.window > 0, "window", "must be a positive integer")
-    need(0 < args.stride <= args.window, "stride", f"must be in 1..window ({args.window})")
-    need(args.chunk > 0, "chunk", "must be a positive integer")
-    need(args.mode != "ttt" or args.chunk <= args.window, "chunk", f"must be <= the window ({args.window})")
-    need(args.lora_rank > 0, "lora-rank", "must be a positive integer")
-    need(args.lora_lr >= 0 and math.isfinite(args.lora_lr), "lora-lr", "must be a finite number >= 0")
-    need(args.doc_batch > 0, "doc-batch", "must be a positive integer")
-    need(args.max_docs >= 0, "max-docs", "must be >= 0 (0: all documents)")
-    need(args.batch_tokens > 0, "batch-tokens", "must be a positive integer")
-    need(args.rope_ntk_alpha > 0 and math.isfinite(args.rope_ntk_alpha), "rope-ntk-alpha", "must be > 0")
+def spec_from_options(options: dict, mode: str, hyperparameters: dict) -> EvalSpec:
+    """The EvalSpec of command-line values ({field: value}, None where not given): an unset window is the checkpoint's
+    EVAL_WINDOW (gist: its TRAIN_SEQ_LEN, where training cut documents into pieces), an unset batch size the
+    checkpoint's EVAL_BATCH_TOKENS; stride and chunk follow the window. A bad value: UsageError naming the option."""
+    values = {field: value for field, value in options.items() if value is not None}
+    values["mode"] = mode
+    if "window" not in values:
+        eval_window = None if mode == "gist" else hyperparameters.get("eval_window")
+        values["window"] = int(eval_window or hyperparameters.get("train_seq_len") or 1024)
+    values.setdefault("batch_tokens", int(hyperparameters.get("eval_batch_tokens") or EvalSpec.batch_tokens))
     try:
-        parse_targets(args.lora_targets)
-    except ValueError as e:
-        raise UsageError(f"--lora-targets {args.lora_targets!r}: {e}; known: {', '.join(TARGET_GROUPS)}, all") from None
+        return EvalSpec(**values)
+    except SpecError as e:
+        raise UsageError(f"--{e.name.replace('_', '-')} {e.value}: {e.problem}") from None
 
 
-def resolve(path: str) -> str:
-    """A relative path from the checkpoint is relative to where training ran: try here, then the repository root."""
-    if os.path.isabs(path) or os.path.exists(path) or not (ROOT / path).exists():
+def resolve(path: str, root: str) -> str:
+    """A relative path from the checkpoint is relative to where training ran: try here, then beside this file."""
+    if os.path.isabs(path) or os.path.exists(path) or not os.path.exists(os.path.join(root, path)):
         return path
-    return str(ROOT / path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Running one configuration, results and outputs
-
-
-def run_config(args, model, val, env, keep_token_losses: bool, progress=None) -> tg.EvalResult:
-    model.rotary.set_ntk_alpha(args.rope_ntk_alpha)
-    try:
-        if args.mode == "gist":
-            return gist_evaluate(model, val, env, keep_token_losses, window=args.window)
-        if model.config.gist_tokens and args.mode == "ttt":
-            raise tg.ConfigError("--mode ttt: not implemented for gist models (use gist, strided or flat)")
-        if args.mode == "ttt":
-            cfg = TTTConfig(window=args.window, chunk=args.chunk, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
-                            lora_targets=parse_targets(args.lora_targets), doc_batch=args.doc_batch, seed=args.seed)
-            return ttt_evaluate(model, val, cfg, env, keep_token_losses, progress=progress)
-        return tg.evaluate(model, val, args.mode, args.window, args.batch_tokens, env, stride=args.stride,
-                           keep_token_losses=keep_token_losses)
-    finally:
-        model.rotary.set_ntk_alpha(1.0)
-
-
-def config_dict(args, setup: dict) -> dict:
-    ttt = args.mode == "ttt"
-    return {**setup, "mode": args.mode, "window": args.window,
-            "stride": args.stride if args.mode == "strided" else None,
-            "chunk": args.chunk if ttt else None, "lora_rank": args.lora_rank if ttt else None,
-            "lora_lr": args.lora_lr if ttt else None,
-            "lora_targets": ",".join(parse_targets(args.lora_targets)) if ttt else None,
-            "doc_batch": args.doc_batch if ttt else None, "seed": args.seed if ttt else None,
-            "adam_betas": list(ADAM_BETAS) if ttt else None, "adam_eps": ADAM_EPS if ttt else None,
-            "batch_tokens": None if ttt else args.batch_tokens,
-            "rope_ntk_alpha": args.rope_ntk_alpha, "max_docs": args.max_docs}
-
-
-def results_dict(config: dict, result: tg.EvalResult, val: tg.ValidationSet,
-                 context_slots: float | None = None) -> dict:
-    """context_slots: the mean number of key/value slots a scored token attends to (context_slots_per_token)."""
-    tokens, num_bytes = result.total_tokens, result.total_bytes
-    return {"config": config, "bpb": result.bpb, "loss": result.loss, "tokens": tokens, "bytes": num_bytes,
-            "context_slots_per_token": context_slots,
-            "seconds": result.seconds, "tokens_per_s": tokens / max(result.seconds, 1e-9),
-            "docs": [{"id": int(val.doc_ids[k]), "tokens": int(result.doc_tokens[k]), "bytes": int(result.doc_bytes[k]),
-                      "nats": float(result.doc_nats[k])} for k in range(val.num_docs)]}
-
-
-def gather_token_losses(result: tg.EvalResult, val: tg.ValidationSet, device) -> np.ndarray:
-    """All documents' per-token losses, in document order, on every rank (each rank fills its own documents; summing
-    zeros is exact)."""
-    offsets = np.concatenate([[0], np.cumsum(val.token_counts)]).astype(np.int64)
-    flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
-    for doc, values in result.token_losses.items():
-        flat[offsets[doc]: offsets[doc + 1]] = torch.from_numpy(values).float()
-    if dist.is_available() and dist.is_initialized():
-        flat = tg.all_reduce_sum(flat.to(device)).cpu()
-    return flat.numpy()
-
-
-def summary_line(args, result: tg.EvalResult, val, model_config: tg.ModelConfig | None = None) -> str:
-    if args.mode == "ttt":
-        knobs = (f"window:{args.window} chunk:{args.chunk} lora_rank:{args.lora_rank} lora_lr:{args.lora_lr:g} "
-                 f"lora_targets:{','.join(parse_targets(args.lora_targets))} doc_batch:{args.doc_batch}")
-    elif args.mode == "strided":
-        knobs = f"window:{args.window} stride:{args.stride}"
-    elif args.mode == "gist":
-        knobs = (f"gist_tokens:{model_config.gist_tokens} gist_segment:{model_config.gist_segment} "
-                 f"window:{args.window}")
-    else:
-        knobs = f"window:{args.window}"
-    return (f"eval mode:{args.mode} {knobs} rope_ntk_alpha:{args.rope_ntk_alpha:g} val_loss:{result.loss:.6f} "
-            f"val_bpb:{result.bpb:.6f} docs:{val.num_docs} tokens:{result.total_tokens} bytes:{result.total_bytes} "
-            f"time:{result.seconds:.2f}s tokens_per_s:{result.total_tokens / max(result.seconds, 1e-9):.0f}")
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def progress_to_stderr(line: str) -> None:
-    """Every process's progress lines, to stderr, for long runs."""
-    print(line, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading a checkpoint and its validation set
+    return os.path.join(root, path)
 
 
 @dataclass
 class Loaded:
     """A checkpoint's model and validation set, ready to score, and what every results file records about them."""
-    model: tg.GPT
-    val: tg.ValidationSet
+    model: object
+    data: ValidationSet
     setup: dict  # checkpoint, tokenizer and data with their sha256, world size, device, kernels, torch version
-    hyperparameters: dict  # the checkpoint's training settings, which options left unset default to
+    hyperparameters: dict  # the checkpoint's training settings, which unset options default to
 
 
-def fill_defaults(args, hyperparameters: dict) -> None:
-    """Options left unset take the checkpoint's settings; the stride and the chunk follow the window."""
-    if args.window is None:  # gist mode: the pieces training cut documents into
-        eval_window = None if args.mode == "gist" else hyperparameters.get("eval_window")
-        args.window = int(eval_window or hyperparameters.get("train_seq_len") or 1024)
-    if args.stride is None:
-        args.stride = tg.default_eval_stride(args.window)
-    if args.chunk is None:
-        args.chunk = max(1, args.window // 4)
-    if args.batch_tokens is None:
-        args.batch_tokens = int(hyperparameters.get("eval_batch_tokens") or 65536)
-
-
-def load(args, env: tg.DistributedEnv) -> Loaded:
-    """The kernels and attention backend asked for, the checkpoint's model, then `args`' unset options filled in from
-    the checkpoint (in place) and checked before any data is read, then the tokenizer (its sha256 must be the
-    checkpoint's) and the validation set."""
-    fused = tg.parse_fused_ops(args.fused)
+def load(args, env, trainer) -> Loaded:
+    """The checkpoint's model (built by trainer.load_model with the kernels asked for), then the tokenizer (its sha256
+    must be the checkpoint's) and the validation set."""
+    try:
+        fused = trainer.parse_fused_ops(args.fused)
+    except ValueError as e:
+        raise UsageError(f"--fused {args.fused}: {e}") from None
     if args.mode == "ttt":
         fused = ttt_fused_ops(fused)
-    # a gist model's flat and strided windows go through the gist mask too
-    model, state = tg.load_model(args.checkpoint, env.device, fused, args.attn_backend)
-    backend = tg.attention_name(model.kernels, model.config.gist_tokens)
+    model, state = trainer.load_model(args.checkpoint, env.device, fused, args.attn_backend)
     hyperparameters = state.get("hyperparameters", {})
-    fill_defaults(args, hyperparameters)
-    check_args(args)
-    data_path = args.data or resolve(state.get("data_path") or hyperparameters.get("data_path", ""))
+    root = os.path.dirname(os.path.abspath(__file__))
+    data_path = args.data or resolve(state.get("data_path") or hyperparameters.get("data_path", ""), root)
     tokenizer_path = args.tokenizer or resolve(state.get("tokenizer_path")
-                                               or os.path.join(data_path, "tokenizer.model"))
+                                               or os.path.join(data_path, "tokenizer.model"), root)
     if not os.path.isfile(tokenizer_path):
-        raise tg.DataError(f"{tokenizer_path}: tokenizer file not found (give --tokenizer)")
-    tokenizer_sha256 = tg.sha256_of_file(tokenizer_path)
+        raise DataError(f"{tokenizer_path}: tokenizer file not found (give --tokenizer)")
+    tokenizer_sha256 = sha256_file(tokenizer_path)
     expected = state.get("tokenizer_sha256")
     if expected and tokenizer_sha256 != expected:
-        raise tg.DataError(f"{tokenizer_path}: sha256 {tokenizer_sha256[:16]}... differs from the tokenizer the "
-                           f"checkpoint was trained with ({expected[:16]}...)")
-    sp = tg.load_tokenizer(tokenizer_path)
+        raise DataError(f"{tokenizer_path}: sha256 {tokenizer_sha256[:16]}... differs from the tokenizer the "
+                        f"checkpoint was trained with ({expected[:16]}...)")
     vocab_size = model.config.vocab_size
-    tables = tg.build_byte_tables(sp, vocab_size)
-    val = tg.ValidationSet.load(data_path, vocab_size, tables, args.max_docs)
-    setup = {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": tg.sha256_of_file(args.checkpoint),
-             "code_sha256": tg.sha256_of_file(__file__), "tokenizer": os.path.abspath(tokenizer_path),
-             "tokenizer_sha256": tokenizer_sha256, "data": os.path.abspath(data_path), "num_docs": val.num_docs,
-             "world_size": env.world_size, "device": _device_name(env.device), "attention_backend": backend,
-             "fused_ops": sorted(model.kernels.fused), "torch": torch.__version__,
-             "gist_tokens": model.config.gist_tokens, "gist_segment": model.config.gist_segment}
-    return Loaded(model, val, setup, hyperparameters)
+    tables = build_byte_tables(load_tokenizer(tokenizer_path), vocab_size)
+    data = ValidationSet.load(data_path, vocab_size, tables, args.max_docs)
+    kernels = model.kernels
+    setup = {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha256_file(args.checkpoint),
+             "code_sha256": sha256_file(__file__), "tokenizer": os.path.abspath(tokenizer_path),
+             "tokenizer_sha256": tokenizer_sha256, "data": os.path.abspath(data_path), "num_docs": data.num_docs,
+             "max_docs": args.max_docs, "world_size": env.world_size, "device": device_name(env.device),
+             "attention_backend": kernels.eval_attention.name, "fused_ops": sorted(kernels.fused),
+             "torch": torch.__version__, "gist_tokens": model.config.gist_tokens,
+             "gist_segment": model.config.gist_segment}
+    return Loaded(model, data, setup, hyperparameters)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    import platform
-
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# main
-
-MOVED_TO_SWEEP = ("--sweep", "--sweep-out")  # sweeps became tools/sweep.py: say so instead of "unrecognized arguments"
-
-
-def main(argv=None) -> int:
-    return command_line(lambda: run(parse_args(argv), tg.setup_distributed()))
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """The options of one configuration; the sweep options, which moved to tools/sweep.py, are an error that says so."""
-    arguments = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    moved = next((a.split("=", 1)[0] for a in arguments if a.split("=", 1)[0] in MOVED_TO_SWEEP), None)
-    if moved:
-        raise UsageError(f"{moved}: sweeps are run by tools/sweep.py, with the same options "
-                         f"(python tools/sweep.py --checkpoint ... --sweep chunk=32,64,128 --sweep-out DIR)")
-    return build_parser().parse_args(arguments)
 
 
 def command_line(command) -> int:
@@ -679,41 +730,60 @@ def command_line(command) -> int:
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
     try:
         return command()
-    except (UsageError, tg.ConfigError, tg.DataError, tg.BackendError) as e:
+    except (UsageError, ConfigError, DataError, BackendError) as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.destroy_process_group()
 
 
 def compile_counts() -> tuple[int, int]:
-    """train_gpt.compile_counts, without importing Dynamo into a process that never compiled (importing it is not free,
-    and an evaluation that compiles nothing, as every CPU one, has nothing to count)."""
-    return tg.compile_counts() if "torch._dynamo" in sys.modules else (0, 0)
+    """(graphs compiled, graph breaks) so far in this process, from Dynamo's counters; (0, 0) without importing Dynamo
+    into a process that never compiled."""
+    if "torch._dynamo" not in sys.modules:
+        return 0, 0
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
-def run(args, env: tg.DistributedEnv) -> int:
+def main(argv=None, trainer=None) -> int:
+    """The command line. trainer: the module that defines the model (train_gpt), for setup_distributed,
+    parse_fused_ops and load_model."""
+    return command_line(lambda: run(build_parser().parse_args(None if argv is None else [str(a) for a in argv]),
+                                    trainer))
+
+
+def run(args, trainer) -> int:
+    if args.max_docs < 0:
+        raise UsageError(f"--max-docs {args.max_docs}: must be >= 0 (0: all documents)")
+    env = trainer.setup_distributed()
     graphs_before, breaks_before = compile_counts()
-    loaded = load(args, env)
-    result = run_config(args, loaded.model, loaded.val, env, keep_token_losses=bool(args.dump_token_losses),
-                        progress=progress_to_stderr)
-    out = results_dict(config_dict(args, loaded.setup), result, loaded.val,
-                       context_slots_per_token(args, loaded.model, loaded.val))
+    loaded = load(args, env, trainer)
+    spec = spec_from_options({field: getattr(args, option) for option, field in SPEC_OPTIONS.items()
+                              if option != "mode"}, args.mode, loaded.hyperparameters)
+    result = evaluate(loaded.model, loaded.data, spec, process=(env.rank, env.world_size),
+                      keep_token_losses=bool(args.dump_token_losses), progress=progress_to_stderr)
+    out = results_dict(spec, result, loaded.data, loaded.setup, context_slots_per_token(loaded.model, loaded.data,
+                                                                                         spec))
     # graphs compiled while scoring: a compiled attention (flex for a gist model on CUDA) must compile once, not once
     # per batch (evaluation pads its batches to one length for it)
     graphs, graph_breaks = compile_counts()
     out["compile"] = {"graphs": graphs - graphs_before, "graph_breaks": graph_breaks - breaks_before}
-    losses = gather_token_losses(result, loaded.val, env.device) if args.dump_token_losses else None
+    losses = gather_token_losses(result, loaded.data, env.device) if args.dump_token_losses else None
     if env.is_main:
         if args.out:
-            tg.write_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
+            write_atomic(args.out, (json.dumps(out, indent=1) + "\n").encode())
         if losses is not None:
-            tg.write_atomic(args.dump_token_losses, npy_bytes(losses.astype(np.float32)))
-        print(summary_line(args, result, loaded.val, loaded.model.config), flush=True)
+            write_atomic(args.dump_token_losses, npy_bytes(losses.astype(np.float32)))
+        print(summary_line(spec, result, loaded.data, loaded.model.config), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import eval_ttt  # this file as the module train_gpt imports, so that the two share one copy of its classes
+    import train_gpt  # the model's definition: distributed setup, kernels, checkpoints
+
+    sys.exit(eval_ttt.main(trainer=train_gpt))

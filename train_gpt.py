@@ -1,17 +1,16 @@
 """
 train_gpt.py: the record script. Trains a small GPT on packed, shuffled documents and scores it in bits per byte.
 
-Read it top to bottom, in data-flow order:
+Sections, in data-flow order:
   1. hyperparameters (environment variables, validated before any work)
   2. distributed setup (torchrun: NCCL on CUDA, gloo on CPU; or one plain process)
-  3. data: token shards, the document index, the shuffled varlen document loader, bytes per token
+  3. data (data/loader.py: shards, the shuffled varlen document loader, the validation set, bytes per token)
   4. model: GPT with RMSNorm, rotary q/k, grouped-query varlen attention, relu^2 MLP, U-Net skips, tied embeddings
   5. optimizers: Muon for matrices (work shared across ranks), Adam for embeddings and scalars
   6. training loop
-  7. evaluation: per-document flat and strided bits per byte
-  8. checkpoints and logging, and main()
+  7. evaluation (eval_ttt.py: per-document flat and strided bits per byte)
+  8. checkpoints, the artifact, logging, and main()
 
-Imports only the standard library, torch, numpy, sentencepiece and `kernels`.
 Run: `python train_gpt.py` (one process) or `torchrun --nproc_per_node=N train_gpt.py`.
 """
 
@@ -20,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import glob
 import hashlib
 import math
 import os
 import platform
 import random
+import secrets
 import shlex
 import signal
 import sys
@@ -35,28 +34,36 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.attention import (REFERENCE_GIST, REFERENCE_VARLEN, VARLEN_BACKENDS, BackendError, VarlenAttention,
-                               gist_layout, sdpa_causal, segment_ids, select_gist_attention, select_varlen_attention)
+from data.files import sha256_file, write_atomic
+from data.loader import (IGNORE_INDEX, ConfigError, DataError, DocumentLoader, LoaderConfig, MicroBatch,
+                         PrefetchingLoader, TokenStream, ValidationSet, build_byte_tables, load_tokenizer,
+                         split_pattern)
+from eval_ttt import EvalResult, EvalSpec, compile_counts, evaluate, is_distributed, sum_over_processes, synchronize
 from kernels.artifact import CODECS as ARTIFACT_CODECS
 from kernels.artifact import collect_hessians, encode_artifact, quantization_plan, read_artifact
+from kernels.attention import (REFERENCE_VARLEN, VARLEN_BACKENDS, BackendError, sdpa_causal, segment_ids,
+                               select_gist_attention, select_varlen_attention)
 from kernels.newton_schulz import NS_COEFFICIENTS
+
+# The files a record needs to run and be scored: embedded in every log, counted as the artifact's code bytes, and
+# what a record's verification reads back. A file of EXPERIMENT_PAYLOAD joins them when its switch is on.
+PAYLOAD = ("train_gpt.py", "eval_ttt.py", "data/__init__.py", "data/files.py", "data/loader.py", "kernels/__init__.py",
+           "kernels/_common.py", "kernels/artifact.py", "kernels/attention.py", "kernels/newton_schulz.py",
+           "kernels/relu2_linear.py", "kernels/rms_norm.py", "kernels/rotary_qk.py", "kernels/softcap_cross_entropy.py")
+EXPERIMENT_PAYLOAD = {"gist.py": "gist_tokens"}  # file -> the hyperparameter that, when non-zero, imports it
+ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Hyperparameters
 #
 # Every field can be set by the environment variable of the same name in upper case (parameter-golf's names where they
 # exist). Bad values stop the run with one line naming the variable, before any work is done.
-
-
-class ConfigError(ValueError):
-    """A hyperparameter has a value the script cannot run with."""
 
 
 @dataclass
@@ -75,8 +82,8 @@ class ModelConfig:
     rope_dims: int = 0  # head dimensions that rotary rotates (partial rotary; the rest carry no position); 0: all
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
-    # gist tokens (experiment switch, section 4 "Gist tokens"): after every GIST_SEGMENT raw tokens of a document piece
-    # but the last, GIST_TOKENS learned slots; later segments see those slots instead of the raw tokens. 0: off.
+    # gist tokens, an experiment (gist.py): after every GIST_SEGMENT raw tokens of a document piece but the last,
+    # GIST_TOKENS learned slots; later segments see those slots instead of the raw tokens. 0: off.
     gist_tokens: int = 0
     gist_segment: int = 128
 
@@ -92,7 +99,7 @@ class Hyperparameters(ModelConfig):
     # data
     data_path: str = "data/datasets/fineweb10B_sp1024"  # folder with *_train_*.bin and *_val_*.bin shards
     tokenizer_path: str = ""  # SentencePiece model; empty means DATA_PATH/tokenizer.model
-    run_id: str = ""  # names the log and checkpoint files; empty means a timestamp
+    run_id: str = ""  # names the log and checkpoint files; empty means a timestamp and a random suffix
     seed: int = 1337
     doc_shuffle: bool = True  # a fresh permutation of the documents every epoch; 0 keeps the file order (ablations)
     # batch: the global batch is TRAIN_BATCH_TOKENS per step, cut into TRAIN_MICRO_BATCHES equal slices; each process
@@ -139,7 +146,7 @@ class Hyperparameters(ModelConfig):
     artifact_calibration_batches: int = 8  # int6_gptq_lzma: training micro-batches per process that calibrate GPTQ
     # speed
     compile: bool = True
-    fused: str = "auto"  # 0 | 1 | auto | comma-separated kernel names (see kernels/__init__.py)
+    fused: str = "0"  # 0 (plain torch) | 1 (every Triton kernel) | comma-separated kernel names (kernels/__init__.py)
     attn_backend: str = "auto"  # auto | fa3 | fa2 | torch_varlen | masked_sdpa | reference
     train_max_segments: int = 0  # segments per training micro-batch (one compiled shape); 0: max(64, tokens // 64)
 
@@ -151,18 +158,18 @@ class Hyperparameters(ModelConfig):
         for name, raw in cls.env_overrides(environ).items():
             kind = type(cls.__dataclass_fields__[name.lower()].default)
             try:
-                values[name.lower()] = _parse_env_value(raw.strip(), kind)
+                values[name.lower()] = parse_env_value(raw.strip(), kind)
             except ValueError:
                 raise ConfigError(f"{name}={raw.strip()!r}: expected {kind.__name__}") from None
         hp = cls(**values)
         hp.validate()
-        hp._resolve_defaults()
+        hp.resolve_defaults()
         return hp
 
     @classmethod
     def env_overrides(cls, environ=os.environ) -> dict[str, str]:
         """The environment variables a run reads, as set: {NAME: raw value}. Logged as the `env_overrides:` line, from
-        which tools/record.py rebuilds a record's command."""
+        which a record's command is rebuilt."""
         return {f.name.upper(): environ[f.name.upper()] for f in dataclasses.fields(cls) if f.name.upper() in environ}
 
     def validate(self) -> None:
@@ -187,7 +194,8 @@ class Hyperparameters(ModelConfig):
         need(self.vocab_size <= 65536, "vocab_size", "shards hold uint16 tokens, so at most 65536")
         need(self.mlp_act in MLP_ACTIVATIONS, "mlp_act", f"must be one of {', '.join(MLP_ACTIVATIONS)}")
         need(self.warmdown_shape in WARMDOWN_SHAPES, "warmdown_shape", f"must be one of {', '.join(WARMDOWN_SHAPES)}")
-        need(self.artifact in ("none",) + ARTIFACT_CODECS, "artifact", f"must be none or one of {', '.join(ARTIFACT_CODECS)}")
+        need(self.artifact in ("none",) + ARTIFACT_CODECS, "artifact",
+             f"must be none or one of {', '.join(ARTIFACT_CODECS)}")
         need(self.artifact_limit_bytes > 0, "artifact_limit_bytes", "must be a positive integer")
         need(self.artifact_calibration_batches > 0, "artifact_calibration_batches", "must be a positive integer")
         head_dim = self.model_dim // self.num_heads
@@ -198,14 +206,16 @@ class Hyperparameters(ModelConfig):
         need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"must divide NUM_HEADS={self.num_heads}")
         need(self.train_batch_tokens % self.train_micro_batches == 0, "train_batch_tokens",
              f"must be divisible by TRAIN_MICRO_BATCHES={self.train_micro_batches}")
-        modes = self.eval_modes.split(",")
-        need(all(m in ("flat", "strided") for m in modes) and len(modes) > 0, "eval_modes",
+        need(all(m in ("flat", "strided") for m in self.eval_modes.split(",")), "eval_modes",
              "must be a comma-separated list of flat, strided")
         window = self.eval_window or self.train_seq_len
         need(self.eval_stride <= window, "eval_stride", f"must be <= the evaluation window {window}")
         need(self.attn_backend in ("auto",) + VARLEN_BACKENDS, "attn_backend",
              f"must be auto or one of {', '.join(VARLEN_BACKENDS)}")
-        parse_fused_ops(self.fused)  # raises ConfigError on an unknown kernel name
+        try:
+            parse_fused_ops(self.fused)
+        except ValueError as e:
+            raise ConfigError(f"FUSED={self.fused!r}: {e}") from None
         need(self.gist_tokens == 0 or self.attn_backend in ("auto", "reference"), "attn_backend",
              "cannot express the gist attention mask (GIST_TOKENS > 0); use auto (flex_attention on CUDA, the "
              "dense-mask reference on CPUs) or reference")
@@ -213,24 +223,24 @@ class Hyperparameters(ModelConfig):
              f"must be shorter than TRAIN_SEQ_LEN={self.train_seq_len}: slots go between the segments of a piece of at "
              f"most TRAIN_SEQ_LEN tokens, so with one segment per piece no gist slot would ever be trained")
 
-    def _resolve_defaults(self) -> None:
+    def resolve_defaults(self) -> None:
         if not self.tokenizer_path:
             self.tokenizer_path = os.path.join(self.data_path, "tokenizer.model")
-        if not self.run_id:
-            self.run_id = time.strftime("%Y%m%d_%H%M%S")
+        if not self.run_id:  # the random suffix keeps two runs started in the same second apart
+            self.run_id = f"{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
         if not self.eval_window:
             self.eval_window = self.train_seq_len
         if not self.eval_stride:
-            self.eval_stride = default_eval_stride(self.eval_window)
+            self.eval_stride = EvalSpec(mode="strided", window=self.eval_window).stride
+
+    def eval_spec(self, mode: str, window: int = 0) -> EvalSpec:
+        """The evaluation this run's settings describe, in `mode` (window 0: EVAL_WINDOW)."""
+        window = window or self.eval_window
+        return EvalSpec(mode=mode, window=window, stride=min(self.eval_stride, window),
+                        batch_tokens=self.eval_batch_tokens)
 
 
-def default_eval_stride(window: int) -> int:
-    """The strided evaluation's stride when none is given: half the window (each scored token sees at least W/2 of
-    context). The one definition; eval_ttt.py uses it too."""
-    return max(1, window // 2)
-
-
-def _parse_env_value(raw: str, kind: type):
+def parse_env_value(raw: str, kind: type):
     if kind is bool:
         lowered = raw.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -249,25 +259,25 @@ def _parse_env_value(raw: str, kind: type):
 
 
 def parse_fused_ops(spec: str) -> frozenset[str]:
-    """FUSED=0: plain torch everywhere; 1: every kernel; auto: the kernels measured faster than torch.compile on an
-    H100 (kernels.DEFAULT_ON); or a comma-separated list of kernel names."""
+    """FUSED=0: plain torch everywhere; 1: every Triton kernel; or a comma-separated list of kernel names. ValueError
+    names an unknown kernel."""
     spec = spec.strip().lower()
     if spec in ("0", "", "none", "off", "false"):
         return frozenset()
     if spec in ("1", "all", "on", "true"):
         return frozenset(kernels.OPS)
-    if spec == "auto":
-        return frozenset(name for name, on in kernels.DEFAULT_ON.items() if on)
     names = frozenset(s.strip() for s in spec.split(",") if s.strip())
     unknown = sorted(names - set(kernels.OPS))
     if unknown:
-        raise ConfigError(f"FUSED={spec!r}: unknown kernel {unknown[0]!r}; known: {', '.join(sorted(kernels.OPS))}")
+        raise ValueError(f"unknown kernel {unknown[0]!r}; known: {', '.join(sorted(kernels.OPS))} (or 0, 1)")
     return names
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Distributed setup
+#
+# is_distributed, sum_over_processes and synchronize come from eval_ttt.py, which spreads evaluation over the same
+# processes.
 
 
 @dataclass
@@ -279,11 +289,6 @@ class DistributedEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def is_distributed() -> bool:
-    """Whether this process is one of several (a process group is up)."""
-    return dist.is_available() and dist.is_initialized()
 
 
 def setup_distributed() -> DistributedEnv:
@@ -316,12 +321,6 @@ def rank0_string(value: str) -> str:
     return holder[0]
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def slowest_rank_ms(own_ms: float, device: torch.device) -> float:
     """The largest of every rank's clock reading: the training time all ranks report (ranks start their clocks at
     different moments, and the run is as long as its slowest rank)."""
@@ -334,454 +333,16 @@ def slowest_rank_ms(own_ms: float, device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Data
 #
-# Shard file: 256 little-endian int32 header ([0] magic 20240520, [1] version 1, [2] number of tokens), then that many
-# little-endian uint16 tokens, nothing else (the format of modded-nanogpt and parameter-golf). Every document starts with
-# BOS; documents are found by BOS positions and may continue from one shard into the next.
+# data/loader.py: the shard reader, the document stream, the shuffled varlen DocumentLoader (with a prefetching
+# thread), the validation set and bytes per token. Here only the copy of a micro-batch to the device.
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-SHARD_HEADER_INTS = 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-BOS_ID = 1
-IGNORE_INDEX = -100
 
+def to_device(batch: MicroBatch, device: torch.device):
+    def move(array):  # tensors from PrefetchingLoader are already pinned on CUDA: the copy is asynchronous
+        tensor = torch.as_tensor(array)
+        return tensor.to(device, non_blocking=tensor.is_pinned())
 
-class DataError(ValueError):
-    """Bad input data. The message starts with the file it is about."""
-
-
-def load_shard(path) -> np.ndarray:
-    """Memory-map the tokens of one shard after checking magic, version and the exact file size."""
-    path = str(path)
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        raise DataError(f"{path}: shard file not found") from None
-    if size < SHARD_HEADER_BYTES:
-        what = "empty" if size == 0 else f"only {size} bytes"
-        raise DataError(f"{path}: file is {what}, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise DataError(f"{path}: wrong magic number {header[0]} (a token shard starts with {SHARD_MAGIC})")
-    if header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: unsupported shard version {header[1]} (this reader knows version {SHARD_VERSION})")
-    num_tokens = int(header[2])
-    expected = SHARD_HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or size != expected:
-        raise DataError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
-                        f" ({'truncated' if size < expected else 'trailing data'})")
-    if num_tokens == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
-
-
-def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str) -> None:
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        position = int(np.argmax(tokens >= vocab_size))
-        raise DataError(f"{path}: token id {int(tokens[position])} at position {position} is >= vocab size {vocab_size}")
-
-
-def scan_shard(tokens: np.ndarray) -> tuple[np.ndarray, int]:
-    """(positions of BOS, largest token id) of one shard: the slow and obvious pass over every token."""
-    return np.flatnonzero(np.asarray(tokens) == BOS_ID).astype(np.int64), int(tokens.max()) if len(tokens) else -1
-
-
-def shard_index(path: str, tokens: np.ndarray) -> tuple[np.ndarray, int]:
-    """scan_shard's answer, cached beside the shard in PATH.index.npz and reused while the shard's size and mtime are
-    unchanged: 80 FineWeb shards (16 GB) open in well under a second instead of a full read. A folder we cannot write
-    to just goes without the cache."""
-    cache = f"{path}.index.npz"
-    stat = os.stat(path)
-    key = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)
-    try:
-        with np.load(cache) as saved:
-            if np.array_equal(saved["key"], key):
-                return saved["bos"], int(saved["max_id"])
-    except (OSError, KeyError, ValueError):
-        pass  # no cache yet, or an unreadable one: scan
-    bos, max_id = scan_shard(tokens)
-
-    def save(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
-            np.savez(f, key=key, bos=bos, max_id=np.array(max_id))
-
-    with contextlib.suppress(OSError):
-        write_atomic(cache, save)
-    return bos, max_id
-
-
-class TokenStream:
-    """All shards of one split as one virtual, memory-mapped token array, with the index of its documents."""
-
-    def __init__(self, pattern: str, vocab_size: int):
-        self.files = sorted(glob.glob(pattern))
-        if not self.files:
-            raise DataError(f"{pattern}: no shard files match")
-        self.shards, bos_positions = [], []
-        for path in self.files:
-            tokens = load_shard(path)
-            bos, max_id = shard_index(path, tokens)
-            if max_id >= vocab_size:
-                check_token_ids(tokens, vocab_size, path)  # names the first bad position
-            self.shards.append(tokens)
-            bos_positions.append(bos)
-        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
-        self.shard_offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.num_tokens = int(self.shard_offsets[-1])
-        if self.num_tokens == 0:
-            raise DataError(f"{pattern}: the shards hold no tokens")
-        first_shard = int(np.flatnonzero(lengths)[0])  # earlier shards may be empty
-        first = int(self.shards[first_shard][0])
-        if first != BOS_ID:
-            raise DataError(f"{self.files[first_shard]}: first token is {first}, not BOS ({BOS_ID}); documents must "
-                            "start with BOS")
-        self.doc_starts = np.concatenate([bos + off for bos, off in zip(bos_positions, self.shard_offsets)])
-        self.doc_lengths = np.diff(np.append(self.doc_starts, self.num_tokens))
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.doc_starts)
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the virtual array, as int32 (a copy)."""
-        return self.gather(np.array([start]), np.array([stop - start]))
-
-    def gather(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """The ranges [start, start + length) of the virtual array, concatenated, as int32, in one vectorised pass
-        (a Python loop over ranges is too slow for short documents)."""
-        ends = np.cumsum(lengths)
-        index = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
-        if len(self.shards) == 1:
-            return self.shards[0][index].astype(np.int32)
-        shard_of = np.searchsorted(self.shard_offsets, index, side="right") - 1
-        out = np.empty(len(index), dtype=np.int32)
-        for shard in np.unique(shard_of):
-            mask = shard_of == shard
-            out[mask] = self.shards[shard][index[mask] - self.shard_offsets[shard]]
-        return out
-
-    def document(self, index: int) -> np.ndarray:
-        start = int(self.doc_starts[index])
-        return self.read(start, start + int(self.doc_lengths[index]))
-
-
-def split_pattern(data_path: str, split: str) -> str:
-    return os.path.join(data_path, f"*_{split}_*.bin")
-
-
-def segment_boundaries(doc_starts_in_slice: np.ndarray, length: int, max_piece: int) -> np.ndarray:
-    """cu_seqlens for a slice of `length` tokens: a segment starts at 0, at every document start, and every `max_piece`
-    tokens inside a document (long documents are cut into pieces of at most TRAIN_SEQ_LEN)."""
-    starts = np.union1d([0], doc_starts_in_slice).astype(np.int64)
-    ends = np.append(starts[1:], length)
-    pieces = -(-(ends - starts) // max_piece)  # ceil division
-    first_piece = np.cumsum(pieces) - pieces
-    piece_index = np.arange(int(pieces.sum())) - np.repeat(first_piece, pieces)
-    piece_starts = np.repeat(starts, pieces) + piece_index * max_piece
-    return np.append(piece_starts, length).astype(np.int32)
-
-
-def fit_segments(cu_seqlens: np.ndarray, targets: np.ndarray, max_segments: int) -> np.ndarray:
-    """cu_seqlens with exactly `max_segments` segments, so that the compiled step sees one shape for the whole run.
-
-    Fewer segments: padded with zero-length ones. More (a micro-batch of unusually many short documents): the segments
-    from index max_segments - 1 on are merged into one, and the targets of every token after the first of them are
-    ignored in place (a merged token could see another document, so it must not be trained on). Returns the new
-    cu_seqlens; `targets` is changed in place."""
-    length = int(cu_seqlens[-1])
-    if len(cu_seqlens) - 1 > max_segments:
-        targets[int(cu_seqlens[max_segments]):] = IGNORE_INDEX
-        cu_seqlens = np.append(cu_seqlens[:max_segments], length)
-    return np.pad(cu_seqlens, (0, max_segments + 1 - len(cu_seqlens)), constant_values=length).astype(np.int32)
-
-
-def default_max_segments(micro_tokens: int) -> int:
-    """Segments per micro-batch the compiled step is built for: room for a mean segment of 64 tokens (FineWeb's
-    documents average ~1,300 tokens), at least 64. Zero-length padding segments cost flash attention nothing."""
-    return max(64, micro_tokens // 64)
-
-
-# Gist tokens (GIST_TOKENS=k > 0, GIST_SEGMENT=L): every document piece is read in segments of L raw tokens, and after
-# each segment but the last come k gist slots. A slot's input id is vocab_size + its slot index (0..k-1), which picks a
-# row of the model's gist embedding; its target is IGNORE_INDEX, so a segment's last raw token still predicts the next
-# segment's first raw token. The layout is periodic from each piece's start (L raw, k gists, L raw, ...), so the model
-# recovers every token's segment and kind from cu_seqlens alone (gist_layout in section 4).
-
-
-def gist_piece_lengths(raw_lengths: np.ndarray, gist_tokens: int, gist_segment: int) -> np.ndarray:
-    """Tokens of each piece once its gist slots are in: k after every full segment of L that more tokens follow."""
-    raw_lengths = np.asarray(raw_lengths, dtype=np.int64)
-    return raw_lengths + gist_tokens * np.maximum(-(-raw_lengths // gist_segment) - 1, 0)
-
-
-def gist_micro_batch_length(raw_tokens: int, gist_tokens: int, gist_segment: int) -> int:
-    """The fixed length of a micro-batch of `raw_tokens` raw tokens with gist slots: pieces of n_i raw tokens add
-    k * floor((n_i - 1) / L) slots each, and the sum of those floors is at most floor((raw_tokens - 1) / L)."""
-    return raw_tokens + gist_tokens * ((raw_tokens - 1) // gist_segment)
-
-
-def insert_gist_slots(inputs: np.ndarray, targets: np.ndarray, cu_seqlens: np.ndarray, gist_tokens: int,
-                      gist_segment: int, vocab_size: int, length: int):
-    """(inputs, targets, cu_seqlens) of the pieces with gist slots inserted, padded to `length` tokens.
-
-    Raw tokens keep their order and targets; slot s has input vocab_size + s and an ignored target. The padding (input
-    0, targets ignored) extends the last piece: it comes after every real token, so causal attention keeps it unseen."""
-    raw_lengths = np.diff(cu_seqlens.astype(np.int64))
-    lengths = gist_piece_lengths(raw_lengths, gist_tokens, gist_segment)
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    total = int(starts[-1])
-    if total > length:
-        raise ValueError(f"{total} tokens with gist slots do not fit a micro-batch of {length}")
-    in_period = (np.arange(total) - np.repeat(starts[:-1], lengths)) % (gist_segment + gist_tokens)
-    is_gist = in_period >= gist_segment
-    new_inputs = np.zeros(length, dtype=inputs.dtype)
-    new_targets = np.full(length, IGNORE_INDEX, dtype=targets.dtype)
-    new_inputs[:total][~is_gist] = inputs
-    new_inputs[:total][is_gist] = vocab_size + in_period[is_gist] - gist_segment
-    new_targets[:total][~is_gist] = targets
-    starts[-1] = length
-    return new_inputs, new_targets, starts.astype(np.int32)
-
-
-@dataclass
-class MicroBatch:
-    inputs: np.ndarray | torch.Tensor  # int32 [L]
-    targets: np.ndarray | torch.Tensor  # int64 [L]; IGNORE_INDEX where the target would be the next document's BOS
-    cu_seqlens: np.ndarray | torch.Tensor  # int32, exactly max_segments + 1 entries
-    merged: bool = False  # it had more segments than max_segments (see fit_segments)
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """What DocumentLoader serves: steps of batch_tokens tokens cut into micro_batches equal slices, documents cut
-    into pieces of at most seq_len tokens and shuffled by seed (shuffle=False: file order), micro-batches of exactly
-    max_segments pieces (0: default_max_segments), and, with gist_tokens > 0, gist slots (ids from vocab_size on)."""
-
-    seq_len: int
-    batch_tokens: int
-    micro_batches: int
-    seed: int
-    shuffle: bool = True
-    max_segments: int = 0
-    gist_tokens: int = 0
-    gist_segment: int = 128
-    vocab_size: int = 0
-
-    @classmethod
-    def from_hyperparameters(cls, hp: Hyperparameters) -> LoaderConfig:
-        return cls(hp.train_seq_len, hp.train_batch_tokens, hp.train_micro_batches, hp.seed, hp.doc_shuffle,
-                   hp.train_max_segments, hp.gist_tokens, hp.gist_segment, hp.vocab_size)
-
-
-class DocumentLoader:
-    """Shuffled documents, packed back to back, served as fixed-size varlen micro-batches.
-
-    Epoch e is the documents in the order of a permutation drawn from (seed, e), concatenated; the epochs follow one
-    another as one endless stream. Step s covers the next TRAIN_BATCH_TOKENS tokens of that stream, cut into
-    TRAIN_MICRO_BATCHES equal slices; rank r takes slices r, r + world_size, ... Everything depends only on the seed and
-    the stream position, so every rank agrees and a restart from a saved position continues exactly."""
-
-    def __init__(self, stream: TokenStream, config: LoaderConfig, rank: int = 0, world_size: int = 1):
-        if config.micro_batches % world_size:
-            raise ConfigError(f"TRAIN_MICRO_BATCHES={config.micro_batches}: must be divisible by the world size "
-                              f"{world_size}")
-        self.stream, self.config, self.rank, self.world_size = stream, config, rank, world_size
-        self.seq_len, self.micro_batches, self.seed, self.shuffle = (config.seq_len, config.micro_batches, config.seed,
-                                                                     config.shuffle)
-        self.micro_tokens = config.batch_tokens // config.micro_batches
-        self.max_segments = config.max_segments or default_max_segments(self.micro_tokens)
-        self.merged_batches = 0  # micro-batches that had more segments than max_segments (see fit_segments)
-        self.position = 0  # tokens of the endless stream consumed so far
-        # With gist slots a micro-batch still takes micro_tokens raw tokens of the stream (so every GIST_TOKENS setting
-        # trains on the same tokens) and is padded to one fixed length that fits the most slots it can hold.
-        self.batch_length = (gist_micro_batch_length(self.micro_tokens, config.gist_tokens, config.gist_segment)
-                             if config.gist_tokens else self.micro_tokens)
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.stream.num_docs)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.stream.num_docs)
-
-    def _epoch(self, epoch: int):
-        """(document order, start of each document in epoch coordinates, with the epoch length appended)."""
-        if epoch not in self._epochs:
-            order = self.epoch_order(epoch)
-            starts = np.concatenate([[0], np.cumsum(self.stream.doc_lengths[order])])
-            self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
-            self._epochs[epoch] = (order, starts)
-        return self._epochs[epoch]
-
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens [start, stop) of the endless stream and the offsets (within them) where documents start."""
-        tokens, doc_offsets, done = [], [], 0
-        n = self.stream.num_tokens
-        while start + done < stop:  # more than once only when the range runs into the next epoch
-            epoch, offset = divmod(start + done, n)
-            order, starts = self._epoch(epoch)
-            end = min(n, offset + stop - start - done)
-            first = int(np.searchsorted(starts, offset, side="right")) - 1
-            last = int(np.searchsorted(starts, end, side="left"))
-            doc_begin, doc_end = starts[first:last], starts[first + 1:last + 1]
-            lo, hi = np.maximum(offset, doc_begin), np.minimum(end, doc_end)
-            tokens.append(self.stream.gather(self.stream.doc_starts[order[first:last]] + lo - doc_begin, hi - lo))
-            doc_offsets.append(done + doc_begin[lo == doc_begin] - offset)
-            done += end - offset
-        return np.concatenate(tokens), np.concatenate(doc_offsets).astype(np.int64)
-
-    def micro_batch(self, start: int) -> MicroBatch:
-        tokens, doc_offsets = self.read(start, start + self.micro_tokens + 1)
-        inputs, targets = tokens[:-1], tokens[1:].astype(np.int64)
-        targets[targets == BOS_ID] = IGNORE_INDEX  # never predict across a document boundary
-        cu = segment_boundaries(doc_offsets[doc_offsets < self.micro_tokens], self.micro_tokens, self.seq_len)
-        if self.config.gist_tokens:
-            inputs, targets, cu = insert_gist_slots(inputs, targets, cu, self.config.gist_tokens,
-                                                    self.config.gist_segment, self.config.vocab_size, self.batch_length)
-        merged = len(cu) - 1 > self.max_segments
-        return MicroBatch(inputs, targets, fit_segments(cu, targets, self.max_segments), merged)
-
-    @property
-    def step_tokens(self) -> int:
-        return self.micro_batches * self.micro_tokens
-
-    def step_batches(self, position: int) -> list[MicroBatch]:
-        """This rank's micro-batches of the global step that starts at stream position `position` (no state changes)."""
-        return [self.micro_batch(position + j * self.micro_tokens)
-                for j in range(self.rank, self.micro_batches, self.world_size)]
-
-    def consume(self, batches: list[MicroBatch]) -> list[MicroBatch]:
-        """Advance past one step's batches."""
-        self.position += self.step_tokens
-        self.merged_batches += sum(b.merged for b in batches)
-        return batches
-
-    def next_step(self) -> list[MicroBatch]:
-        """This rank's micro-batches of the next global step."""
-        return self.consume(self.step_batches(self.position))
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "merged_batches": self.merged_batches, "documents": self.stream.num_docs,
-                "tokens": self.stream.num_tokens}
-
-    def load_state_dict(self, state: dict) -> None:
-        # a position only means something in the stream it was taken in: the same documents, seed and order
-        here = {"seed": self.seed, "shuffle": self.shuffle, "documents": self.stream.num_docs,
-                "tokens": self.stream.num_tokens}
-        for name, value in here.items():
-            if name in state and state[name] != value:
-                raise ConfigError(f"the saved loader position belongs to a stream with {name} {state[name]!r}, this "
-                                  f"one has {value!r} (training data: {self.stream.files[0]}...)")
-        self.position = int(state["position"])
-        self.merged_batches = int(state.get("merged_batches", 0))
-
-
-class PrefetchingLoader:
-    """A DocumentLoader whose next step is built in a background thread while the current step runs on the device, as
-    tensors (in pinned memory on CUDA, so the copy to the GPU does not wait for the host). Only the main thread moves
-    the loader's position, one step per next_step(), so the batches, their order and resume are exactly the loader's;
-    a prefetched step for any other position (after load_state_dict) is dropped."""
-
-    def __init__(self, loader: DocumentLoader, device: torch.device):
-        import concurrent.futures
-
-        self.loader, self.pin = loader, device.type == "cuda"
-        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
-        self.ahead = None  # (stream position, future of that step's batches)
-
-    def _build(self, position: int) -> list[MicroBatch]:
-        def tensor(array):
-            t = torch.from_numpy(array)
-            return t.pin_memory() if self.pin else t
-
-        return [MicroBatch(tensor(b.inputs), tensor(b.targets), tensor(b.cu_seqlens), b.merged)
-                for b in self.loader.step_batches(position)]
-
-    def _prefetch(self, position: int):
-        if self.ahead is None or self.ahead[0] != position:
-            self.ahead = (position, self.worker.submit(self._build, position))
-        return self.ahead[1]
-
-    def next_step(self) -> list[MicroBatch]:
-        batches = self._prefetch(self.loader.position).result()
-        self.loader.consume(batches)
-        self._prefetch(self.loader.position)  # the step after: built while this one runs
-        return batches
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-
-# Bytes per token. BPB = (sum of per-token losses in nats) / ln 2 / (bytes those tokens stand for). The bytes of a token
-# come from lookup tables built from the SentencePiece model; together they reproduce len(sp.decode(ids).encode()) for
-# every document exactly (tests/test_bpb.py checks it on every validation document).
-
-
-@dataclass
-class ByteTables:
-    base_bytes: np.ndarray  # int64 [V]: UTF-8 bytes of the piece without its leading "▁"; byte pieces 1; control 0
-    leading_space: np.ndarray  # bool [V]: the piece starts with "▁", which decodes to one space byte
-    is_boundary: np.ndarray  # bool [V]: control and unknown pieces (BOS, EOS, PAD, UNK)
-    strips_first_space: bool  # the decoder drops the "▁" of a text's first piece (tokenizers with a dummy prefix)
-
-    def count(self, prev_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Bytes of each token in `ids`, given the token before it."""
-        space_counts = self.leading_space[ids]
-        if self.strips_first_space:
-            space_counts = space_counts & ~self.is_boundary[prev_ids]
-        return self.base_bytes[ids] + space_counts
-
-
-def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteTables:
-    if sp.vocab_size() > vocab_size:
-        raise DataError(f"tokenizer has {sp.vocab_size()} pieces, more than VOCAB_SIZE={vocab_size}")
-    base = np.zeros(vocab_size, dtype=np.int64)
-    space = np.zeros(vocab_size, dtype=bool)
-    boundary = np.ones(vocab_size, dtype=bool)  # ids past the tokenizer's vocabulary never occur; count them as 0
-    for token in range(sp.vocab_size()):
-        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
-            continue
-        boundary[token] = False
-        if sp.is_byte(token):
-            base[token] = 1
-            continue
-        piece = sp.id_to_piece(token)
-        if piece.startswith("\u2581"):
-            space[token] = True
-            piece = piece[1:]
-        base[token] = len(piece.replace("\u2581", " ").encode("utf-8"))  # an inner "▁" (e.g. "▁of▁the") is one space
-    # Whether the decoder strips the space of a first "▁piece" depends on the tokenizer's normaliser (dummy prefix);
-    # ask the decoder itself, with a piece like "▁the" (not "▁▁"), rather than parse its protobuf.
-    probe = next((t for t in range(sp.vocab_size()) if space[t] and len(sp.id_to_piece(t)) > 1
-                  and sp.id_to_piece(t)[1] != "\u2581"), None)
-    strips = probe is not None and not sp.decode([probe]).startswith(" ")
-    return ByteTables(base, space, boundary, strips)
-
-
-def document_bytes(tables: ByteTables, doc: np.ndarray) -> int:
-    """Bytes of a document (its tokens after the BOS)."""
-    return int(tables.count(doc[:-1], doc[1:]).sum())
-
-
-def bits_per_byte(total_nats: float, total_bytes: int) -> float:
-    return total_nats / math.log(2) / max(total_bytes, 1)
-
-
-def sha256_of_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: tokenizer file not found (set TOKENIZER_PATH or prepare the data first)")
-    try:
-        return spm.SentencePieceProcessor(model_file=path)
-    except Exception as e:  # sentencepiece raises bare RuntimeError/OSError with long messages
-        raise DataError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+    return move(batch.inputs)[None], move(batch.targets)[None], move(batch.cu_seqlens)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -795,26 +356,36 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 
 @dataclass(frozen=True)
 class Kernels:
-    """How the model computes what has a fast path, chosen once (main(), eval_ttt.py, a test) and held by the model:
-    the fused Triton ops it uses (FUSED) and its attention functions (ATTN_BACKEND). The default is plain torch."""
+    """How the model computes what has a fast path, chosen once and held by the model: the fused Triton ops (FUSED),
+    the attention of training and of evaluation (ATTN_BACKEND; they differ where a backend is only fast compiled), and
+    the autocast dtype of its matmuls (bf16 on GPUs; None: fp32, as on CPUs). The default is plain fp32 torch."""
 
     fused: frozenset = frozenset()
-    attention: VarlenAttention = REFERENCE_VARLEN
-    gist_attention: object = REFERENCE_GIST  # kernels.attention.ReferenceGistAttention or FlexGistAttention
+    attention: object = REFERENCE_VARLEN  # a kernels.attention.VarlenAttention, or a gist attention for gist models
+    eval_attention: object = REFERENCE_VARLEN
+    autocast: torch.dtype | None = None
 
 
-def choose_kernels(fused: frozenset, attn_backend: str, gist_tokens: int, device: torch.device,
-                   compiling: bool = False) -> Kernels:
-    """The fused ops (parse_fused_ops) and ATTN_BACKEND resolved for this device; a model with gist slots needs a
-    gist attention instead of a varlen one."""
+def choose_kernels(fused: frozenset, attn_backend: str, device, compiling: bool = False, gist: bool = False) -> Kernels:
+    """FUSED and ATTN_BACKEND resolved for this device. masked_sdpa trains compiled, but eager evaluation batches run
+    the segment loop (reference) faster than its N x N mask; a gist model needs a gist attention."""
     device = torch.device(device)
-    if gist_tokens:
-        return Kernels(fused, gist_attention=select_gist_attention(attn_backend, device, compiling))
-    return Kernels(fused, attention=select_varlen_attention(attn_backend, device, compiling))
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    if gist:
+        attention = select_gist_attention(attn_backend, device, compiling)
+        return Kernels(fused, attention, attention, autocast)
+    attention = select_varlen_attention(attn_backend, device, compiling)
+    eval_attention = REFERENCE_VARLEN if attention.name == "masked_sdpa" else attention
+    return Kernels(fused, attention, eval_attention, autocast)
 
 
-def attention_name(model_kernels: Kernels, gist_tokens: int) -> str:
-    return f"gist_{model_kernels.gist_attention.name}" if gist_tokens else model_kernels.attention.name
+def attention_line(model_kernels: Kernels, gist: bool) -> str:
+    """The log's `attention_backend:` line: what training runs, and what evaluation runs where that differs."""
+    prefix = "gist_" if gist else ""
+    line = f"attention_backend: {prefix}{model_kernels.attention.name}"
+    if model_kernels.eval_attention is not model_kernels.attention:
+        line += f" evaluation:{prefix}{model_kernels.eval_attention.name}"
+    return line
 
 
 def rms_norm(x: torch.Tensor, fused: frozenset) -> torch.Tensor:
@@ -953,6 +524,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    fixed_shapes = False  # its attention takes any batch length (evaluation needs no padding)
+
     def __init__(self, config: ModelConfig, model_kernels: Kernels = Kernels()):
         super().__init__()
         self.config, self.kernels = config, model_kernels
@@ -964,9 +537,24 @@ class GPT(nn.Module):
         self.num_encoder_layers = config.num_layers // 2
         self.num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, config.model_dim))
-        if config.gist_tokens:  # one learned embedding per gist slot index, shared by all segments
-            self.gist_emb = nn.Embedding(config.gist_tokens, config.model_dim)
-            nn.init.normal_(self.gist_emb.weight, std=config.tied_embed_init_std)
+
+    def forward(self, input_ids, target_ids, cu_seqlens=None, max_seqlen=0, head_correction=None):
+        """The per-token losses [B, T] in nats (fp32), 0 where the target is IGNORE_INDEX. head_correction(x, index):
+        added to the head's logits of the scored positions (x [n, D] their hidden states, index [n] their flat
+        positions), as test-time training's head adapters are."""
+        with self.precision():
+            return self.losses(self.hidden_states(input_ids, cu_seqlens, max_seqlen), target_ids, head_correction)
+
+    def precision(self):
+        """The autocast context of this model's matmuls (Kernels.autocast)."""
+        if self.kernels.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.tok_emb.weight.device.type, dtype=self.kernels.autocast)
+
+    def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=0):
+        """The final hidden states [B, T, D] (normed), before the head."""
+        cos, sin = self.rotary(self.positions(input_ids, cu_seqlens))
+        return self.run_blocks(self.tok_emb(input_ids), cos, sin, self.attention_for(cu_seqlens, max_seqlen))
 
     def positions(self, input_ids, cu_seqlens):
         B, T = input_ids.shape
@@ -975,18 +563,12 @@ class GPT(nn.Module):
         index = torch.arange(T, device=input_ids.device)
         return (index - cu_seqlens.to(torch.int64)[segment_ids(cu_seqlens, T)]).unsqueeze(0)
 
-    def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=0):
-        if self.config.gist_tokens:
-            return self.gist_hidden_states(input_ids, cu_seqlens)
-        cos, sin = self.rotary(self.positions(input_ids, cu_seqlens))
-        return self.run_blocks(self.tok_emb(input_ids), cos, sin, self.attention_for(cu_seqlens, max_seqlen))
-
     def attention_for(self, cu_seqlens, max_seqlen):
         """The causal attention function the blocks call for this input: q [B, T, Hq, D], k/v [B, T, Hkv, D] ->
         [B, T, Hq, D]; rows of plain causal SDPA, or the varlen backend over one packed row."""
         if cu_seqlens is None:
             return lambda q, k, v: sdpa_causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-        attention = self.kernels.attention
+        attention = self.kernels.attention if self.training else self.kernels.eval_attention
         return lambda q, k, v: attention(q[0], k[0], v[0], cu_seqlens, max_seqlen).unsqueeze(0)
 
     def run_blocks(self, embedded, cos, sin, attend):
@@ -1001,52 +583,33 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x, fused)
 
-    def embed_with_gists(self, input_ids):
-        """Token embeddings, with ids >= vocab_size taken as gist slots (id - vocab_size indexes gist_emb)."""
-        vocab = self.config.vocab_size
-        is_gist = (input_ids >= vocab).unsqueeze(-1)
-        tokens = self.tok_emb(input_ids.clamp(max=vocab - 1))
-        gists = self.gist_emb((input_ids - vocab).clamp(0, self.config.gist_tokens - 1))
-        return torch.where(is_gist, gists.to(tokens.dtype), tokens)
-
-    def gist_hidden_states(self, input_ids, cu_seqlens=None):
-        """hidden_states of a gist model. The input is laid out as the loader lays it out (insert_gist_slots): per
-        piece of cu_seqlens, or per row of a [B, T] batch, L raw tokens, k gist slots, L raw tokens, ..."""
-        B, T = input_ids.shape
-        if cu_seqlens is None:  # rows: each row is one piece of one packed sequence
-            cu_seqlens = torch.arange(0, B * T + 1, T, device=input_ids.device, dtype=torch.int32)
-            input_ids = input_ids.reshape(1, B * T)
-        n = input_ids.size(1)
-        attention = self.kernels.gist_attention
-        layout = attention.layout(gist_layout(cu_seqlens, n, self.config.gist_tokens, self.config.gist_segment), n)
-        cos, sin = self.rotary(layout.positions[None])
-        x = self.run_blocks(self.embed_with_gists(input_ids), cos, sin,
-                            lambda q, k, v: attention(q[0], k[0], v[0], layout).unsqueeze(0))
-        return x.reshape(B, T, -1)
+    def losses(self, x, target_ids, head_correction=None):
+        """Per-token losses [B, T] of hidden states x [B, T, D]. Training scores every position; evaluation windows
+        carry context positions whose targets are ignored (half of a strided window, most of a TTT window), so there
+        the lm_head, the largest matmul of a small model, runs only where a target is scored."""
+        flat_x, flat_targets = x.flatten(0, 1), target_ids.flatten()
+        if self.training and head_correction is None:
+            return self.token_losses(flat_x, flat_targets).view_as(target_ids)
+        scored = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        x_scored, targets = flat_x[scored], flat_targets[scored]
+        if head_correction is None:
+            scored_losses = self.token_losses(x_scored, targets)
+        else:
+            scored_losses = self.softcap_losses(self.head(x_scored) + head_correction(x_scored, scored), targets)
+        losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=x.device)
+        losses[scored] = scored_losses
+        return losses.view_as(target_ids)
 
     def head(self, x):
         """The tied lm_head's raw logits, before the softcap."""
         return F.linear(x, self.tok_emb.weight.to(x.dtype))
-
-    def forward(self, input_ids, target_ids, cu_seqlens=None, max_seqlen=0):
-        """The per-token losses [B, T] in nats (fp32), 0 where the target is IGNORE_INDEX."""
-        x = self.hidden_states(input_ids, cu_seqlens, max_seqlen)
-        flat_x, flat_targets = x.flatten(0, 1), target_ids.flatten()
-        if self.training:
-            return self.token_losses(flat_x, flat_targets).view_as(target_ids)
-        # Evaluation windows carry context positions whose targets are ignored (half of a strided window, most of a
-        # TTT window): the lm_head, the largest matmul of a small model, runs only where a target is scored.
-        scored = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
-        losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=x.device)
-        losses[scored] = self.token_losses(flat_x[scored], flat_targets[scored])
-        return losses.view_as(target_ids)
 
     def token_losses(self, x, targets):
         """Per-token softcapped cross-entropy of the tied lm_head, x [N, D] -> [N] (fp32 nats)."""
         if "linear_softcap_cross_entropy" in self.kernels.fused:
             # the fp32 tied weight itself: the kernel casts it for its matmuls and accumulates its gradient in fp32
             return kernels.fused_linear_softcap_cross_entropy(x.to(matmul_dtype(x)), self.tok_emb.weight, targets,
-                                                        self.config.logit_softcap)
+                                                              self.config.logit_softcap)
         return self.softcap_losses(self.head(x), targets)
 
     def softcap_losses(self, raw_logits, targets):
@@ -1056,6 +619,30 @@ class GPT(nn.Module):
             return kernels.fused_softcap_cross_entropy(raw_logits, targets, cap)
         capped = cap * torch.tanh(raw_logits.float() / cap) if cap > 0 else raw_logits.float()
         return F.cross_entropy(capped, targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+    def adaptable_linears(self) -> dict[str, nn.Linear]:
+        """The projections test-time training may adapt, by public name: blocks.{i}.attn.{q,k,v,o}, blocks.{i}.mlp.
+        {fc,proj}. (The tied head is tok_emb.)"""
+        layers = {}
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            for name, layer in (("attn.q", attn.c_q), ("attn.k", attn.c_k), ("attn.v", attn.c_v),
+                                ("attn.o", attn.proj), ("mlp.fc", mlp.fc), ("mlp.proj", mlp.proj)):
+                layers[f"blocks.{i}.{name}"] = layer
+        return layers
+
+    def set_rope_ntk_alpha(self, alpha: float) -> None:
+        """NTK-aware rotary scaling for windows longer than training (1: off)."""
+        self.rotary.set_ntk_alpha(alpha)
+
+
+def build_model(config: ModelConfig, model_kernels: Kernels = Kernels()) -> GPT:
+    """The model of this config: GPT, or GPT with gist tokens (gist.py, imported only then)."""
+    if config.gist_tokens:
+        import gist
+
+        return gist.with_gist_tokens(GPT)(config, model_kernels)
+    return GPT(config, model_kernels)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1136,17 +723,15 @@ class Muon(torch.optim.Optimizer):
 
 def optimizer_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Which optimizer trains each parameter, decided by what the parameter is, not by its number of dimensions:
-    Muon orthogonalises the weight matrices of the blocks' linear layers; the embeddings (tokens, gist slots) and
-    every control tensor (gains, scales, the 2 x width `resid_mix`, skip weights) go to Adam, as in parameter-golf."""
+    Muon orthogonalises the weight matrices of the blocks' linear layers; the embedding tables (tokens, and any an
+    experiment adds) and every control tensor (gains, scales, the 2 x width `resid_mix`, skip weights) go to Adam, as
+    in parameter-golf."""
     linear_weights = {id(m.weight) for m in model.blocks.modules() if isinstance(m, CastedLinear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups = {"embedding": [], "matrices": [], "scalars": []}
     for name, p in model.named_parameters():
-        if p is model.tok_emb.weight or name == "gist_emb.weight":
-            groups["embedding"].append((name, p))
-        elif id(p) in linear_weights:
-            groups["matrices"].append((name, p))
-        else:
-            groups["scalars"].append((name, p))
+        group = "embedding" if id(p) in embeddings else "matrices" if id(p) in linear_weights else "scalars"
+        groups[group].append((name, p))
     return groups
 
 
@@ -1170,9 +755,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> Optimizers:
                 backend_steps=hp.muon_backend_steps, compile_step=hp.compile and on_cuda,
                 fused_newton_schulz="newton_schulz" in model.kernels.fused)
     muon.param_groups[0]["base_lr"] = hp.matrix_lr
-    optimizers = Optimizers(adam_for("embedding", hp.tied_embed_lr), muon, adam_for("scalars", hp.scalar_lr))
-    assert sum(len(g["params"]) for o in optimizers for g in o.param_groups) == len(list(model.parameters()))
-    return optimizers
+    return Optimizers(adam_for("embedding", hp.tied_embed_lr), muon, adam_for("scalars", hp.scalar_lr))
 
 
 WARMDOWN_SHAPES = ("linear", "cosine", "sqrt")
@@ -1256,20 +839,6 @@ class StopRequested:
         self.requested = True
 
 
-def autocast_context(device: torch.device):
-    # bf16 matmuls on GPUs; plain fp32 on CPUs, where bf16 is slow and tests want tight tolerances
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                      enabled=False)
-
-
-def to_device(batch: MicroBatch, device: torch.device):
-    def move(array):  # tensors from PrefetchingLoader are already pinned on CUDA: the copy is asynchronous
-        tensor = torch.as_tensor(array)
-        return tensor.to(device, non_blocking=tensor.is_pinned())
-
-    return move(batch.inputs)[None], move(batch.targets)[None], move(batch.cu_seqlens)
-
-
 class GradientReducer:
     """Sums gradients over ranks while the backward pass still runs. The parameters are cut into buckets of about
     `bucket_mb` MB in reverse order (the order backward produces their gradients). During the last micro-batch's
@@ -1338,8 +907,7 @@ def forward_backward(model_fn, batches: list[MicroBatch], hp: Hyperparameters, d
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     for i, batch in enumerate(batches):
         inputs, targets, cu_seqlens = to_device(batch, device)
-        with autocast_context(device):
-            losses = model_fn(inputs, targets, cu_seqlens, hp.train_seq_len)
+        losses = model_fn(inputs, targets, cu_seqlens, hp.train_seq_len)
         if i == len(batches) - 1:
             reducer.arm()  # gradients become final during this backward: their all-reduce overlaps the rest of it
         (losses.sum() / (micro_tokens * hp.train_micro_batches)).backward()
@@ -1377,11 +945,42 @@ def compile_warmup(model, model_fn, optimizers, reducer, loader, hp, device, log
     log(f"compile_warmup steps:{hp.warmup_steps} time:{1000 * (time.perf_counter() - start):.0f}ms (not counted)")
 
 
-def compile_counts() -> tuple[int, int]:
-    """(graphs compiled so far, graph breaks so far) in this process, from Dynamo's counters."""
-    from torch._dynamo.utils import counters
+@dataclass
+class TrainingData:
+    tokenizer_sha256: str
+    val: ValidationSet
+    loader: PrefetchingLoader
 
-    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+def load_data(hp: Hyperparameters, env: DistributedEnv, log) -> TrainingData:
+    sp = load_tokenizer(hp.tokenizer_path)
+    tokenizer_sha256 = sha256_file(hp.tokenizer_path)
+    tables = build_byte_tables(sp, hp.vocab_size)
+    train_stream = TokenStream(split_pattern(hp.data_path, "train"), hp.vocab_size)
+    val = ValidationSet.load(hp.data_path, hp.vocab_size, tables, hp.val_max_docs)
+    log(f"tokenizer: {hp.tokenizer_path} sha256:{tokenizer_sha256} pieces:{sp.vocab_size()}")
+    log(f"train_data: shards:{len(train_stream.files)} documents:{train_stream.num_docs} tokens:{train_stream.num_tokens}")
+    log(f"val_data: documents:{val.num_docs} tokens:{int(val.token_counts.sum())} bytes:{int(val.byte_counts.sum())}")
+    config = LoaderConfig(seq_len=hp.train_seq_len, batch_tokens=hp.train_batch_tokens,
+                          micro_batches=hp.train_micro_batches, seed=hp.seed, shuffle=hp.doc_shuffle,
+                          max_segments=hp.train_max_segments)
+    loader = DocumentLoader(train_stream, config, env.rank, env.world_size)
+    return TrainingData(tokenizer_sha256, val, PrefetchingLoader(loader, pin_memory=env.device.type == "cuda"))
+
+
+def resume_run(hp, model, optimizers, loader, tokenizer_sha256, device, log) -> tuple[int, float, list | None]:
+    """Load RESUME's weights, optimizer and loader state and RNG states; returns (step, training ms, its EMA)."""
+    state = load_checkpoint(hp.resume, device)
+    if "optimizers" not in state:
+        raise DataError(f"{hp.resume}: not a resumable checkpoint (no optimizer state); use CHECKPOINT_EVERY")
+    check_resume_settings(state, hp, tokenizer_sha256)
+    model.load_state_dict(state["model"])
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(opt_state)
+    loader.load_state_dict(state["loader"])
+    restore_rng_states(state["rng"])
+    log(f"resumed_from: {hp.resume} step:{state['step']} train_time:{state['train_time_ms']:.0f}ms")
+    return state["step"], state["train_time_ms"], state.get("ema")
 
 
 def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log) -> int:
@@ -1390,42 +989,22 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
     random.seed(hp.seed)
-
-    sp = load_tokenizer(hp.tokenizer_path)
-    tokenizer_sha256 = sha256_of_file(hp.tokenizer_path)
-    tables = build_byte_tables(sp, hp.vocab_size)
-    train_stream = TokenStream(split_pattern(hp.data_path, "train"), hp.vocab_size)
-    val = ValidationSet.load(hp.data_path, hp.vocab_size, tables, hp.val_max_docs)
-    log(f"tokenizer: {hp.tokenizer_path} sha256:{tokenizer_sha256} pieces:{sp.vocab_size()}")
-    log(f"train_data: shards:{len(train_stream.files)} documents:{train_stream.num_docs} tokens:{train_stream.num_tokens}")
-    log(f"val_data: documents:{val.num_docs} tokens:{int(val.token_counts.sum())} bytes:{int(val.byte_counts.sum())}")
-
-    document_loader = DocumentLoader(train_stream, LoaderConfig.from_hyperparameters(hp), env.rank, env.world_size)
-    loader = PrefetchingLoader(document_loader, device)
-    model = GPT(ModelConfig.from_hyperparameters(hp), model_kernels).to(device)
+    data = load_data(hp, env, log)
+    loader, val = data.loader, data.val
+    model = build_model(ModelConfig.from_hyperparameters(hp), model_kernels).to(device)
     optimizers = build_optimizers(model, hp)
-    num_params = sum(p.numel() for p in model.parameters())
-    log(f"model_params:{num_params} world_size:{env.world_size} grad_accum:{hp.train_micro_batches // env.world_size} "
-        f"micro_batch_tokens:{document_loader.micro_tokens}")
+    micro_tokens = hp.train_batch_tokens // hp.train_micro_batches
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{env.world_size} "
+        f"grad_accum:{hp.train_micro_batches // env.world_size} micro_batch_tokens:{micro_tokens}")
     if hp.gist_tokens:
-        log(f"gist: tokens:{hp.gist_tokens} segment:{hp.gist_segment} attention:{model_kernels.gist_attention.name} "
-            f"micro_batch_slots:{document_loader.batch_length} (raw tokens plus gist slots and padding)")
+        import gist
 
-    step, train_ms = 0, 0.0
-    resumed_average = None
+        log(f"gist: tokens:{hp.gist_tokens} segment:{hp.gist_segment} attention:{model_kernels.attention.name} "
+            f"micro_batch_slots:{gist.laid_out_length(micro_tokens, hp.gist_tokens, hp.gist_segment)} (raw tokens "
+            f"plus gist slots)")
+    step, train_ms, resumed_average = 0, 0.0, None
     if hp.resume:
-        state = load_checkpoint(hp.resume, device)
-        if "optimizers" not in state:
-            raise DataError(f"{hp.resume}: not a resumable checkpoint (no optimizer state); use CHECKPOINT_EVERY")
-        check_resume_settings(state, hp, tokenizer_sha256)
-        model.load_state_dict(state["model"])
-        for opt, opt_state in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(opt_state)
-        loader.load_state_dict(state["loader"])
-        resumed_average = state.get("ema")
-        step, train_ms = state["step"], state["train_time_ms"]
-        restore_rng_states(state["rng"])
-        log(f"resumed_from: {hp.resume} step:{step} train_time:{train_ms:.0f}ms")
+        step, train_ms, resumed_average = resume_run(hp, model, optimizers, loader, data.tokenizer_sha256, device, log)
 
     model_fn = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model  # a graph break is an error
     reducer = GradientReducer(model)
@@ -1453,8 +1032,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
             train_ms = slowest_rank_ms(train_ms + 1000 * (time.perf_counter() - t0), device)
             if last_step:
                 break  # the final evaluation below also gives the curve's last point
-            result = evaluate(model, val, "flat", hp.train_seq_len, hp.eval_batch_tokens, env)
-            log(validation_line(step, hp, result, train_ms))
+            log(validation_line(step, hp, evaluate(model, val, hp.eval_spec("flat", hp.train_seq_len)), train_ms))
             synchronize(device)
             t0 = time.perf_counter()
 
@@ -1473,8 +1051,8 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
         # its own slot; the slowest clock is the elapsed time of all.
         clocks = torch.zeros(env.world_size, device=device, dtype=torch.float64)
         clocks[env.rank] = train_ms + 1000 * (time.perf_counter() - t0)
-        reduced = all_reduce_sum(torch.cat([totals, torch.tensor([float(stop_signal.requested)], device=device,
-                                                                 dtype=torch.float64), clocks])).tolist()
+        sigterm = torch.tensor([float(stop_signal.requested)], device=device, dtype=torch.float64)
+        reduced = sum_over_processes(torch.cat([totals, sigterm, clocks])).tolist()
         (loss_sum, loss_count, sigterm), elapsed_ms = reduced[:3], max(reduced[3:])
         # GPTQ's calibration runs after the last step and counts as training time: stop early enough to fit it
         reserve_ms = calibration_share * (elapsed_ms - first_ms) / max(step - first_step, 1)
@@ -1488,8 +1066,8 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms tokens_per_s:{tokens_per_s:.0f}")
         if (hp.checkpoint_every and step % hp.checkpoint_every == 0) or sigterm:
-            last_checkpoint = save_resumable_checkpoint(model, optimizers, loader, step, elapsed_ms, hp, tokenizer_sha256,
-                                                        env, weight_average)
+            last_checkpoint = save_resumable_checkpoint(model, optimizers, loader, step, elapsed_ms, hp,
+                                                        data.tokenizer_sha256, env, weight_average)
             log(f"checkpoint: {last_checkpoint} (resumable, step {step})")
         if sigterm:
             log(f"stopped by SIGTERM at step {step}; resume with RESUME={last_checkpoint}")
@@ -1501,45 +1079,37 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
     graphs, graph_breaks = compile_counts()
     log(f"compile_stats: recompiles:{graphs - (graphs_after_warmup or graphs)} graph_breaks:{graph_breaks} "
         f"graphs:{graphs}")
-    log(f"loader: merged_micro_batches:{document_loader.merged_batches} max_segments:{document_loader.max_segments}")
-
+    log(f"loader: merged_micro_batches:{loader.loader.merged_batches} max_segments:{loader.loader.max_segments}")
     if weight_average:
         weight_average.copy_to_model()
         log(f"ema: decay:{hp.ema_decay} the final evaluation, checkpoint and artifact use the averaged weights")
-    hessians = None
-    if hp.artifact == "int6_gptq_lzma":  # on training batches, with the clock running
-        start = time.perf_counter()
-        hessians = gptq_hessians(model, loader, hp, device)
-        synchronize(device)
-        calibration_ms = slowest_rank_ms(1000 * (time.perf_counter() - start), device)
-        train_ms += calibration_ms
-        log(f"artifact_calibration: batches:{hp.artifact_calibration_batches * env.world_size} "
-            f"time:{calibration_ms:.0f}ms train_time:{train_ms:.0f}ms (counted as training time)")
-    # final evaluation, with the timer stopped
-    strides = {"flat": hp.eval_window, "strided": hp.eval_stride}
-    results = {mode: evaluate(model, val, mode, hp.eval_window, hp.eval_batch_tokens, env, stride=hp.eval_stride)
-               for mode in hp.eval_modes.split(",")}
+    hessians, train_ms = calibrate_artifact(model, loader, hp, env, train_ms, log)  # with the clock running
+    return finish(model, val, hp, env, data.tokenizer_sha256, hessians, step, train_ms, log)
+
+
+def finish(model, val: ValidationSet, hp: Hyperparameters, env, tokenizer_sha256: str, hessians, step: int,
+           train_ms: float, log) -> int:
+    """The final evaluation (timer stopped), the checkpoint, the artifact and its round trip, the last lines."""
+    modes = hp.eval_modes.split(",")
+    results = [evaluate(model, val, hp.eval_spec(mode)) for mode in modes]
     if hp.val_loss_every:  # the last point of the periodic validation curve (flat windows of TRAIN_SEQ_LEN)
-        same = "flat" in results and hp.eval_window == hp.train_seq_len
-        curve = results["flat"] if same else evaluate(model, val, "flat", hp.train_seq_len, hp.eval_batch_tokens, env)
+        same = "flat" in modes and hp.eval_window == hp.train_seq_len
+        curve = results[modes.index("flat")] if same else evaluate(model, val, hp.eval_spec("flat", hp.train_seq_len))
         log(validation_line(step, hp, curve, train_ms))
-    for mode, result in results.items():
-        log(f"final_eval mode:{mode} window:{hp.eval_window} stride:{strides[mode]} val_loss:{result.loss:.8f} "
+    for result in results:
+        log(f"final_eval mode:{result.mode} {window_text(hp, result.mode)} val_loss:{result.loss:.8f} "
             f"val_bpb:{result.bpb:.8f} docs:{val.num_docs} tokens:{result.total_tokens} bytes:{result.total_bytes} "
             f"eval_time:{1000 * result.seconds:.0f}ms")
-    results = list(results.values())
     path = save_final_checkpoint(model, hp, tokenizer_sha256, step, results[-1], env)
     log(f"checkpoint: {path}")
     total_bytes = 0
     if hp.artifact != "none":  # the headline becomes the score of the model read back from the artifact
         roundtrip, total_bytes = export_artifact(model, hp, tokenizer_sha256, hessians, env, log)
-        results = [evaluate(roundtrip, val, mode, hp.eval_window, hp.eval_batch_tokens, env, stride=hp.eval_stride)
-                   for mode in hp.eval_modes.split(",")]
+        results = [evaluate(roundtrip, val, hp.eval_spec(mode)) for mode in modes]
         for result in results:
-            log(f"final_roundtrip codec:{hp.artifact} mode:{result.mode} window:{hp.eval_window} "
-                f"stride:{strides[result.mode]} val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} "
-                f"eval_time:{1000 * result.seconds:.0f}ms")
-    log(f"peak_memory: {peak_memory_mib(device):.0f}MiB")
+            log(f"final_roundtrip codec:{hp.artifact} mode:{result.mode} {window_text(hp, result.mode)} "
+                f"val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} eval_time:{1000 * result.seconds:.0f}ms")
+    log(f"peak_memory: {peak_memory_mib(env.device):.0f}MiB")
     log(f"final val_loss:{results[-1].loss:.8f} val_bpb:{results[-1].bpb:.8f} mode:{results[-1].mode} steps:{step} "
         f"train_time:{train_ms:.0f}ms")
     if total_bytes > hp.artifact_limit_bytes:
@@ -1549,14 +1119,13 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
     return 0
 
 
+def window_text(hp: Hyperparameters, mode: str) -> str:
+    return f"window:{hp.eval_window} stride:{hp.eval_stride if mode == 'strided' else hp.eval_window}"
+
+
 def validation_line(step: int, hp: Hyperparameters, result: EvalResult, train_ms: float) -> str:
     return (f"step:{step}/{hp.iterations} val_loss:{result.loss:.4f} val_bpb:{result.bpb:.4f} "
             f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -1570,210 +1139,13 @@ def peak_memory_mib(device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. Evaluation
 #
-# Every score is per document: a scored token only ever sees earlier tokens of its own document. Both modes turn the
-# documents into windows (doc, start, end, score_from): inputs are the document's tokens start..end-1, and the targets of
-# positions score_from..end-1 are scored. Windows of many documents are packed into one varlen forward pass.
-#   flat:    the validation documents concatenated and cut into contiguous windows of W tokens (older leaderboards);
-#            a window boundary cuts a document's context.
-#   strided: per document, the first W tokens, then S tokens at a time, each with the W - S tokens before it as context.
-
-
-@dataclass
-class ValidationSet:
-    stream: TokenStream
-    doc_ids: np.ndarray  # indices into the validation split, in order
-    token_counts: np.ndarray  # scored tokens per document (all but the BOS)
-    byte_counts: np.ndarray  # bytes those tokens stand for
-
-    @classmethod
-    def load(cls, data_path: str, vocab_size: int, tables: ByteTables, max_docs: int = 0) -> ValidationSet:
-        stream = TokenStream(split_pattern(data_path, "val"), vocab_size)
-        doc_ids = np.arange(stream.num_docs if not max_docs else min(max_docs, stream.num_docs))
-        byte_counts = np.array([document_bytes(tables, stream.document(i)) for i in doc_ids], dtype=np.int64)
-        return cls(stream, doc_ids, stream.doc_lengths[doc_ids] - 1, byte_counts)
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.doc_ids)
-
-    def document(self, k: int) -> np.ndarray:
-        """Tokens of the k-th selected document, BOS first."""
-        return self.stream.document(int(self.doc_ids[k]))
-
-
-def strided_windows(num_targets: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, score_from) over a document's prediction positions 0..num_targets-1: the first `window`, then
-    `stride` at a time, each with the `window - stride` positions before them as context (so stride == window gives
-    non-overlapping windows from the document's start)."""
-    end = min(window, num_targets)
-    windows = [(0, end, 0)]
-    while end < num_targets:
-        new_end = min(end + stride, num_targets)
-        windows.append((max(0, end - (window - stride)), new_end, end))
-        end = new_end
-    return windows
-
-
-def flat_windows(token_counts: np.ndarray, window: int) -> list[tuple[int, int, int, int]]:
-    """(doc, start, end, score_from) pieces of the concatenated documents cut every `window` tokens."""
-    items, position = [], 0
-    for doc, count in enumerate(token_counts.tolist()):
-        start = 0
-        while start < count:
-            end = min(count, start + window - (position + start) % window)
-            items.append((doc, start, end, start))
-            start = end
-        position += count
-    return items
-
-
-def evaluation_windows(val: ValidationSet, mode: str, window: int, stride: int = 0):
-    if mode == "flat":
-        return flat_windows(val.token_counts, window)
-    if mode == "strided":
-        if not 0 < stride <= window:
-            raise ConfigError(f"strided evaluation: stride {stride} must be in 1..{window} (the window)")
-        return [(doc, *w) for doc, n in enumerate(val.token_counts.tolist()) for w in strided_windows(n, window, stride)]
-    raise ConfigError(f"evaluation mode {mode!r}: must be flat or strided")
-
-
-def assign_documents(lengths, world_size: int) -> list[list[int]]:
-    """Deterministic length-balanced assignment of documents to ranks (longest first, to the least-loaded rank, ties to
-    the lowest rank). Every rank computes the same answer; no coordination needed."""
-    loads = [0] * world_size
-    shares: list[list[int]] = [[] for _ in range(world_size)]
-    for doc in sorted(range(len(lengths)), key=lambda d: (-int(lengths[d]), d)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        shares[rank].append(doc)
-        loads[rank] += int(lengths[doc])
-    return [sorted(s) for s in shares]
-
-
-def pack_windows(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Group windows (by index) into batches of at most batch_tokens tokens, longest first (first-fit decreasing)."""
-    batches, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                batches[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            batches.append([i])
-            room.append(batch_tokens - lengths[i])
-    return batches
-
-
-@torch.no_grad()
-def score_windows(model: GPT, val: ValidationSet, windows, batch_tokens: int, device: torch.device):
-    """Per-token losses (nats) of the scored positions, as {doc: float64 array over the document's targets}."""
-    docs = {doc: val.document(doc) for doc in sorted({w[0] for w in windows})}
-    losses = {doc: np.full(len(tokens) - 1, np.nan) for doc, tokens in docs.items()}
-    lengths = [end - start for _, start, end, _ in windows]
-    gist_tokens, gist_segment, vocab_size = model.config.gist_tokens, model.config.gist_segment, model.config.vocab_size
-    was_training = model.training
-    model.eval()
-    batch_tokens = max(batch_tokens, max(lengths, default=1))
-    # A compiled gist attention (flex on CUDA) is built for one shape: every batch is padded to the most tokens a
-    # batch of batch_tokens raw tokens can have with its slots, so the evaluation compiles once, not once per batch.
-    fixed_gist_length = (gist_micro_batch_length(batch_tokens, gist_tokens, gist_segment)
-                         if gist_tokens and model.kernels.gist_attention.fixed_shapes else 0)
-    for batch in pack_windows(lengths, batch_tokens):
-        inputs = np.concatenate([docs[windows[i][0]][windows[i][1]: windows[i][2]] for i in batch])
-        targets = np.concatenate([docs[windows[i][0]][windows[i][1] + 1: windows[i][2] + 1] for i in batch])
-        cu_seqlens = np.concatenate([[0], np.cumsum([lengths[i] for i in batch])]).astype(np.int32)
-        model_inputs, model_targets, model_cu = inputs, targets.astype(np.int64), cu_seqlens
-        if gist_tokens:  # each window is a piece of its own, read in segments with gist slots after them
-            length = fixed_gist_length or int(gist_piece_lengths(np.diff(cu_seqlens), gist_tokens, gist_segment).sum())
-            model_inputs, model_targets, model_cu = insert_gist_slots(inputs, model_targets, cu_seqlens, gist_tokens,
-                                                                      gist_segment, vocab_size, length)
-        with autocast_context(device):
-            token_losses = model(torch.from_numpy(model_inputs).to(device)[None],
-                                 torch.from_numpy(model_targets).to(device)[None],
-                                 torch.from_numpy(model_cu).to(device), max(lengths[i] for i in batch))
-        token_losses = token_losses[0].double().cpu().numpy()
-        if gist_tokens:
-            token_losses = token_losses[model_inputs < vocab_size][: len(inputs)]  # raw tokens in order, no padding
-        for i, offset in zip(batch, cu_seqlens[:-1].tolist()):
-            doc, start, end, score_from = windows[i]
-            losses[doc][score_from:end] = token_losses[offset + score_from - start: offset + end - start]
-    model.train(was_training)
-    return losses
-
-
-@dataclass
-class EvalResult:
-    mode: str
-    doc_nats: np.ndarray  # per selected document
-    doc_tokens: np.ndarray
-    doc_bytes: np.ndarray
-    seconds: float
-    token_losses: dict | None = None  # {doc: per-token losses}, this rank's documents only
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.doc_tokens.sum())
-
-    @property
-    def total_bytes(self) -> int:
-        return int(self.doc_bytes.sum())
-
-    @property
-    def loss(self) -> float:
-        return float(self.doc_nats.sum() / max(self.total_tokens, 1))
-
-    @property
-    def bpb(self) -> float:
-        return bits_per_byte(float(self.doc_nats.sum()), self.total_bytes)
-
-
-def evaluate(model: GPT, val: ValidationSet, mode: str, window: int, batch_tokens: int,
-             env: DistributedEnv | None = None, stride: int = 0, keep_token_losses: bool = False) -> EvalResult:
-    """Score every selected validation document (strided mode needs the stride); documents are shared out over the
-    ranks and the sums all-reduced."""
-    rank, world = (env.rank, env.world_size) if env else (0, 1)
-    device = next(model.parameters()).device
-    start_time = time.perf_counter()
-    mine = set(assign_documents(val.token_counts, world)[rank])
-    windows = [w for w in evaluation_windows(val, mode, window, stride) if w[0] in mine]
-    losses = score_windows(model, val, windows, batch_tokens, device)
-    return gather_result(mode, val, losses, start_time, device, keep_token_losses)
-
-
-def gather_result(mode: str, val: ValidationSet, losses: dict, start_time: float, device,
-                  keep_token_losses: bool = False) -> EvalResult:
-    """Sum this rank's per-token losses per document, all-reduce the sums over ranks, and time the evaluation."""
-    doc_nats = torch.zeros(val.num_docs, dtype=torch.float64, device=device)
-    for doc, values in losses.items():
-        assert not np.isnan(values).any(), f"document {doc}: a token was not scored"
-        doc_nats[doc] = float(values.sum())
-    all_reduce_sum(doc_nats)
-    synchronize(device)
-    return EvalResult(mode, doc_nats.cpu().numpy(), val.token_counts.copy(), val.byte_counts.copy(),
-                      time.perf_counter() - start_time, losses if keep_token_losses else None)
+# eval_ttt.py: evaluate(model, val, EvalSpec) scores every validation document on its own (a scored token only ever
+# sees earlier tokens of its own document), shared out over the processes. The final evaluation runs EVAL_MODES with
+# EVAL_WINDOW and EVAL_STRIDE (Hyperparameters.eval_spec); the periodic curve flat windows of TRAIN_SEQ_LEN.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 8. Checkpoints, logging and main
-
-
-def write_atomic(path: str, content) -> None:
-    """Write `content` (bytes, or a function that writes the file under the temporary name it is given) to a temporary
-    file beside `path` (the folder is created if missing), then rename it: a crash never leaves half a file under the
-    real name, and a failure leaves no temporary file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        if callable(content):
-            content(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+# 8. Checkpoints, the artifact, logging and main
 
 
 def checkpoint_metadata(hp: Hyperparameters, tokenizer_sha256: str) -> dict:
@@ -1830,13 +1202,25 @@ def check_resume_settings(state: dict, hp: Hyperparameters, tokenizer_sha256: st
                               "it cannot change in the middle of a run")
 
 
+def calibrate_artifact(model: GPT, loader, hp: Hyperparameters, env, train_ms: float, log) -> tuple[dict | None, float]:
+    """int6_gptq_lzma: GPTQ's Hessians, timed and counted as training time; (None, train_ms) for the other codecs."""
+    if hp.artifact != "int6_gptq_lzma":
+        return None, train_ms
+    start = time.perf_counter()
+    hessians = gptq_hessians(model, loader, hp, env.device)
+    synchronize(env.device)
+    calibration_ms = slowest_rank_ms(1000 * (time.perf_counter() - start), env.device)
+    log(f"artifact_calibration: batches:{hp.artifact_calibration_batches * env.world_size} "
+        f"time:{calibration_ms:.0f}ms train_time:{train_ms + calibration_ms:.0f}ms (counted as training time)")
+    return hessians, train_ms + calibration_ms
+
+
 @torch.no_grad()
 def gptq_hessians(model: GPT, loader, hp: Hyperparameters, device: torch.device) -> dict[str, torch.Tensor]:
     """X^T X of the inputs of every matrix GPTQ quantizes, over the next ARTIFACT_CALIBRATION_BATCHES training
     micro-batches of this process (never validation data), summed over processes. Computed on an unfused twin of the
     model: a fused relu2_linear reads mlp.fc.weight without calling the layer, so its inputs would go unseen."""
-    twin = GPT(model.config, Kernels(attention=model.kernels.attention,
-                                     gist_attention=model.kernels.gist_attention)).to(device)
+    twin = build_model(model.config, dataclasses.replace(model.kernels, fused=frozenset())).to(device)
     twin.load_state_dict(model.state_dict())
     twin.eval()
     names = [name for name, how in quantization_plan(model.state_dict(), hp.artifact).items() if how == "int6_gptq"]
@@ -1846,12 +1230,11 @@ def gptq_hessians(model: GPT, loader, hp: Hyperparameters, device: torch.device)
 
     def forward(net, batch):
         inputs, targets, cu_seqlens = to_device(batch, device)
-        with autocast_context(device):
-            net(inputs, targets, cu_seqlens, hp.train_seq_len)
+        net(inputs, targets, cu_seqlens, hp.train_seq_len)
 
     hessians = collect_hessians(twin, batches[:hp.artifact_calibration_batches], forward, names)
     for hessian in hessians.values():
-        all_reduce_sum(hessian)
+        sum_over_processes(hessian)
     return hessians
 
 
@@ -1867,14 +1250,13 @@ def export_artifact(model: GPT, hp: Hyperparameters, tokenizer_sha256: str, hess
         log(f"artifact_encode: codec:{hp.artifact} time:{1000 * (time.perf_counter() - start):.0f}ms")
     if is_distributed():
         dist.barrier()
-    root = Path(__file__).resolve().parent
-    code = record_source_files()
+    code = payload_files(hp)
     model_bytes, code_bytes = os.path.getsize(path), sum(f.stat().st_size for f in code)
     total = model_bytes + code_bytes
     log(f"artifact: codec:{hp.artifact} model_bytes:{model_bytes} code_bytes:{code_bytes} total_bytes:{total} "
-        f"limit:{hp.artifact_limit_bytes} files:{path}," + ",".join(f.relative_to(root).as_posix() for f in code))
+        f"limit:{hp.artifact_limit_bytes} files:{path}," + ",".join(f.relative_to(ROOT).as_posix() for f in code))
     device = model.tok_emb.weight.device
-    roundtrip = GPT(model.config, model.kernels).to(device)  # same shape and kernels, weights from the file
+    roundtrip = build_model(model.config, model.kernels).to(device)  # same shape and kernels, weights from the file
     roundtrip.load_state_dict(load_checkpoint(path, device)["model"])
     return roundtrip, total
 
@@ -1899,10 +1281,10 @@ def load_checkpoint(path: str, device) -> dict:
 
 
 def load_model(path: str, device, fused: frozenset = frozenset(), attn_backend: str = "reference") -> tuple[GPT, dict]:
-    """The model of a checkpoint (final or resumable), with these kernels, and the checkpoint's metadata."""
+    """The model of a checkpoint or artifact, with these kernels, and the checkpoint's metadata."""
     state = load_checkpoint(path, device)
     config = ModelConfig(**state["model_config"])
-    model = GPT(config, choose_kernels(fused, attn_backend, config.gist_tokens, device)).to(device)
+    model = build_model(config, choose_kernels(fused, attn_backend, device, gist=config.gist_tokens > 0)).to(device)
     model.load_state_dict(state["model"])
     return model, state
 
@@ -1920,27 +1302,26 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
-def record_source_files() -> list[Path]:
-    """The code a run depends on, embedded in its log so a record can be checked byte for byte."""
-    here = Path(__file__).resolve().parent
-    files = [Path(__file__).resolve()] + sorted((here / "kernels").glob("*.py"))
-    if (here / "eval_ttt.py").is_file():
-        files.append(here / "eval_ttt.py")
-    return files
+def payload_files(hp: ModelConfig | None = None) -> list[Path]:
+    """PAYLOAD, and the experiment files hp switches on, as paths."""
+    names = list(PAYLOAD) + [name for name, switch in EXPERIMENT_PAYLOAD.items() if hp and getattr(hp, switch)]
+    return [ROOT / name for name in names]
 
 
-def embedded_source(files: list[Path], root: Path) -> str:
+def embedded_source(files: list[Path]) -> str:
     """`#### file NAME bytes=N sha256=H`, then exactly N bytes of the file, then `#### end NAME`."""
     parts = []
     for path in files:
         data = path.read_bytes()
-        name = path.relative_to(root).as_posix()
+        name = path.relative_to(ROOT).as_posix()
         parts.append(f"#### file {name} bytes={len(data)} sha256={hashlib.sha256(data).hexdigest()}\n"
                      f"{data.decode('utf-8')}\n#### end {name}\n")
     return "".join(parts)
 
 
 def versions_line() -> str:
+    import sentencepiece as spm
+
     try:
         import triton
 
@@ -1967,15 +1348,20 @@ def gpu_line(world_size: int) -> str:
 
 
 class Logger:
-    """Rank 0 prints each line and appends it to logs/<RUN_ID>.txt; other ranks stay quiet. A new run starts the file
-    afresh; a resumed run (append=True) continues it, so the steps before the interruption stay in the record."""
+    """Rank 0 prints each line and appends it to LOG_DIR/<RUN_ID>.txt; other ranks stay quiet. A new run never
+    overwrites a log: an existing one is an error (two runs with one RUN_ID would erase each other's evidence), unless
+    the run resumes (append=True), which continues it."""
 
     def __init__(self, path: str | None, append: bool = False):
         self.path = path
         self.continues = bool(path) and append and os.path.isfile(path)
         if path and not self.continues:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            open(path, "w").close()
+            try:
+                open(path, "x").close()
+            except FileExistsError:
+                raise ConfigError(f"{path}: a log of RUN_ID {Path(path).stem!r} exists already; choose another RUN_ID "
+                                  f"(or RESUME= a checkpoint of that run to continue it)") from None
 
     def raw(self, text: str) -> None:
         if self.path:
@@ -1995,21 +1381,22 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = setup_distributed()
-    hp.run_id = rank0_string(hp.run_id)  # a timestamp RUN_ID can differ by a second between ranks
-    log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None, append=bool(hp.resume))
+    log = Logger(None)
     try:
-        model_kernels = choose_kernels(parse_fused_ops(hp.fused), hp.attn_backend, hp.gist_tokens, env.device,
-                                       compiling=hp.compile)
+        hp.run_id = rank0_string(hp.run_id)  # every rank names its files after rank 0's RUN_ID
+        log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None, append=bool(hp.resume))
+        gist = hp.gist_tokens > 0
+        model_kernels = choose_kernels(parse_fused_ops(hp.fused), hp.attn_backend, env.device, hp.compile, gist)
         if log.continues:  # the log already starts with the code; the resumed run's lines follow the earlier ones
             log(f"resumed_log: {hp.resume}")
         else:
-            log.raw(embedded_source(record_source_files(), Path(__file__).resolve().parent))
+            log.raw(embedded_source(payload_files(hp)))
         log(versions_line())
         log(gpu_line(env.world_size))
         log("env_overrides: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in Hyperparameters.env_overrides().items()))
         for f in dataclasses.fields(hp):
             log(f"hparam {f.name}={getattr(hp, f.name)}")
-        log(f"attention_backend: {attention_name(model_kernels, hp.gist_tokens)}")
+        log(attention_line(model_kernels, gist))
         log(f"fused_ops: {','.join(sorted(model_kernels.fused)) or 'none'}")
         return train(hp, env, model_kernels, log)
     except (ConfigError, DataError, BackendError) as e:

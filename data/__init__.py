@@ -1,2 +1,3 @@
-"""Data tools: the shard format (shards.py), atomic writes and sha256 of files (files.py), local corpus preparation
-(prepare_corpus.py), FineWeb download (download_fineweb.py). train_gpt.py has its own shard reader, load_shard."""
+"""Everything about data. The record's part: loader.py (the shard format and its one reader, the document stream and
+loader, the validation set, bytes per token) and files.py (atomic writes, sha256). The tools: shards.py (writing
+shards), prepare_corpus.py (a local corpus to tokenizer and shards), download_fineweb.py (FineWeb from the hub)."""

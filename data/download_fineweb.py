@@ -19,7 +19,7 @@ Where it puts them (parameter-golf's local layout, under --out, default this dat
   OUT/datasets/manifest.json                       the dataset repo's manifest
 
 Resumable: a file already present is skipped when it is complete: its size equals the hub's (asked once for all
-files), and a shard also passes data/shards.read_shard (the checks of train_gpt.load_shard: magic, version, size =
+files), and a shard also passes data/loader.load_shard (the record's own checks: magic, version, size =
 header + 2 x count), the tokenizer loads with SentencePiece and the manifest parses. Anything else is downloaded again.
 Every file is downloaded into the Hugging Face cache, checked, then linked (or copied) to a temporary name next to its
 destination and renamed into place, so an interrupted run never leaves a partial file under a final name. When the hub
@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import write_atomic
-from data.shards import ShardError, read_shard
+from data.loader import DataError, load_shard
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
@@ -136,8 +136,8 @@ def link_or_copy(source: str, destination: str) -> None:
 def check_shard(path: str):
     """None if `path` is a complete shard, else the problem."""
     try:
-        read_shard(path)
-    except ShardError as e:
+        load_shard(path)
+    except DataError as e:
         return str(e).split(": ", 1)[-1]
     return None
 

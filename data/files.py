@@ -1,8 +1,6 @@
-"""Writing files atomically and hashing them, for everything outside the record (data/ and tools/).
-
-Standard library only: tools/gpu_report.py imports this before its setup part has installed numpy. train_gpt.py,
-which a record carries on its own, has its own `write_atomic` and `sha256_of_file` with the same interface;
-tests/test_data.py checks that the two agree.
+"""Writing files atomically and hashing them: one definition for the record (checkpoints, results, shard index caches)
+and for the data tools and the toolkit. Standard library only, so that a command can import it before its
+dependencies are installed.
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import remove_quietly, sha256_file, write_temp
-from data.shards import SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardError, ShardWriter
+from data.loader import SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
+from data.shards import ShardError, ShardWriter
 
 BOS_ID = 1
 DEFAULT_VAL_DOCS = 60

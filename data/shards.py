@@ -1,12 +1,6 @@
-"""The shard format for everything outside the record (data/, tools/): its constants, reader and writer.
-
-Shard file: 256 little-endian int32 header ([0] magic 20240520, [1] version 1, [2] number of tokens), then that many
-little-endian uint16 tokens, nothing else. Every file is written to a temporary file in the target directory first and
-renamed into place, so a reader never sees a half-written shard.
-
-Only numpy and the standard library are imported here, so the data tools start fast. train_gpt.py, which a record
-carries on its own, keeps its own copy of the constants and the reader (`load_shard`, with the same checks and
-messages); tests/test_data.py checks that the two sides agree.
+"""Writing token shards (the format and the one reader are data/loader.py's): one shard at once, or a split streamed
+into numbered shards. Every file is written to a temporary file in the target directory first and renamed into place,
+so a reader never sees a half-written shard.
 """
 
 from __future__ import annotations
@@ -16,16 +10,13 @@ import os
 import numpy as np
 
 from data.files import open_new, remove_quietly, temp_path_for, write_atomic
+from data.loader import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-SHARD_HEADER_INTS = 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 MAX_TOKEN_ID = 65535  # tokens are stored as uint16
 
 
-class ShardError(ValueError):
-    """A shard cannot be written or read. The message starts with the file it is about."""
+class ShardError(DataError):
+    """A shard cannot be written. The message starts with the file it is about."""
 
 
 def _header(num_tokens: int) -> bytes:
@@ -59,31 +50,6 @@ def write_shard(path, tokens) -> None:
     path = str(path)
     array = as_uint16_tokens(tokens, path)
     write_atomic(path, _header(len(array)) + array.tobytes())
-
-
-def read_shard(path) -> np.ndarray:
-    """The tokens of one shard, memory-mapped, after checking magic, version and the exact file size; ShardError
-    naming `path` otherwise (the checks and messages of train_gpt.load_shard)."""
-    path = str(path)
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        raise ShardError(f"{path}: shard file not found") from None
-    if size < SHARD_HEADER_BYTES:
-        what = "empty" if size == 0 else f"only {size} bytes"
-        raise ShardError(f"{path}: file is {what}, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
-    magic, version, num_tokens = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
-    if magic != SHARD_MAGIC:
-        raise ShardError(f"{path}: wrong magic number {magic} (a token shard starts with {SHARD_MAGIC})")
-    if version != SHARD_VERSION:
-        raise ShardError(f"{path}: unsupported shard version {version} (this reader knows version {SHARD_VERSION})")
-    expected = SHARD_HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or size != expected:
-        raise ShardError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes"
-                         f" ({'truncated' if size < expected else 'trailing data'})")
-    if num_tokens == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
 
 
 class ShardWriter:
