@@ -1,7 +1,8 @@
 """Fused Triton ops for train_gpt.py. Each op file holds a plain-torch `reference`, the Triton kernels, their
 registration as torch.library custom ops (torch.ops.kernels.*, with fake implementations and registered backwards, so
 torch.compile(fullgraph=True) traces every op without a graph break), and the public function, which runs Triton on
-CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1) and the reference otherwise. See kernels/README.md."""
+CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1) and the reference otherwise. train_gpt.py uses none of them
+unless FUSED names them (FUSED=1: all). See kernels/README.md."""
 
 import kernels.newton_schulz
 import kernels.relu2_linear
@@ -37,15 +38,4 @@ REFERENCES = {
     "newton_schulz": kernels.newton_schulz.reference,
 }
 
-# An op is on by default only once tools/bench_kernels.py has measured it faster than torch.compile of its
-# reference on an H100. Nothing has been measured on a GPU yet, so every op is off.
-DEFAULT_ON = {
-    "softcap_cross_entropy": False,
-    "linear_softcap_cross_entropy": False,
-    "relu2_linear": False,
-    "rms_norm": False,
-    "rotary_qk": False,
-    "newton_schulz": False,
-}
-
-__all__ = ["OPS", "REFERENCES", "DEFAULT_ON", "triton_available", *(f"fused_{name}" for name in OPS)]
+__all__ = ["OPS", "REFERENCES", "triton_available", *(f"fused_{name}" for name in OPS)]

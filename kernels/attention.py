@@ -157,10 +157,7 @@ class VarlenAttention(NamedTuple):
     function: Callable
 
     def __call__(self, q, k, v, cu_seqlens, max_seqlen):
-        function = self.function
-        if function is varlen_attention_masked and not torch.compiler.is_compiling():
-            function = varlen_attention_reference  # eager calls (evaluation batches): the loop beats an N x N mask
-        return function(q, k, v, cu_seqlens, max_seqlen)
+        return self.function(q, k, v, cu_seqlens, max_seqlen)
 
 
 REFERENCE_VARLEN = VarlenAttention("reference", varlen_attention_reference)
