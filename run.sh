@@ -38,14 +38,22 @@ if [ "$gpus" -gt 0 ]; then
   # the 16 MB track's artifact, scored after the round trip: int6 + lzma, because with this repository's code bytes
   # (kernels and eval_ttt.py included) the baseline shape's int8 + zlib export is over 16,000,000 bytes (README)
   export ARTIFACT=${ARTIFACT:-int6_lzma}
-  # gradient accumulation makes up for fewer GPUs; the micro-batch count must be a multiple of the GPU count
-  if [ $((8 % gpus)) -ne 0 ]; then export TRAIN_MICRO_BATCHES=${TRAIN_MICRO_BATCHES:-$gpus}; fi
+  # Gradient accumulation makes up for fewer GPUs: the micro-batch count must be a multiple of the GPU count, and the
+  # batch a multiple of the micro-batch count. For a count that does not divide 8 (3, 5, 6, 7): the smallest multiple
+  # of it that is at least 8, and the largest batch it divides that is not above the default.
+  if [ $((8 % gpus)) -ne 0 ] && [ -z "${TRAIN_MICRO_BATCHES:-}" ]; then
+    export TRAIN_MICRO_BATCHES=$(( gpus * ((8 + gpus - 1) / gpus) ))
+    if [ -z "${TRAIN_BATCH_TOKENS:-}" ]; then
+      export TRAIN_BATCH_TOKENS=$(( 524288 / TRAIN_MICRO_BATCHES * TRAIN_MICRO_BATCHES ))
+    fi
+    echo "run.sh: $gpus GPUs: TRAIN_MICRO_BATCHES=$TRAIN_MICRO_BATCHES TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-524288}" >&2
+  fi
   exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$gpus" train_gpt.py
 fi
 
 prepare_sample
 export DATA_PATH=${DATA_PATH:-$SAMPLE_DIR}
-export RUN_ID=${RUN_ID:-cpu_$(date +%Y%m%d_%H%M%S)}
+export RUN_ID=${RUN_ID:-cpu_$(date +%Y%m%d_%H%M%S)_$(printf %04x $RANDOM)}
 export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
 export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-512} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-2048} TRAIN_MICRO_BATCHES=${TRAIN_MICRO_BATCHES:-1}
 export ITERATIONS=${ITERATIONS:-2000} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-215} WARMDOWN_ITERS=${WARMDOWN_ITERS:-300}

@@ -209,7 +209,7 @@ class MicroBatch:
     merged: bool = False  # it had more segments than max_segments (see fit_segments)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
     """What DocumentLoader serves: steps of batch_tokens tokens cut into micro_batches equal slices, documents cut
     into pieces of at most seq_len tokens and shuffled by seed (shuffle=False: file order), and micro-batches of

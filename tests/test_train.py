@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+import data.loader as dl
 import train_gpt as tg
 from conftest import ROOT
 from kernels import attention as attn
+from data.files import sha256_file
 from data.shards import write_shard
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -95,12 +97,12 @@ def test_learning_rate_schedule():
 def synthetic_stream(tmp_path):
     """37 documents of ragged lengths over three shards; documents cross shard boundaries."""
     rng = np.random.default_rng(0)
-    docs = [np.concatenate([[tg.BOS_ID], rng.integers(4, 50, size=int(n))]) for n in rng.integers(1, 90, size=37)]
+    docs = [np.concatenate([[dl.BOS_ID], rng.integers(4, 50, size=int(n))]) for n in rng.integers(1, 90, size=37)]
     stream = np.concatenate(docs)
     cuts = [0, len(stream) // 3 + 1, 2 * len(stream) // 3 + 5, len(stream)]
     for i in range(3):
         write_shard(str(tmp_path / f"syn_train_{i:06d}.bin"), stream[cuts[i]:cuts[i + 1]])
-    return tg.TokenStream(str(tmp_path / "syn_train_*.bin"), 64), docs
+    return dl.TokenStream(str(tmp_path / "syn_train_*.bin"), 64), docs
 
 
 def test_token_stream_finds_documents_across_shards(synthetic_stream):
@@ -113,7 +115,7 @@ def test_token_stream_finds_documents_across_shards(synthetic_stream):
 def test_every_token_once_per_epoch_and_segments_never_span_a_bos(synthetic_stream):
     stream, docs = synthetic_stream
     world, micro_batches, seq_len = 2, 4, 16
-    loaders = [tg.DocumentLoader(stream, tg.LoaderConfig(seq_len, 4 * 50, micro_batches, seed=7), r, world)
+    loaders = [dl.DocumentLoader(stream, dl.LoaderConfig(seq_len=seq_len, batch_tokens=4 * 50, micro_batches=micro_batches, seed=7), r, world)
                for r in range(world)]
     served = []
     for _ in range(12):  # 12 steps x 200 tokens > 2 epochs of ~1.6k tokens
@@ -125,12 +127,12 @@ def test_every_token_once_per_epoch_and_segments_never_span_a_bos(synthetic_stre
             assert cu[0] == 0 and cu[-1] == len(batch.inputs) and np.all(np.diff(cu) >= 0)
             for a, b in zip(cu[:-1], cu[1:]):
                 assert b - a <= seq_len
-                assert not np.any(batch.inputs[a + 1:b] == tg.BOS_ID), "a segment spans a document start"
+                assert not np.any(batch.inputs[a + 1:b] == dl.BOS_ID), "a segment spans a document start"
             # a document start is always a segment start
-            assert set(np.flatnonzero(batch.inputs == tg.BOS_ID)) <= set(cu.tolist())
+            assert set(np.flatnonzero(batch.inputs == dl.BOS_ID)) <= set(cu.tolist())
             # the target of a document's last token would be the next BOS: it is ignored
             next_tokens = np.append(batch.inputs[1:], -1)
-            assert np.all(batch.targets[next_tokens == tg.BOS_ID] == tg.IGNORE_INDEX)
+            assert np.all(batch.targets[next_tokens == dl.BOS_ID] == dl.IGNORE_INDEX)
     served = np.concatenate(served)
     orders = [loaders[0].epoch_order(e) for e in range(3)]
     for order in orders:
@@ -143,10 +145,10 @@ def test_every_token_once_per_epoch_and_segments_never_span_a_bos(synthetic_stre
 
 def test_loader_restart_continues_exactly(synthetic_stream):
     stream, _ = synthetic_stream
-    loader = tg.DocumentLoader(stream, tg.LoaderConfig(16, 4 * 50, 4, seed=3), 0, 1)
+    loader = dl.DocumentLoader(stream, dl.LoaderConfig(seq_len=16, batch_tokens=4 * 50, micro_batches=4, seed=3), 0, 1)
     for _ in range(5):
         loader.next_step()
-    restarted = tg.DocumentLoader(stream, tg.LoaderConfig(16, 4 * 50, 4, seed=3), 0, 1)
+    restarted = dl.DocumentLoader(stream, dl.LoaderConfig(seq_len=16, batch_tokens=4 * 50, micro_batches=4, seed=3), 0, 1)
     restarted.load_state_dict(loader.state_dict())
     for _ in range(6):
         for a, b in zip(loader.next_step(), restarted.next_step()):
@@ -157,31 +159,31 @@ def test_loader_restart_continues_exactly(synthetic_stream):
 
 def test_doc_shuffle_off_keeps_file_order(synthetic_stream):
     stream, docs = synthetic_stream
-    loader = tg.DocumentLoader(stream, tg.LoaderConfig(16, 4 * 50, 4, seed=3, shuffle=False), 0, 1)
+    loader = dl.DocumentLoader(stream, dl.LoaderConfig(seq_len=16, batch_tokens=4 * 50, micro_batches=4, seed=3, shuffle=False), 0, 1)
     np.testing.assert_array_equal(loader.epoch_order(5), np.arange(len(docs)))
 
 
 def test_segment_boundaries_cut_long_documents():
-    cu = tg.segment_boundaries(np.array([0, 3, 40]), 45, 16)
+    cu = dl.segment_boundaries(np.array([0, 3, 40]), 45, 16)
     assert cu.tolist() == [0, 3, 19, 35, 40, 45]
     targets = np.arange(45)
-    padded = tg.fit_segments(cu, targets, 64)
+    padded = dl.fit_segments(cu, targets, 64)
     assert len(padded) == 65 and padded[:6].tolist() == cu.tolist() and set(padded[6:].tolist()) == {45}
     assert targets.tolist() == list(range(45))  # nothing merged, nothing ignored
 
 
 def test_segments_over_the_cap_are_merged_and_not_trained_on():
-    cu = tg.segment_boundaries(np.array([0, 3, 5, 9, 10, 30]), 45, 16)  # 7 segments: 3, 2, 4, 1, 16, 4, 11 tokens
+    cu = dl.segment_boundaries(np.array([0, 3, 5, 9, 10, 30]), 45, 16)  # 7 segments: 3, 2, 4, 1, 16, 4, 11 tokens
     targets = np.arange(45)
-    fitted = tg.fit_segments(cu, targets, 4)
+    fitted = dl.fit_segments(cu, targets, 4)
     assert fitted.tolist() == [0, 3, 5, 9, 45]
     assert targets[:10].tolist() == list(range(10))  # segment 3 (tokens 9..9) is the first merged one: still trained
-    assert (targets[10:] == tg.IGNORE_INDEX).all()  # tokens that could see another segment are not
+    assert (targets[10:] == dl.IGNORE_INDEX).all()  # tokens that could see another segment are not
 
 
 def test_every_micro_batch_has_the_same_cu_seqlens_length(synthetic_stream):
     stream, docs = synthetic_stream
-    loader = tg.DocumentLoader(stream, tg.LoaderConfig(8, 4 * 50, 4, seed=3, max_segments=6), 0, 1)
+    loader = dl.DocumentLoader(stream, dl.LoaderConfig(seq_len=8, batch_tokens=4 * 50, micro_batches=4, seed=3, max_segments=6), 0, 1)
     lengths = {len(b.cu_seqlens) for _ in range(30) for b in loader.next_step()}
     assert lengths == {7}
     assert loader.merged_batches > 0  # the synthetic documents are short: some batches did overflow
@@ -209,7 +211,7 @@ def available_backends():
 @pytest.mark.parametrize("backend", available_backends())
 def test_document_logits_independent_of_packing(backend):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = tiny_model(model_kernels=tg.choose_kernels(frozenset(), backend, 0, device)).to(device)
+    model = tiny_model(model_kernels=tg.choose_kernels(frozenset(), backend, device)).to(device)
     gen = torch.Generator().manual_seed(1)
     doc = torch.randint(4, 64, (23,), generator=gen)
     others = [torch.randint(4, 64, (n,), generator=gen) for n in (7, 30)]
@@ -404,9 +406,9 @@ def test_run_sh_cpu_path_writes_log_and_loadable_checkpoint(tmp_path, sample_dat
     log = (tmp_path / "logs" / "runsh.txt").read_text()
     assert log.startswith("#### file train_gpt.py") and "#### end train_gpt.py" in log
     model, state = tg.load_model(str(tmp_path / "ckpt" / "runsh.pt"), "cpu")
-    assert state["tokenizer_sha256"] == tg.sha256_of_file(os.path.join(sample_data, "tokenizer.model"))
+    assert state["tokenizer_sha256"] == sha256_file(os.path.join(sample_data, "tokenizer.model"))
     with torch.no_grad():
-        losses = model.eval()(torch.tensor([[tg.BOS_ID, 40, 41]]), torch.tensor([[40, 41, 42]]))
+        losses = model.eval()(torch.tensor([[dl.BOS_ID, 40, 41]]), torch.tensor([[40, 41, 42]]))
     assert losses.shape == (1, 3) and torch.isfinite(losses).all() and (losses > 0).all()
 
 
@@ -422,15 +424,15 @@ def test_evaluation_skips_the_head_only_where_nothing_is_scored():
     model = tiny_model()
     ids = torch.randint(4, 64, (2, 30))
     targets = torch.roll(ids, -1, 1)
-    targets[:, :17] = tg.IGNORE_INDEX  # context positions, as in a strided or TTT window
-    targets[1, 25] = tg.IGNORE_INDEX
+    targets[:, :17] = dl.IGNORE_INDEX  # context positions, as in a strided or TTT window
+    targets[1, 25] = dl.IGNORE_INDEX
     with torch.no_grad():
         model.train()
         every_position = model(ids, targets)
         model.eval()
         scored_only = model(ids, targets)
     torch.testing.assert_close(scored_only, every_position, rtol=1e-6, atol=1e-6)
-    assert (scored_only[targets == tg.IGNORE_INDEX] == 0).all() and (scored_only[targets != tg.IGNORE_INDEX] > 0).all()
+    assert (scored_only[targets == dl.IGNORE_INDEX] == 0).all() and (scored_only[targets != dl.IGNORE_INDEX] > 0).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -590,18 +592,18 @@ def test_resume_refuses_a_setting_that_cannot_change_mid_run(baseline_run, sampl
 def test_resume_accepts_a_new_schedule_but_not_another_stream(tmp_path):
     rng = np.random.default_rng(1)
     write_shard(tmp_path / "s_train_000000.bin",
-                np.concatenate([np.concatenate([[tg.BOS_ID], rng.integers(4, 50, size=int(n))])
+                np.concatenate([np.concatenate([[dl.BOS_ID], rng.integers(4, 50, size=int(n))])
                                 for n in rng.integers(1, 120, size=80)]))
-    stream = tg.TokenStream(str(tmp_path / "s_train_*.bin"), 64)
-    loader = tg.DocumentLoader(stream, tg.LoaderConfig(16, 64, 2, seed=3), 0, 1)
+    stream = dl.TokenStream(str(tmp_path / "s_train_*.bin"), 64)
+    loader = dl.DocumentLoader(stream, dl.LoaderConfig(seq_len=16, batch_tokens=64, micro_batches=2, seed=3), 0, 1)
     loader.next_step()
     state = loader.state_dict()
-    again = tg.DocumentLoader(stream, tg.LoaderConfig(16, 64, 2, seed=3), 0, 1)
+    again = dl.DocumentLoader(stream, dl.LoaderConfig(seq_len=16, batch_tokens=64, micro_batches=2, seed=3), 0, 1)
     again.load_state_dict(state)
     assert again.position == loader.position
     for changed in ({"seed": 4}, {"shuffle": False}, {"documents": stream.num_docs + 1}, {"tokens": 5}):
         with pytest.raises(tg.ConfigError, match=f"stream with {next(iter(changed))} "):
-            tg.DocumentLoader(stream, tg.LoaderConfig(16, 64, 2, seed=3), 0, 1).load_state_dict({**state, **changed})
+            dl.DocumentLoader(stream, dl.LoaderConfig(seq_len=16, batch_tokens=64, micro_batches=2, seed=3), 0, 1).load_state_dict({**state, **changed})
 
 
 def test_warmdown_shapes_have_the_documented_order():
@@ -625,8 +627,8 @@ def test_warmdown_shapes_have_the_documented_order():
 def test_first_token_error_names_the_first_non_empty_shard(tmp_path):
     write_shard(tmp_path / "d_train_000000.bin", [])
     write_shard(tmp_path / "d_train_000001.bin", [7, 1, 5, 6])
-    with pytest.raises(tg.DataError, match=r"d_train_000001\.bin: first token is 7, not BOS"):
-        tg.TokenStream(str(tmp_path / "d_train_*.bin"), 64)
+    with pytest.raises(dl.DataError, match=r"d_train_000001\.bin: first token is 7, not BOS"):
+        dl.TokenStream(str(tmp_path / "d_train_*.bin"), 64)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -646,7 +648,7 @@ def test_artifact_run_scores_the_round_trip_and_eval_ttt_agrees(sample_data, tmp
     log, _ = run_training(tmp_path, sample_data, "gptq", ARTIFACT="int6_gptq_lzma", **ARTIFACT_RUN)
     fields = artifact_line(log)
     ptz = tmp_path / "ckpt" / "gptq.ptz"
-    code = tg.record_source_files()
+    code = tg.payload_files()
     assert fields["codec"] == "int6_gptq_lzma" and int(fields["model_bytes"]) == ptz.stat().st_size
     assert int(fields["code_bytes"]) == sum(f.stat().st_size for f in code)
     assert int(fields["total_bytes"]) == int(fields["model_bytes"]) + int(fields["code_bytes"])
@@ -691,3 +693,37 @@ def test_artifact_settings_are_checked():
         tg.Hyperparameters.from_env({"ARTIFACT": "int4"})
     with pytest.raises(tg.ConfigError, match="ARTIFACT_LIMIT_BYTES"):
         tg.Hyperparameters.from_env({"ARTIFACT_LIMIT_BYTES": "0"})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# runs never erase each other's evidence
+
+
+def test_default_run_ids_differ_within_one_second():
+    ids = {tg.Hyperparameters.from_env({}).run_id for _ in range(20)}
+    assert len(ids) == 20
+    assert all(re.fullmatch(r"\d{8}_\d{6}_[0-9a-f]{6}", i) for i in ids)
+
+
+def test_a_new_run_never_overwrites_a_log(tmp_path):
+    path = tmp_path / "logs" / "same.txt"
+    first = tg.Logger(str(path))
+    first("step:1 the first run's evidence")
+    with pytest.raises(tg.ConfigError, match=r"same\.txt: a log of RUN_ID 'same' exists already"):
+        tg.Logger(str(path))
+    assert path.read_text() == "step:1 the first run's evidence\n"
+    resumed = tg.Logger(str(path), append=True)  # a resumed run continues the log it belongs to
+    resumed("step:2 resumed")
+    assert resumed.continues and path.read_text().splitlines() == ["step:1 the first run's evidence", "step:2 resumed"]
+
+
+@pytest.mark.slow
+def test_second_run_with_the_same_run_id_is_one_line_and_leaves_the_log(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "dup.txt").write_text("earlier run\n")
+    env = {**os.environ, "RUN_ID": "dup", "LOG_DIR": str(tmp_path / "logs"), "DATA_PATH": str(tmp_path / "none")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "dup.txt: a log of RUN_ID 'dup' exists already" in proc.stderr
+    assert (tmp_path / "logs" / "dup.txt").read_text() == "earlier run\n"
