@@ -1,4 +1,4 @@
-"""train_gpt.py's per-document scorer (flat / strided windows, packed varlen forward), as eval_ttt.py uses it: strided
+"""eval_ttt.evaluate's per-document scorer (flat / strided windows, packed varlen forward): strided
 windows against full-document and flat-window forwards computed by obvious loops, causality, independence from the other
 documents (alone, batched, reordered, 1 vs 2 processes through eval_ttt.py's CLI under torchrun), and byte totals.
 
@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import eval_ttt
+import train_gpt as tg
+from data.files import sha256_file, write_atomic
+from data.loader import (SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, TokenStream, ValidationSet,
+                         build_byte_tables, load_tokenizer, split_pattern)
+from eval_ttt import EvalSpec
 
-import eval_ttt  # noqa: E402
-import train_gpt as tg  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Documents of the small validation set: the first sample validation documents, cut to these many tokens (BOS included),
 # so a test runs in a second while documents still span many windows and chunks.
@@ -40,8 +42,8 @@ TINY = dict(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
 def write_val_shard(directory: Path, docs: list[np.ndarray]) -> None:
     """A val shard in train_gpt's format: 256 int32 header (magic, version, count), then uint16 tokens."""
     tokens = np.concatenate(docs).astype("<u2")
-    header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens)
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "small_val_000000.bin", "wb") as f:
         f.write(header.tobytes() + tokens.tobytes())
@@ -50,7 +52,7 @@ def write_val_shard(directory: Path, docs: list[np.ndarray]) -> None:
 def build_small_set(sample_dir: Path, directory: Path) -> Path:
     """`directory` with the sample's tokenizer and a val shard of the first sample validation documents, cut short."""
     if not (directory / "small_val_000000.bin").is_file():
-        stream = tg.TokenStream(tg.split_pattern(str(sample_dir), "val"), 1024)
+        stream = TokenStream(split_pattern(str(sample_dir), "val"), 1024)
         docs = [stream.document(k)[:n] for k, n in enumerate(SMALL_DOC_LENGTHS)]
         shutil.copyfile(sample_dir / "tokenizer.model", directory.parent / f".{directory.name}.tokenizer")
         write_val_shard(directory, docs)
@@ -58,15 +60,9 @@ def build_small_set(sample_dir: Path, directory: Path) -> Path:
     return directory
 
 
-def load_val(data_dir: Path, max_docs: int = 0) -> tg.ValidationSet:
-    sp = tg.load_tokenizer(str(data_dir / "tokenizer.model"))
-    return tg.ValidationSet.load(str(data_dir), 1024, tg.build_byte_tables(sp, 1024), max_docs)
-
-
-def subset(val: tg.ValidationSet, ks) -> tg.ValidationSet:
-    """The same validation set restricted to (and ordered as) the selected documents ks."""
-    ks = np.asarray(ks)
-    return tg.ValidationSet(val.stream, val.doc_ids[ks], val.token_counts[ks], val.byte_counts[ks])
+def load_val(data_dir: Path, max_docs: int = 0) -> ValidationSet:
+    sp = load_tokenizer(str(data_dir / "tokenizer.model"))
+    return ValidationSet.load(str(data_dir), 1024, build_byte_tables(sp, 1024), max_docs)
 
 
 def tiny_model(seed: int = 0) -> tg.GPT:
@@ -90,8 +86,8 @@ def save_checkpoint(model: tg.GPT, data_dir: Path, path: Path, window: int = 64)
                             train_seq_len=window, eval_window=window, eval_stride=window // 2, eval_batch_tokens=2048,
                             **config)
     checkpoint = {"kind": "final", "model": model.state_dict(), "step": 0,
-                  **tg.checkpoint_metadata(hp, tg.sha256_of_file(hp.tokenizer_path))}
-    tg.write_atomic(str(path), lambda tmp: torch.save(checkpoint, tmp))
+                  **tg.checkpoint_metadata(hp, sha256_file(hp.tokenizer_path))}
+    write_atomic(str(path), lambda tmp: torch.save(checkpoint, tmp))
     return path
 
 
@@ -131,7 +127,7 @@ def small_dir(sample_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def val(small_dir) -> tg.ValidationSet:
+def val(small_dir) -> ValidationSet:
     return load_val(small_dir)
 
 
@@ -140,8 +136,9 @@ def model() -> tg.GPT:
     return tiny_model()
 
 
-def strided(model, val, window, stride, env=None) -> dict:
-    return tg.evaluate(model, val, "strided", window, 4096, env, stride=stride, keep_token_losses=True).token_losses
+def strided(model, val, window, stride, batch_tokens=4096, process=None) -> dict:
+    spec = EvalSpec(mode="strided", window=window, stride=stride, batch_tokens=batch_tokens)
+    return eval_ttt.evaluate(model, val, spec, process=process, keep_token_losses=True).token_losses
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,6 +165,25 @@ def test_stride_equal_to_window_is_flat_windows_of_each_document(model, val):
     assert not np.allclose(overlapping[0][window:], losses[0][window:], atol=1e-4)
 
 
+def test_flat_windows_cut_the_concatenated_documents_every_window(model, val):
+    """flat: the documents back to back, cut every W tokens; a token sees the tokens of its own document in its own
+    window only (a cut ends a document's context, a document start ends a window's)."""
+    window = 48
+    losses = eval_ttt.evaluate(model, val, EvalSpec(mode="flat", window=window, batch_tokens=4096),
+                               keep_token_losses=True).token_losses
+    position = 0
+    for k in range(val.num_docs):
+        doc, expected = val.document(k), []
+        n = len(doc) - 1
+        start = 0
+        while start < n:  # the next cut of the concatenation after this document position
+            end = min(n, start + window - (position + start) % window)
+            expected.append(doc_losses(model, doc[start: end + 1]))
+            start = end
+        position += n
+        np.testing.assert_allclose(losses[k], np.concatenate(expected), rtol=1e-5, atol=1e-5)
+
+
 def test_strided_is_causal(model, val, small_dir, tmp_path):
     k, t = 4, 150  # document 4 (410 tokens); replace every token after position t
     doc = val.document(k)
@@ -187,24 +203,24 @@ def test_strided_document_scores_do_not_depend_on_other_documents(model, val):
     window, stride = 64, 24
     together = strided(model, val, window, stride)
     for k in range(val.num_docs):
-        alone = strided(model, subset(val, [k]), window, stride)[0]
+        alone = strided(model, val.subset([k]), window, stride)[0]
         np.testing.assert_allclose(alone, together[k], rtol=1e-6, atol=1e-6)
     order = [3, 0, 5, 1, 4, 2]
-    reordered = strided(model, subset(val, order), window, stride)
+    reordered = strided(model, val.subset(order), window, stride)
     for i, k in enumerate(order):
         np.testing.assert_allclose(reordered[i], together[k], rtol=1e-6, atol=1e-6)
     # a batch small enough to split the windows differently
-    small_batches = tg.evaluate(model, val, "strided", window, 100, stride=stride, keep_token_losses=True).token_losses
+    small_batches = strided(model, val, window, stride, batch_tokens=100)
     for k in range(val.num_docs):
         np.testing.assert_allclose(small_batches[k], together[k], rtol=1e-6, atol=1e-6)
 
 
 def test_byte_totals_are_the_decoded_utf8_lengths(val, small_dir, model, tmp_path):
-    sp = tg.load_tokenizer(str(small_dir / "tokenizer.model"))
+    sp = load_tokenizer(str(small_dir / "tokenizer.model"))
     decoded = [len(sp.decode(val.document(k)[1:].tolist()).encode("utf-8")) for k in range(val.num_docs)]
     assert val.byte_counts.tolist() == decoded
     checkpoint = save_checkpoint(model, small_dir, tmp_path / "tiny.pt")
-    assert eval_ttt.main(["--checkpoint", str(checkpoint), "--mode", "flat", "--out", str(tmp_path / "r.json")]) == 0
+    assert eval_ttt.main(["--checkpoint", checkpoint, "--mode", "flat", "--out", tmp_path / "r.json"], trainer=tg) == 0
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["bytes"] == sum(decoded) and [d["bytes"] for d in results["docs"]] == decoded
     assert results["tokens"] == sum(SMALL_DOC_LENGTHS) - len(SMALL_DOC_LENGTHS)
@@ -219,7 +235,7 @@ def test_two_processes_score_like_one(model, small_dir, tmp_path):
     checkpoint = save_checkpoint(model, small_dir, tmp_path / "tiny.pt")
     common = ["--checkpoint", str(checkpoint), "--mode", "strided", "--window", "64", "--stride", "24"]
     assert eval_ttt.main(common + ["--out", str(tmp_path / "one.json"),
-                                   "--dump-token-losses", str(tmp_path / "one.npy")]) == 0
+                                   "--dump-token-losses", str(tmp_path / "one.npy")], trainer=tg) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "eval_ttt.py"), *common, "--out", str(tmp_path / "two.json"),
@@ -233,5 +249,5 @@ def test_two_processes_score_like_one(model, small_dir, tmp_path):
                                                                          for d in one["docs"]]
     np.testing.assert_allclose([d["nats"] for d in two["docs"]], [d["nats"] for d in one["docs"]], rtol=1e-6)
     # both ranks had work: the per-token losses came from two processes and still line up
-    assert len(tg.assign_documents(np.array(SMALL_DOC_LENGTHS) - 1, 2)[1]) > 0
+    assert len(eval_ttt.assign_documents(np.array(SMALL_DOC_LENGTHS) - 1, 2)[1]) > 0
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-6)
