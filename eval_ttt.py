@@ -18,8 +18,8 @@ Command line (a checkpoint .pt or an artifact .ptz of train_gpt.py):
   torchrun --nproc_per_node=8 eval_ttt.py --checkpoint RUN.ptz --mode strided --window 1024 --stride 512
 
 The model is any object with train_gpt.GPT's public methods: forward(input_ids, target_ids, cu_seqlens, max_seqlen,
-head_correction) -> per-token losses, adaptable_linears(), set_rope_ntk_alpha(alpha), config, kernels (and for gist
-mode gist_document_losses). This module never imports train_gpt (train_gpt imports it for its final evaluation): the
+head_correction) -> per-token losses, adaptable_linears(), set_rope_ntk_alpha(alpha), fixed_shapes, config, kernels
+(and for gist mode gist_document_losses and gist_context_slots). This module never imports train_gpt (train_gpt imports it for its final evaluation): the
 command line is handed train_gpt, which builds the model from the checkpoint, by the script's entry point.
 
 TTT batching: each process takes its documents, longest first, and runs them in a batch of doc_batch slots, one
@@ -299,7 +299,7 @@ def window_losses(model, data: ValidationSet, windows, batch_tokens: int) -> dic
     lengths = [end - start for _, start, end, _ in windows]
     device = next(model.parameters()).device
     batch_tokens = max(batch_tokens, max(lengths, default=1))
-    pad = getattr(model, "fixed_shapes", False)
+    pad = model.fixed_shapes
     for batch in pack_windows(lengths, batch_tokens):
         inputs = np.concatenate([docs[windows[i][0]][windows[i][1]: windows[i][2]] for i in batch])
         targets = np.concatenate([docs[windows[i][0]][windows[i][1] + 1: windows[i][2] + 1] for i in batch])
@@ -332,8 +332,7 @@ def lora_shapes(model, targets) -> dict[str, tuple[int, int]]:
             out_features, in_features = module.weight.shape
             shapes[name] = (in_features, out_features)
     if "head" in targets:
-        vocab, dim = model.tok_emb.weight.shape
-        shapes["head"] = (dim, vocab)
+        shapes["head"] = (model.config.model_dim, model.config.vocab_size)
     return shapes
 
 
@@ -764,8 +763,11 @@ def run(args, trainer) -> int:
     loaded = load(args, env, trainer)
     spec = spec_from_options({field: getattr(args, option) for option, field in SPEC_OPTIONS.items()
                               if option != "mode"}, args.mode, loaded.hyperparameters)
-    result = evaluate(loaded.model, loaded.data, spec, process=(env.rank, env.world_size),
-                      keep_token_losses=bool(args.dump_token_losses), progress=progress_to_stderr)
+    try:
+        result = evaluate(loaded.model, loaded.data, spec, process=(env.rank, env.world_size),
+                          keep_token_losses=bool(args.dump_token_losses), progress=progress_to_stderr)
+    except SpecError as e:  # a mode this checkpoint's model cannot be scored in: name the option
+        raise UsageError(f"--{e.name.replace('_', '-')} {e.value}: {e.problem}") from None
     out = results_dict(spec, result, loaded.data, loaded.setup, context_slots_per_token(loaded.model, loaded.data,
                                                                                          spec))
     # graphs compiled while scoring: a compiled attention (flex for a gist model on CUDA) must compile once, not once

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job.
 #   With CUDA GPUs: torchrun on all of them, the default (parameter-golf baseline) configuration, on FineWeb sp1024
-#   if data/download_fineweb.py has fetched it, else on the bundled sample, ending with the int6+lzma artifact.
+#   if `python -m data.download_fineweb` has fetched it, else on the bundled sample, ending with the int6+lzma artifact.
 #   Without: a tiny configuration on the bundled sample that trains for 215 s on 2 CPU cores (so that the whole run,
 #   evaluation included, fits in 5 minutes) and ends with a val_bpb line and a checkpoint. Its batch is small (2,048
 #   tokens, one micro-batch): in 215 s the run is short of optimizer steps, not of tokens (docs/experiments.md; the
@@ -14,11 +14,11 @@ source tools/bootstrap.sh
 SAMPLE_DIR=data/datasets/peps_sp1024_spread
 FINEWEB_DIR=data/datasets/fineweb10B_sp1024
 prepare_sample() {
-  # The validation documents are spread over the corpus (--val-select spread, issue 9), and training documents that
-  # near-duplicate one are dropped (issue 14). data/datasets/peps_sp1024/ holds the older split (the 60 oldest PEPs),
-  # on which the first cpu_5min record was scored. --skip-if-current: prepared once, again only when the script changed
+  # The validation documents are spread over the corpus (--val-select spread), and training documents that
+  # near-duplicate one are dropped. data/datasets/peps_sp1024/ holds the older split (the 60 oldest PEPs), on which the
+  # first cpu_5min record was scored. --skip-if-current: prepared once, again only when the script changed
   # what it writes (a newer manifest format) or its input.
-  "$PYTHON" data/prepare_corpus.py --input data/sample/peps.jsonl.gz --out "$SAMPLE_DIR" --val-docs 60 \
+  "$PYTHON" -m data.prepare_corpus --input data/sample/peps.jsonl.gz --out "$SAMPLE_DIR" --val-docs 60 \
     --val-select spread --skip-if-current
 }
 

@@ -1,6 +1,6 @@
 """Download parameter-golf's FineWeb sp1024 shards and tokenizer from the Hugging Face hub.
 
-    python data/download_fineweb.py [--train-shards 80] [--variant sp1024] [--repo-id willdepueoai/parameter-golf]
+    python -m data.download_fineweb [--train-shards 80] [--variant sp1024] [--repo-id willdepueoai/parameter-golf]
                                     [--revision REV] [--out data]
 
 What it fetches (the layout of the dataset repo, as parameter-golf's data/cached_challenge_fineweb.py reads it):
@@ -38,9 +38,6 @@ import json
 import os
 import shutil
 import sys
-
-if __package__ in (None, ""):  # run as a script: make `data` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import write_atomic
 from data.loader import DataError, load_shard

@@ -1,6 +1,6 @@
 """Turn a local text corpus into token shards for train_gpt.py.
 
-    python data/prepare_corpus.py --input FILE(.jsonl|.jsonl.gz|.txt|dir) --out DIR
+    python -m data.prepare_corpus --input FILE(.jsonl|.jsonl.gz|.txt|dir) --out DIR
         [--tokenizer MODEL | --vocab-size 1024] [--val-docs 60] [--val-select spread|first]
         [--decontaminate-share 0.2] [--decontaminate-ngram 8]
         [--shard-tokens 100000000] [--name PREFIX] [--character-coverage 0.9995] [--skip-if-current]
@@ -30,7 +30,7 @@ Near-duplicates of validation documents (--decontaminate-share, --decontaminate-
   max(0.5, --decontaminate-share) of its own n-grams occur in V. Dropped documents are neither in the tokenizer's
   training text nor in the shards; the manifest lists each one (splits.train.dropped: its input position, the
   validation document it matches, both shares). 0 turns this off. Validation documents are never changed: the
-  validation split is the same set of texts with or without this step. tools/audit.py checks the result on tokens.
+  validation split is the same set of texts with or without this step. `speedrun audit` checks the result on tokens.
 
 Output (DIR)
   {PREFIX}_val_000000.bin, ...    the --val-docs validation documents (default 60), in input order
@@ -78,9 +78,6 @@ from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
-
-if __package__ in (None, ""):  # run as a script: make `data` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import remove_quietly, sha256_file, write_temp
 from data.loader import SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION

@@ -28,10 +28,9 @@ def prepare_sample() -> Path:
     again only when prepare_corpus.py's output format or the sample changed)."""
     import subprocess
 
-    subprocess.run([sys.executable, str(ROOT / "data" / "prepare_corpus.py"), "--input",
-                    str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "--out", str(SAMPLE_DIR), "--val-docs", "60",
-                    "--val-select", "spread", "--skip-if-current"],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data.prepare_corpus", "--input", str(ROOT / "data" / "sample" / "peps.jsonl.gz"),
+                    "--out", str(SAMPLE_DIR), "--val-docs", "60", "--val-select", "spread", "--skip-if-current"],
+                   check=True, capture_output=True, cwd=ROOT)
     return SAMPLE_DIR
 
 

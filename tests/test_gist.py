@@ -483,9 +483,6 @@ def test_a_mode_the_checkpoint_cannot_do_is_one_line(model, small_dir, tmp_path,
     assert errors["ttt"][0].endswith("ttt: not implemented for gist models (use gist, strided or flat)")
 
 
-@pytest.mark.xfail(strict=True, reason="payload bug: eval_ttt.run lets evaluate()'s SpecError through as is, so the "
-                                       "line names the EvalSpec field (`mode gist`), not the option (`--mode gist`) as "
-                                       "spec_from_options' errors and the old message did")
 def test_a_mode_the_checkpoint_cannot_do_names_the_option(model, small_dir, tmp_path, capsys):
     errors = mode_errors(model, small_dir, tmp_path, capsys)
     assert errors["gist"] == ["error: --mode gist: the checkpoint's model has no gist tokens (trained with "

@@ -1,16 +1,14 @@
 """train_gpt.py under torchrun with one rank (SLOW_RANK, default 1) made slow on purpose before its clock starts (as a
-slower compile would),
-and every rank's final weights saved as CHECKPOINT_DIR/rank<R>.pt, for tests/test_cuda_path.py."""
+slower compile would), and every rank's final weights saved as CHECKPOINT_DIR/rank<R>.pt, for tests/test_cuda_path.py.
+Run with the repository root on PYTHONPATH."""
 
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
 
 RANK = int(os.environ.get("RANK", "0"))
 SLOW_RANK = int(os.environ.get("SLOW_RANK", "1"))
