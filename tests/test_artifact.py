@@ -1,4 +1,5 @@
-"""Tests of kernels/artifact.py, the codecs of the size-limited artifact.
+"""Tests of kernels/artifact.py, the codecs of the size-limited artifact, and of train_gpt.py's way to it
+(calibrate_artifact, gptq_hessians, export_artifact) with the record's code bytes (PAYLOAD, payload_files).
 
 Per codec: the round trip of random and trained tensors stays within the codec's bound (int8: half a step of each row's
 scale; int6: half a step, or the clip for the values beyond it; GPTQ: no row's error on the calibration inputs above
@@ -10,10 +11,15 @@ gptq_reference on a small layer, int6 unpacking to the bit-by-bit reference.
 fixture, ~2 s): its projection matrices are no longer zero and its rows have unequal scales and outliers.
 """
 
+import ast
+import dataclasses
+import hashlib
 import io
 import json
 import lzma
 import os
+import re
+import signal
 import subprocess
 import sys
 import zlib
@@ -24,6 +30,9 @@ import pytest
 import torch
 
 import train_gpt as tg
+from data import loader as data_loader
+from data.files import write_atomic
+from data.shards import write_shard
 from kernels import artifact as A
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,7 +303,7 @@ def test_reported_size_is_the_file_size(tmp_path):
     for codec in A.CODECS:
         data = encode(state_dict, codec)
         path = tmp_path / f"model_{codec}.ptz"
-        tg.write_atomic(str(path), data)  # as train_gpt.py writes the .ptz
+        write_atomic(str(path), data)  # as train_gpt.py writes the .ptz
         assert len(data) == os.path.getsize(path) == len(path.read_bytes())
         decoded, meta = A.read_artifact(str(path))
         assert meta == META and torch.equal(decoded["b.weight"], A.decode_artifact(data)[0]["b.weight"])
@@ -303,11 +312,12 @@ def test_reported_size_is_the_file_size(tmp_path):
 
 @pytest.mark.slow
 def test_same_bytes_in_a_fresh_process(tmp_path):
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+    script = ("import sys\n"
               "import test_artifact as t\n"
               "for codec in t.A.CODECS:\n"
               "    open(sys.argv[1] + codec, 'wb').write(t.encode(t.mixed_tensors(), codec))\n")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "x_")], check=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "x_")], check=True, cwd=ROOT, env=env)
     for codec in A.CODECS:  # (the child runs with torch's default thread count, this process with one)
         assert (tmp_path / f"x_{codec}").read_bytes() == encode(mixed_tensors(), codec)
 
@@ -442,3 +452,281 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="too large"):
         A.encode_artifact({"x.weight": torch.full((64, 64), 1e8)}, "int8_zlib", {})
     assert json.loads(payload_of(A.encode_artifact({}, "int8_zlib", META))["meta"]) == META
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train_gpt.py: calibration, export and the round trip; the record's code bytes
+
+RUN_ENV = {"VOCAB_SIZE": "256", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "4",
+           "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "128", "TRAIN_MICRO_BATCHES": "2", "COMPILE": "0",
+           "ARTIFACT_CALIBRATION_BATCHES": "3"}  # width 64: every block matrix is quantized
+
+
+def run_hp(tmp_path, **env) -> tg.Hyperparameters:
+    return tg.Hyperparameters.from_env({**RUN_ENV, "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "RUN_ID": "art",
+                                        "DATA_PATH": str(tmp_path / "data"), **env})
+
+
+CPU = tg.DistributedEnv(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def random_model(hp: tg.Hyperparameters, fused: frozenset = frozenset(), seed: int = 0) -> tg.GPT:
+    """build_model's model of hp with the kernels a CPU run chooses, every weight random (zero-initialised projections
+    would quantize to nothing)."""
+    torch.manual_seed(seed)
+    model_kernels = tg.choose_kernels(fused, "auto", "cpu", gist=hp.gist_tokens > 0)
+    model = tg.build_model(tg.ModelConfig.from_hyperparameters(hp), model_kernels)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def token_stream(tmp_path_factory) -> data_loader.TokenStream:
+    rng = np.random.default_rng(4)
+    docs = [np.concatenate([[data_loader.BOS_ID], rng.integers(4, 256, int(n))]) for n in rng.integers(5, 90, 60)]
+    directory = tmp_path_factory.mktemp("calibration")
+    write_shard(directory / "c_train_000000.bin", np.concatenate(docs))
+    return data_loader.TokenStream(str(directory / "c_train_*.bin"), 256)
+
+
+def training_loader(stream, hp) -> data_loader.PrefetchingLoader:
+    config = data_loader.LoaderConfig(seq_len=hp.train_seq_len, batch_tokens=hp.train_batch_tokens,
+                                      micro_batches=hp.train_micro_batches, seed=hp.seed)
+    return data_loader.PrefetchingLoader(data_loader.DocumentLoader(stream, config), pin_memory=False)
+
+
+def hessians_by_hand(model: tg.GPT, batches, hp, names) -> dict[str, torch.Tensor]:
+    """X^T X of the inputs of each named layer, captured by forward hooks on a plain (unfused) model."""
+    layers = dict(model.named_modules())
+    sums = {name: 0 for name in names}
+    handles = []
+    for name in names:
+        def hook(module, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums[name] + x.T @ x
+        handles.append(layers[name.removesuffix(".weight")].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(torch.as_tensor(b.inputs)[None].long(), torch.as_tensor(b.targets)[None],
+                      torch.as_tensor(b.cu_seqlens), hp.train_seq_len)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+@pytest.mark.parametrize("fused", [frozenset(), frozenset({"relu2_linear"})], ids=["plain", "fused-relu2"])
+def test_calibration_hessians_are_those_of_the_next_training_batches(tmp_path, token_stream, fused):
+    """calibrate_artifact (int6_gptq_lzma): the Hessians of every GPTQ matrix over this process's next
+    ARTIFACT_CALIBRATION_BATCHES training micro-batches (never the ones before), also for a model whose fused
+    relu2_linear never calls mlp.fc; the time is logged and added to the training time."""
+    hp = run_hp(tmp_path, ARTIFACT="int6_gptq_lzma", FUSED=",".join(fused) or "0")
+    model = random_model(hp, fused)
+    assert model.kernels.fused == fused
+    loader = training_loader(token_stream, hp)
+    loader.next_step()  # a training step before: calibration takes the batches after it
+    lines = []
+    hessians, train_ms = tg.calibrate_artifact(model, loader, hp, CPU, 1000.0, lines.append)
+
+    reference_loader = training_loader(token_stream, hp)
+    reference_loader.next_step()
+    batches = reference_loader.next_step() + reference_loader.next_step()  # 2 micro-batches a step
+    names = [n for n, how in A.quantization_plan(model.state_dict(), hp.artifact).items() if how == "int6_gptq"]
+    assert "blocks.0.mlp.fc.weight" in names and len(names) == 2 * 6
+    plain = random_model(hp)
+    expected = hessians_by_hand(plain, batches[:3], hp, names)
+    assert sorted(hessians) == sorted(names)
+    for name in names:
+        torch.testing.assert_close(hessians[name], expected[name], rtol=1e-9, atol=1e-9, msg=name)
+    assert loader.loader.position == reference_loader.loader.position  # it consumed two more steps
+    assert len(lines) == 1
+    fields = re.fullmatch(r"artifact_calibration: batches:3 time:(\d+)ms train_time:(\d+)ms "
+                          r"\(counted as training time\)", lines[0])
+    assert fields, lines[0]
+    assert train_ms >= 1000.0 and abs(train_ms - 1000.0 - float(fields.group(1))) <= 1
+    assert int(fields.group(2)) == round(train_ms)
+
+
+@pytest.mark.parametrize("codec", ["int8_zlib", "int6_lzma"])
+def test_calibration_is_nothing_for_other_codecs(tmp_path, token_stream, codec):
+    hp = run_hp(tmp_path, ARTIFACT=codec)
+    loader = training_loader(token_stream, hp)
+    lines = []
+    assert tg.calibrate_artifact(random_model(hp), loader, hp, CPU, 1234.5, lines.append) == (None, 1234.5)
+    assert lines == [] and loader.loader.position == 0  # no batch drawn
+
+
+def artifact_fields(line: str) -> dict:
+    assert line.startswith("artifact: "), line
+    return dict(field.split(":", 1) for field in line.removeprefix("artifact: ").split())
+
+
+@pytest.mark.parametrize("codec, gist_tokens", [("int8_zlib", 0), ("int6_lzma", 0), ("int6_gptq_lzma", 0),
+                                                ("int8_zlib", 2)])
+def test_export_writes_the_artifact_counts_the_payload_and_round_trips(tmp_path, token_stream, codec, gist_tokens):
+    """export_artifact: CHECKPOINT_DIR/RUN_ID.ptz holds the encoded weights; the artifact line's code bytes are the sizes
+    of payload_files(hp) (with gist.py for a gist model), its total the two together; the model it returns is
+    build_model's (same class, same kernels) with the weights read back from the file."""
+    hp = run_hp(tmp_path, ARTIFACT=codec, GIST_TOKENS=str(gist_tokens), GIST_SEGMENT="8")
+    model = random_model(hp)
+    hessians = None
+    if codec == "int6_gptq_lzma":
+        hessians = tg.gptq_hessians(model, training_loader(token_stream, hp), hp, CPU.device)
+    lines = []
+    roundtrip, total = tg.export_artifact(model, hp, "f" * 64, hessians, CPU, lines.append)
+
+    path = tmp_path / "ckpt" / "art.ptz"
+    assert lines[0].startswith(f"artifact_encode: codec:{codec} time:")
+    fields = artifact_fields(lines[-1])
+    code = tg.payload_files(hp)
+    assert (ROOT / "gist.py" in code) == bool(gist_tokens)
+    assert fields["codec"] == codec and int(fields["model_bytes"]) == path.stat().st_size
+    assert int(fields["code_bytes"]) == sum(f.stat().st_size for f in code)
+    assert int(fields["total_bytes"]) == total == path.stat().st_size + int(fields["code_bytes"])
+    assert fields["limit"] == str(hp.artifact_limit_bytes)
+    assert fields["files"].split(",") == [str(path)] + [f.relative_to(ROOT).as_posix() for f in code]
+
+    decoded, meta = A.read_artifact(str(path))
+    assert meta["codec"] == codec and meta["run_id"] == "art" and meta["tokenizer_sha256"] == "f" * 64
+    assert meta["model_config"] == dataclasses.asdict(model.config)
+    assert type(roundtrip) is type(model) and roundtrip.kernels == model.kernels
+    assert (type(model) is tg.GPT) == (not gist_tokens) and isinstance(model, tg.GPT)
+    for name, t in roundtrip.state_dict().items():
+        assert torch.equal(t, decoded[name]), name
+    ids = torch.randint(4, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = model(ids, torch.roll(ids, -1, 1)), roundtrip.eval()(ids, torch.roll(ids, -1, 1))
+    assert (after - before).abs().mean() < 0.05 * before.mean()  # close to the exported model, not equal
+    assert not torch.equal(after, before)
+
+
+# The record's own modules, as import statements name them: everything reachable from train_gpt.py and eval_ttt.py.
+
+def module_files(name: str) -> list[str]:
+    """The repository files that importing module `name` runs: each package's __init__.py on the way, then the module
+    (nothing for a module from outside the repository)."""
+    parts, found = name.split("."), []
+    for i in range(1, len(parts) + 1):
+        path = ROOT.joinpath(*parts[:i])
+        if (path / "__init__.py").is_file():
+            found.append(f"{'/'.join(parts[:i])}/__init__.py")
+        elif path.with_suffix(".py").is_file():
+            found.append(f"{'/'.join(parts[:i])}.py")
+        else:
+            break
+    return found
+
+
+def imports_of(relative: str) -> dict[str, bool]:
+    """{repository file: imported at module level} for every import statement of a repository file (anywhere in it:
+    function-level imports count too; module level means not inside a function or class body)."""
+    tree = ast.parse((ROOT / relative).read_text(encoding="utf-8"))
+    package = relative.rsplit("/", 1)[0].replace("/", ".") if "/" in relative else ""
+    top_level = set()
+    for node in tree.body:  # module level, including inside top-level if / try
+        for inner in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+                else ():
+            top_level.add(id(inner))
+    found: dict[str, bool] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            for path in module_files(name):
+                found[path] = found.get(path, False) or id(node) in top_level
+    return found
+
+
+def payload_closure(starts) -> dict[str, bool]:
+    """{file: reached through module-level imports only} over the transitive imports of `starts`."""
+    reached = {start: True for start in starts}
+    todo = list(starts)
+    while todo:
+        current = todo.pop()
+        for path, module_level in imports_of(current).items():
+            always = reached[current] and module_level
+            if path not in reached or (always and not reached[path]):  # new, or newly reached at module level
+                reached[path] = always
+                todo.append(path)
+    return reached
+
+
+def test_payload_is_exactly_what_train_gpt_and_eval_ttt_import():
+    """PAYLOAD (the code bytes of every artifact, embedded in every log) is exactly the repository files that
+    train_gpt.py and eval_ttt.py import, transitively; gist.py, reached only through an import inside a function, is
+    EXPERIMENT_PAYLOAD's, switched on by its hyperparameter."""
+    reached = payload_closure(["train_gpt.py", "eval_ttt.py"])
+    assert len(tg.PAYLOAD) == len(set(tg.PAYLOAD))
+    assert set(reached) == set(tg.PAYLOAD) | set(tg.EXPERIMENT_PAYLOAD)
+    experiment = {path for path, always in reached.items() if path in tg.EXPERIMENT_PAYLOAD}
+    assert experiment == set(tg.EXPERIMENT_PAYLOAD) and not any(reached[p] for p in experiment)
+    fields = {f.name for f in dataclasses.fields(tg.Hyperparameters)}
+    assert set(tg.EXPERIMENT_PAYLOAD.values()) <= fields
+    assert [p.relative_to(ROOT).as_posix() for p in tg.payload_files()] == list(tg.PAYLOAD)
+    assert [p.relative_to(ROOT).as_posix() for p in tg.payload_files(run_hp(Path("/tmp"), GIST_TOKENS="2", GIST_SEGMENT="8"))] == \
+        list(tg.PAYLOAD) + ["gist.py"]
+
+
+def test_gist_is_imported_only_for_a_gist_model():
+    script = ("import sys, train_gpt as tg\n"
+              "tg.build_model(tg.ModelConfig(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1))\n"
+              "assert 'gist' not in sys.modules, 'gist imported without gist tokens'\n"
+              "tg.build_model(tg.ModelConfig(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, gist_tokens=2,"
+              " gist_segment=8))\n"
+              "assert 'gist' in sys.modules\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def embedded_files(log: bytes) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every file a log embeds: `#### file NAME bytes=N sha256=H`, N bytes, `#### end NAME`, in
+    order; every header's size and sha256 checked against the bytes that follow it."""
+    files, offset = [], 0
+    header = re.compile(rb"#### file (\S+) bytes=(\d+) sha256=([0-9a-f]{64})\n")
+    while (match := header.match(log, offset)) is not None:
+        name, size = match.group(1).decode(), int(match.group(2))
+        data = log[match.end(): match.end() + size]
+        assert hashlib.sha256(data).hexdigest() == match.group(3).decode(), name
+        end = match.end() + size
+        assert log[end: end + len(f"\n#### end {name}\n")] == f"\n#### end {name}\n".encode(), name
+        files.append((name, data))
+        offset = end + len(f"\n#### end {name}\n")
+    assert b"#### file" not in log[offset:]
+    return files
+
+
+@pytest.mark.parametrize("gist_tokens", [0, 2])
+def test_the_log_embeds_exactly_the_payload_files(tmp_path, monkeypatch, capsys, gist_tokens):
+    """train_gpt.main writes payload_files(hp) into the log, byte for byte, and nothing else (a run stopped at its data,
+    here a missing tokenizer: the code comes first)."""
+    for name in tg.Hyperparameters.env_overrides():
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    env = {**RUN_ENV, "DATA_PATH": str(tmp_path / "absent"), "RUN_ID": "embed", "LOG_DIR": str(tmp_path),
+           "GIST_TOKENS": str(gist_tokens), "GIST_SEGMENT": "8"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert tg.main() == 2
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert "tokenizer file not found" in capsys.readouterr().err
+    hp = tg.Hyperparameters.from_env(env)
+    embedded = embedded_files((tmp_path / "embed.txt").read_bytes())
+    assert [(name, data) for name, data in embedded] == \
+        [(p.relative_to(ROOT).as_posix(), p.read_bytes()) for p in tg.payload_files(hp)]
+    assert ("gist.py" in dict(embedded)) == bool(gist_tokens)

@@ -1,4 +1,4 @@
-"""Bytes per token for bits per byte: train_gpt.build_byte_tables / document_bytes must give, for every document,
+"""Bytes per token for bits per byte: data.loader.build_byte_tables / document_bytes must give, for every document,
 exactly len(sp.decode(ids).encode("utf-8")), for our lossless tokenizer and for parameter-golf-style (nmt_nfkc)
 tokenizers, which are not lossless."""
 
@@ -9,20 +9,15 @@ import hashlib
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
-import torch
+
+from data import loader, prepare_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import train_gpt  # noqa: E402
-from data import prepare_corpus  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "peps.jsonl.gz"
 VAL_DOCS = 60
@@ -42,8 +37,8 @@ def train(texts, **settings) -> spm.SentencePieceProcessor:
 
 
 def table_and_decoded_bytes(sp, tables, text):
-    ids = np.array([train_gpt.BOS_ID] + sp.encode(text), dtype=np.int64)
-    return ids, train_gpt.document_bytes(tables, ids), len(sp.decode(ids.tolist()).encode("utf-8"))
+    ids = np.array([loader.BOS_ID] + sp.encode(text), dtype=np.int64)
+    return ids, loader.document_bytes(tables, ids), len(sp.decode(ids.tolist()).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -79,15 +74,15 @@ def test_sample_validation_documents_bytes(val_and_train_docs, prepared_sample):
     """Every validation document, read back from the shards: table bytes == decoded bytes == raw UTF-8 bytes."""
     data_path, sp, manifest = prepared_sample
     assert manifest["tokenizer"]["training"]["normalization_rule_name"] == "identity"
-    tables = train_gpt.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024)
     assert not tables.strips_first_space
-    stream = train_gpt.TokenStream(train_gpt.split_pattern(str(data_path), "val"), 1024)
+    stream = loader.TokenStream(loader.split_pattern(str(data_path), "val"), 1024)
     assert stream.num_docs == VAL_DOCS
     total = non_ascii = 0
     assert manifest["parameters"]["val_select"] == "spread"
     for i, doc in enumerate(val_and_train_docs[0]):
         ids = stream.document(i)
-        table_bytes = train_gpt.document_bytes(tables, ids)
+        table_bytes = loader.document_bytes(tables, ids)
         decoded = sp.decode(ids.tolist())
         raw = len(doc.encode("utf-8"))
         assert table_bytes == len(decoded.encode("utf-8")) == raw, f"validation document {i}"
@@ -96,6 +91,14 @@ def test_sample_validation_documents_bytes(val_and_train_docs, prepared_sample):
         non_ascii += raw != len(doc)
     assert non_ascii > 0  # the check covers multi-byte characters
     assert total == manifest["splits"]["val"]["bytes"] == manifest["splits"]["val"]["decoded_bytes"]
+    # the validation set an evaluation scores counts the same bytes, and every token after each BOS
+    val = loader.ValidationSet.load(str(data_path), 1024, tables)
+    raw_bytes = [len(doc.encode("utf-8")) for doc in val_and_train_docs[0]]
+    assert val.byte_counts.tolist() == raw_bytes and val.token_counts.tolist() == (stream.doc_lengths - 1).tolist()
+    part = val.subset([5, 2])
+    assert part.byte_counts.tolist() == [raw_bytes[5], raw_bytes[2]]
+    np.testing.assert_array_equal(part.document(0), stream.document(5))
+    assert loader.ValidationSet.load(str(data_path), 1024, tables, max_docs=7).byte_counts.tolist() == raw_bytes[:7]
 
 
 @pytest.mark.slow
@@ -112,8 +115,8 @@ def test_sample_tokenizer_is_the_one_prepare_corpus_trains(val_and_train_docs, p
 def test_sample_stream_counts_match_documents(sample_docs, lossless_sp):
     """Counted token by token over the concatenated validation stream (the way evaluation sees it)."""
     sp = lossless_sp
-    tables = train_gpt.build_byte_tables(sp, 1024)
-    docs = [np.array([train_gpt.BOS_ID] + ids) for ids in sp.encode(sample_docs[:VAL_DOCS])]
+    tables = loader.build_byte_tables(sp, 1024)
+    docs = [np.array([loader.BOS_ID] + ids) for ids in sp.encode(sample_docs[:VAL_DOCS])]
     stream = np.concatenate(docs)
     per_token = tables.count(stream[:-1], stream[1:])
     end = 0
@@ -166,7 +169,7 @@ def pg_sp(request, sample_docs):
 
 def test_pg_tokenizer_bytes_equal_decoded_bytes(sample_docs, pg_sp):
     name, sp = pg_sp
-    tables = train_gpt.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024)
     assert tables.strips_first_space  # nmt_nfkc removes leading whitespace; the decoder drops a first "▁"
     assert not any(sp.piece_to_id(c) != sp.unk_id() for c in RARE)  # none of them has its own piece
     changed = byte_fallback_docs = 0
@@ -183,9 +186,9 @@ def test_pg_tokenizer_bytes_equal_decoded_bytes(sample_docs, pg_sp):
 
 def test_pg_stream_counts_match_documents(sample_docs, pg_sp):
     name, sp = pg_sp
-    tables = train_gpt.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024)
     texts = EDGE_DOCS + sample_docs[:10]
-    docs = [np.array([train_gpt.BOS_ID] + ids) for ids in sp.encode(texts)]
+    docs = [np.array([loader.BOS_ID] + ids) for ids in sp.encode(texts)]
     stream = np.concatenate(docs)
     per_token = tables.count(stream[:-1], stream[1:])
     end = 0
@@ -208,7 +211,7 @@ def test_pieces_with_inner_spaces(sample_docs, setting):
                pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=2, **setting)
     if not any("\u2581" in sp.id_to_piece(t)[1:] for t in range(sp.vocab_size())):
         pytest.fail("precondition: the tokenizer has no piece with an inner '▁'")  # a real failure, not the xfail
-    tables = train_gpt.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024)
     for doc in sample_docs[:10]:
         _, table_bytes, decoded_bytes = table_and_decoded_bytes(sp, tables, doc)
         assert table_bytes == decoded_bytes
@@ -220,19 +223,19 @@ def test_pieces_with_inner_spaces(sample_docs, setting):
 
 def test_bits_per_byte_hand_computed():
     # Three tokens with losses 0.5, 1.0 and 1.5 nats standing for 4 bytes: 3 / ln 2 / 4 = 1.0820212806...
-    assert train_gpt.bits_per_byte(3.0, 4) == pytest.approx(1.0820212806667, rel=1e-12)
+    assert loader.bits_per_byte(3.0, 4) == pytest.approx(1.0820212806667, rel=1e-12)
     # 1 bit per byte: a loss of ln 2 nats for each of 8 one-byte tokens.
-    assert train_gpt.bits_per_byte(8 * math.log(2), 8) == pytest.approx(1.0, rel=1e-15)
+    assert loader.bits_per_byte(8 * math.log(2), 8) == pytest.approx(1.0, rel=1e-15)
 
 
 def test_bits_per_byte_uniform_model_on_a_document(lossless_sp):
     """A model that predicts uniformly over 1024 tokens pays 10 bits per token; BPB = 10 x tokens / bytes."""
     sp = lossless_sp
-    tables = train_gpt.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024)
     text = "Hello, world: 12 €!"  # 21 UTF-8 bytes (€ is 3)
-    ids = np.array([train_gpt.BOS_ID] + sp.encode(text))
+    ids = np.array([loader.BOS_ID] + sp.encode(text))
     predicted = len(ids) - 1
-    nbytes = train_gpt.document_bytes(tables, ids)
+    nbytes = loader.document_bytes(tables, ids)
     assert nbytes == 21
-    bpb = train_gpt.bits_per_byte(predicted * math.log(1024), nbytes)
+    bpb = loader.bits_per_byte(predicted * math.log(1024), nbytes)
     assert bpb == pytest.approx(10 * predicted / 21, rel=1e-12)

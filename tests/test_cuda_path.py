@@ -4,7 +4,7 @@ the optimizers keep the host off the critical path, and every rank makes the sam
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -16,6 +16,8 @@ from test_eval_modes import TINY, small_dir, tiny_model, val  # noqa: F401  (sha
 import eval_ttt
 import kernels
 import train_gpt as tg
+from data import loader as data_loader
+from eval_ttt import EvalSpec
 from kernels import attention as attn
 
 NEWTON_SCHULZ = kernels.REFERENCES["newton_schulz"]  # one matrix at a time, as Muon's definition reads
@@ -24,10 +26,57 @@ NEWTON_SCHULZ = kernels.REFERENCES["newton_schulz"]  # one matrix at a time, as 
 # 1. one dtype reaches attention, whatever the norm returns
 
 
+def cuda_kernels(**changes) -> tg.Kernels:
+    """The kernels choose_kernels picks for a CPU, with the CUDA path's autocast dtype: the model then runs its matmuls
+    in bf16 under its own autocast (GPT.precision), as on a GPU."""
+    return dataclasses.replace(tg.choose_kernels(frozenset(), "auto", "cpu"), autocast=torch.bfloat16, **changes)
+
+
+def bf16_tiny_model(seed: int = 0) -> tg.GPT:
+    """tiny_model's weights in a model that holds the CUDA path's bf16 autocast."""
+    plain = tiny_model(seed)
+    model = tg.build_model(plain.config, cuda_kernels())
+    model.load_state_dict(plain.state_dict())
+    return model.requires_grad_(False).eval()
+
+
+def test_kernels_hold_the_autocast_dtype():
+    """choose_kernels: bf16 autocast on CUDA, none (fp32) on a CPU; the model's precision() is that autocast."""
+    assert tg.choose_kernels(frozenset(), "reference", "cuda").autocast == torch.bfloat16
+    assert tg.choose_kernels(frozenset(), "auto", "cpu").autocast is None and tg.Kernels().autocast is None
+    with tiny_model().precision():
+        assert not torch.is_autocast_enabled("cpu")
+    with bf16_tiny_model().precision():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_model_autocast_equals_autocast_around_a_plain_model(packed):
+    """A model holding bf16 autocast computes exactly what the fp32 model computes inside torch.autocast (what the
+    training step used to wrap around it), losses and gradients, on fresh random inputs."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(4, 1024, (1 if packed else 2, 40), generator=gen)
+    targets = torch.roll(ids, -1, 1)
+    cu = torch.tensor([0, 11, 29, 40], dtype=torch.int32) if packed else None
+    plain, held = tiny_model(3).train().requires_grad_(True), bf16_tiny_model(3).train().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(ids, targets, cu, 40)
+    expected.sum().backward()
+    losses = held(ids, targets, cu, 40)
+    losses.sum().backward()
+    assert losses.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")  # autocast ends with forward
+    torch.testing.assert_close(losses, expected, rtol=0, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), held.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    with torch.no_grad():  # and it is bf16 arithmetic: the fp32 model differs
+        assert not torch.equal(plain.eval()(ids, targets, cu, 40), held.eval()(ids, targets, cu, 40))
+
+
 @pytest.fixture
 def cuda_autocast_policy(monkeypatch):
-    """Emulate CUDA bf16 autocast of torch >= 2.12 on the CPU: matmuls in bf16, and rms_norm on autocast's fp32 list
-    (a bf16 input comes back fp32). Records the dtypes every attention call receives."""
+    """Emulate CUDA bf16 autocast of torch >= 2.12 on the CPU, with a model that holds bf16 autocast (cuda_kernels):
+    matmuls in bf16, and rms_norm on autocast's fp32 list (a bf16 input comes back fp32). Records the dtypes every
+    attention call receives."""
     seen = []
     plain_rms_norm = F.rms_norm
 
@@ -43,8 +92,6 @@ def cuda_autocast_policy(monkeypatch):
     monkeypatch.setattr(F, "rms_norm", fp32_rms_norm)
     monkeypatch.setattr(attn, "sdpa_causal", recording_sdpa)
     monkeypatch.setattr(tg, "sdpa_causal", recording_sdpa)
-    monkeypatch.setattr(tg, "autocast_context",
-                        lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     return seen
 
 
@@ -59,25 +106,24 @@ def assert_one_dtype(seen):
 
 
 def test_training_forward_hands_attention_one_dtype(cuda_autocast_policy):
-    model = tiny_model().train().requires_grad_(True)
+    model = bf16_tiny_model().train().requires_grad_(True)
     ids = torch.randint(4, 64, (1, 40))
-    with tg.autocast_context(ids.device):
-        losses = model(ids, torch.roll(ids, -1, 1), torch.tensor([0, 12, 40], dtype=torch.int32), 40)
+    losses = model(ids, torch.roll(ids, -1, 1), torch.tensor([0, 12, 40], dtype=torch.int32), 40)  # no autocast here
     losses.sum().backward()
     assert_one_dtype(cuda_autocast_policy)
     assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
 
 
 def test_evaluate_hands_attention_one_dtype(cuda_autocast_policy, val):  # noqa: F811
-    result = tg.evaluate(tiny_model(), val, "strided", 64, 512, stride=32)
+    result = eval_ttt.evaluate(bf16_tiny_model(), val, EvalSpec(mode="strided", window=64, stride=32, batch_tokens=512))
     assert_one_dtype(cuda_autocast_policy)
     assert np.isfinite(result.bpb)
 
 
 @pytest.mark.slow
 def test_ttt_hands_attention_one_dtype(cuda_autocast_policy, val):  # noqa: F811
-    cfg = eval_ttt.TTTConfig(window=64, chunk=16, lora_rank=4, doc_batch=3)
-    result = eval_ttt.ttt_evaluate(tiny_model(), val, cfg)
+    spec = EvalSpec(mode="ttt", window=64, chunk=16, lora_rank=4, doc_batch=3)
+    result = eval_ttt.evaluate(bf16_tiny_model(), val, spec)
     assert_one_dtype(cuda_autocast_policy)
     assert np.isfinite(result.bpb)
 
@@ -153,10 +199,10 @@ def mixed_corpus(tmp_path_factory, sample_data):
     out = tmp_path_factory.mktemp("mixed")
     rng = np.random.default_rng(0)
     lengths = [int(rng.integers(3, 40)) if rng.random() < 0.95 else int(rng.integers(500, 1500)) for _ in range(600)]
-    docs = [np.concatenate([[tg.BOS_ID], rng.integers(4, 1024, size=n)]) for n in lengths]
+    docs = [np.concatenate([[data_loader.BOS_ID], rng.integers(4, 1024, size=n)]) for n in lengths]
     write_shard(str(out / "mixed_train_000000.bin"), np.concatenate(docs))
     shutil.copyfile(sample_data / "tokenizer.model", out / "tokenizer.model")
-    val = tg.TokenStream(tg.split_pattern(str(sample_data), "val"), 1024)
+    val = data_loader.TokenStream(data_loader.split_pattern(str(sample_data), "val"), 1024)
     write_shard(str(out / "mixed_val_000000.bin"), np.concatenate([val.document(k)[:200] for k in range(3)]))
     return out
 
@@ -182,7 +228,8 @@ def test_compiled_training_never_recompiles(mixed_corpus, tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "compiled.txt").read_text()
-    assert "attention_backend: masked_sdpa" in log
+    # masked_sdpa trains compiled; evaluation runs eagerly with the reference, and the log names both
+    assert re.search(r"^attention_backend: masked_sdpa evaluation:reference$", log, re.M)
     stats = re.search(r"^compile_stats: recompiles:(\d+) graph_breaks:(\d+) graphs:(\d+)$", log, re.M)
     assert stats, "no compile_stats line"
     recompiles, graph_breaks, graphs = map(int, stats.groups())
@@ -214,7 +261,7 @@ def test_ranks_stay_identical_when_one_starts_late(sample_data, tmp_path, slow_r
            "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "512", "TRAIN_MICRO_BATCHES": "2", "ITERATIONS": "1000",
            "WARMDOWN_ITERS": "1000", "MAX_WALLCLOCK_SECONDS": "4", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0",
            "VAL_MAX_DOCS": "2", "EVAL_MODES": "flat", "EVAL_BATCH_TOKENS": "1024", "COMPILE": "0",
-           "TRAIN_LOG_EVERY": "1000", "OMP_NUM_THREADS": "1", "SLOW_RANK": str(slow_rank)}
+           "TRAIN_LOG_EVERY": "1000", "OMP_NUM_THREADS": "1", "SLOW_RANK": str(slow_rank), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "tests" / "helpers" / "slow_rank_train.py")], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -278,16 +325,18 @@ def small_stream(tmp_path):
     from data.shards import write_shard
 
     rng = np.random.default_rng(1)
-    docs = [np.concatenate([[tg.BOS_ID], rng.integers(4, 50, size=int(n))]) for n in rng.integers(1, 120, size=80)]
+    docs = [np.concatenate([[data_loader.BOS_ID], rng.integers(4, 50, size=int(n))])
+            for n in rng.integers(1, 120, size=80)]
     write_shard(str(tmp_path / "s_train_000000.bin"), np.concatenate(docs))
-    return tg.TokenStream(str(tmp_path / "s_train_*.bin"), 64)
+    return data_loader.TokenStream(str(tmp_path / "s_train_*.bin"), 64)
 
 
 def test_prefetching_loader_serves_exactly_the_plain_loader(small_stream):
     def loader():
-        return tg.DocumentLoader(small_stream, tg.LoaderConfig(16, 4 * 64, 4, seed=3, max_segments=4), 1, 2)
+        config = data_loader.LoaderConfig(seq_len=16, batch_tokens=4 * 64, micro_batches=4, seed=3, max_segments=4)
+        return data_loader.DocumentLoader(small_stream, config, 1, 2)
 
-    plain, prefetching = loader(), tg.PrefetchingLoader(loader(), torch.device("cpu"))
+    plain, prefetching = loader(), data_loader.PrefetchingLoader(loader(), pin_memory=False)
     for step in range(12):
         if step == 5:  # a restart from a saved position (as warm-up undo and resume do) drops the prefetched step
             state = plain.state_dict()
@@ -306,18 +355,19 @@ def test_shard_index_is_cached_and_invalidated_when_the_shard_changes(tmp_path, 
 
     rng = np.random.default_rng(2)
     path = tmp_path / "c_train_000000.bin"
-    tokens = np.concatenate([[tg.BOS_ID], rng.integers(2, 60, size=500)])
-    tokens[rng.integers(1, 500, size=20)] = tg.BOS_ID
+    tokens = np.concatenate([[data_loader.BOS_ID], rng.integers(2, 60, size=500)])
+    tokens[rng.integers(1, 500, size=20)] = data_loader.BOS_ID
     write_shard(str(path), tokens)
-    first = tg.TokenStream(str(tmp_path / "c_train_*.bin"), 64)
+    first = data_loader.TokenStream(str(tmp_path / "c_train_*.bin"), 64)
     assert (tmp_path / "c_train_000000.bin.index.npz").is_file()
-    np.testing.assert_array_equal(first.doc_starts, np.flatnonzero(tokens == tg.BOS_ID))
+    np.testing.assert_array_equal(first.doc_starts, np.flatnonzero(tokens == data_loader.BOS_ID))
 
     def no_scan(tokens):
         raise AssertionError("scanned although the cache is valid")
 
-    monkeypatch.setattr(tg, "scan_shard", no_scan)
-    np.testing.assert_array_equal(tg.TokenStream(str(tmp_path / "c_train_*.bin"), 64).doc_starts, first.doc_starts)
+    monkeypatch.setattr(data_loader, "scan_shard", no_scan)
+    np.testing.assert_array_equal(data_loader.TokenStream(str(tmp_path / "c_train_*.bin"), 64).doc_starts,
+                                  first.doc_starts)
     monkeypatch.undo()
 
     changed = tokens.copy()
@@ -325,8 +375,8 @@ def test_shard_index_is_cached_and_invalidated_when_the_shard_changes(tmp_path, 
     write_shard(str(path), changed)
     import os
     os.utime(path, ns=(1, 1))  # a different mtime, as any rewrite gives
-    with pytest.raises(tg.DataError, match="token id 63 at position 250"):
-        tg.TokenStream(str(tmp_path / "c_train_*.bin"), 63)
+    with pytest.raises(data_loader.DataError, match="token id 63 at position 250"):
+        data_loader.TokenStream(str(tmp_path / "c_train_*.bin"), 63)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -394,11 +444,13 @@ def test_a_training_step_never_waits_on_the_host(small_stream):
     hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
                                       "VOCAB_SIZE": "64", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "256",
                                       "TRAIN_MICRO_BATCHES": "2", "COMPILE": "0"})
-    model_kernels = tg.choose_kernels(frozenset(), "auto", 0, device)
-    model = tg.GPT(tg.ModelConfig.from_hyperparameters(hp), model_kernels).to(device)
+    model_kernels = tg.choose_kernels(frozenset(), "auto", device)
+    assert model_kernels.autocast == torch.bfloat16  # the model runs its own bf16 autocast: the step wraps none
+    model = tg.build_model(tg.ModelConfig.from_hyperparameters(hp), model_kernels).to(device)
     optimizers = tg.build_optimizers(model, hp)
     reducer = tg.GradientReducer(model)
-    loader = tg.PrefetchingLoader(tg.DocumentLoader(small_stream, tg.LoaderConfig(16, 256, 2, seed=1), 0, 1), device)
+    config = data_loader.LoaderConfig(seq_len=16, batch_tokens=256, micro_batches=2, seed=1)
+    loader = data_loader.PrefetchingLoader(data_loader.DocumentLoader(small_stream, config, 0, 1), pin_memory=True)
     tg.forward_backward(model, loader.next_step(), hp, device, reducer)  # first step: allocations, lazy init
     tg.optimizer_step(model, optimizers, hp, reducer)
     torch.cuda.synchronize()

@@ -1,18 +1,24 @@
 """A training step of a tiny model with every kernel (FUSED=1; Triton's interpreter on CPU) gives the loss and
-gradients of the plain-torch model (FUSED=0), and compiles with fullgraph=True into one graph that calls the kernels."""
+gradients of the plain-torch model (FUSED=0), and compiles with fullgraph=True into one graph that calls the kernels.
+FUSED is 0 (plain torch) unless a run names kernels; there is no automatic choice (FUSED=auto is an error)."""
+
+import dataclasses
 
 import pytest
 import torch
 
 import kernels
-from kernels import _common
 import train_gpt as tg
+from data.loader import BOS_ID, IGNORE_INDEX
+from kernels import _common
+from test_compile import TINY_RUN, run_main
 
 
 def with_fused(model: tg.GPT, fused_ops) -> tg.GPT:
     """The same weights in a model that uses the kernels `fused_ops` (the choice is the model's, made when it is
     built)."""
-    twin = tg.GPT(model.config, tg.Kernels(frozenset(fused_ops))).to(next(model.parameters()).device)
+    model_kernels = dataclasses.replace(model.kernels, fused=frozenset(fused_ops))
+    twin = tg.GPT(model.config, model_kernels).to(next(model.parameters()).device)
     twin.load_state_dict(model.state_dict())
     return twin
 
@@ -36,9 +42,9 @@ def test_fused_training_step_matches_plain(fused):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     ids = torch.randint(4, 72, (1, 45))
-    ids[0, [0, 19, 30]] = tg.BOS_ID
+    ids[0, [0, 19, 30]] = BOS_ID
     targets = torch.roll(ids, -1, 1)
-    targets[targets == tg.BOS_ID] = tg.IGNORE_INDEX
+    targets[targets == BOS_ID] = IGNORE_INDEX
     cu_seqlens = torch.tensor([0, 19, 30, 45, 45], dtype=torch.int32)
 
     plain_losses, plain_grads = loss_and_grads(model, ids, targets, cu_seqlens)
@@ -56,11 +62,10 @@ def test_fused_training_step_matches_plain(fused):
 
 
 def fused_step(model, forward, ids, targets):
-    """Per-token losses and parameter gradients of one step of a model with every kernel on (bf16 autocast on CUDA,
-    as in training)."""
+    """Per-token losses and parameter gradients of one step of a model with every kernel on (its own bf16 autocast
+    on CUDA, as in training: no autocast around it)."""
     model.zero_grad(set_to_none=True)
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-        losses = forward(ids, targets)
+    losses = forward(ids, targets)
     losses.sum().backward()
     return losses.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -71,13 +76,14 @@ def check_compiled_fused_model(device, backend, tolerance):
 
     torch.manual_seed(0)
     config = tg.ModelConfig(vocab_size=72, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
-    model = tg.GPT(config, tg.Kernels(frozenset(kernels.OPS))).to(device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None  # what choose_kernels gives on this device
+    model = tg.GPT(config, tg.Kernels(frozenset(kernels.OPS), autocast=autocast)).to(device)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     ids = torch.randint(4, 72, (2, 24), device=device)
     targets = torch.roll(ids, -1, 1)
-    targets[0, :5] = tg.IGNORE_INDEX
+    targets[0, :5] = IGNORE_INDEX
 
     eager_losses, eager_grads = fused_step(model, model, ids, targets)
     torch._dynamo.reset()
@@ -111,3 +117,37 @@ def test_compiled_fused_model_is_one_graph_and_matches_eager():
 def test_cuda_compiled_fused_model_is_one_graph_and_matches_eager():
     """CUDA, bf16 autocast, Inductor: as train_gpt.py compiles the model."""
     check_compiled_fused_model(torch.device("cuda"), backend="inductor", tolerance=3e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FUSED: 0 by default, named kernels, and no "auto"
+
+
+def test_fused_defaults_to_plain_torch():
+    hp = tg.Hyperparameters.from_env({})
+    assert hp.fused == "0" and tg.parse_fused_ops(hp.fused) == frozenset()
+    assert tg.choose_kernels(tg.parse_fused_ops(hp.fused), "auto", "cpu").fused == frozenset()
+    assert tg.parse_fused_ops("1") == frozenset(kernels.OPS)
+    assert tg.parse_fused_ops("rms_norm, rotary_qk") == {"rms_norm", "rotary_qk"}
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", "rms_norm,auto"])
+def test_fused_auto_is_an_error_naming_fused(value):
+    with pytest.raises(ValueError, match="unknown kernel 'auto'"):
+        tg.parse_fused_ops(value)
+    with pytest.raises(tg.ConfigError) as info:
+        tg.Hyperparameters.from_env({"FUSED": value})
+    message = str(info.value)
+    assert message.startswith(f"FUSED={value!r}: unknown kernel 'auto'") and "\n" not in message
+    assert all(name in message for name in kernels.OPS)  # it lists what FUSED can name
+
+
+def test_fused_auto_stops_a_run_with_one_line(tmp_path, monkeypatch, capsys):
+    """train_gpt.main with FUSED=auto: exit code 2 and one line on stderr naming FUSED, before any log is written."""
+    code = run_main(monkeypatch, {**TINY_RUN, "FUSED": "auto", "RUN_ID": "auto", "LOG_DIR": str(tmp_path),
+                                  "DATA_PATH": str(tmp_path / "absent")})
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.splitlines() == [f"error: FUSED='auto': unknown kernel 'auto'; known: "
+                                         f"{', '.join(sorted(kernels.OPS))} (or 0, 1)"]
+    assert captured.out == "" and not (tmp_path / "auto.txt").exists()
