@@ -704,7 +704,7 @@ def load(args, env, trainer) -> Loaded:
         raise DataError(f"{tokenizer_path}: sha256 {tokenizer_sha256[:16]}... differs from the tokenizer the "
                         f"checkpoint was trained with ({expected[:16]}...)")
     vocab_size = model.config.vocab_size
-    tables = build_byte_tables(load_tokenizer(tokenizer_path), vocab_size)
+    tables = build_byte_tables(load_tokenizer(tokenizer_path), vocab_size, tokenizer_path)
     data = ValidationSet.load(data_path, vocab_size, tables, args.max_docs)
     kernels = model.kernels
     setup = {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha256_file(args.checkpoint),

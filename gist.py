@@ -118,6 +118,10 @@ class GistTokens:
     The model's kernels carry a gist attention (kernels.attention.select_gist_attention) instead of a varlen one."""
 
     def __init__(self, config, model_kernels):
+        if not hasattr(model_kernels.attention, "layout"):
+            raise ValueError(f"GIST_TOKENS={config.gist_tokens}: the model's attention "
+                             f"{model_kernels.attention.name!r} is not a gist attention (build its kernels with "
+                             f"choose_kernels(..., gist=True))")
         super().__init__(config, model_kernels)
         self.gist_emb = nn.Embedding(config.gist_tokens, config.model_dim)  # one row per slot index
         nn.init.normal_(self.gist_emb.weight, std=config.tied_embed_init_std)

@@ -955,17 +955,20 @@ class TrainingData:
 def load_data(hp: Hyperparameters, env: DistributedEnv, log) -> TrainingData:
     sp = load_tokenizer(hp.tokenizer_path)
     tokenizer_sha256 = sha256_file(hp.tokenizer_path)
-    tables = build_byte_tables(sp, hp.vocab_size)
+    tables = build_byte_tables(sp, hp.vocab_size, hp.tokenizer_path)
     train_stream = TokenStream(split_pattern(hp.data_path, "train"), hp.vocab_size)
     val = ValidationSet.load(hp.data_path, hp.vocab_size, tables, hp.val_max_docs)
     log(f"tokenizer: {hp.tokenizer_path} sha256:{tokenizer_sha256} pieces:{sp.vocab_size()}")
     log(f"train_data: shards:{len(train_stream.files)} documents:{train_stream.num_docs} tokens:{train_stream.num_tokens}")
     log(f"val_data: documents:{val.num_docs} tokens:{int(val.token_counts.sum())} bytes:{int(val.byte_counts.sum())}")
-    config = LoaderConfig(seq_len=hp.train_seq_len, batch_tokens=hp.train_batch_tokens,
-                          micro_batches=hp.train_micro_batches, seed=hp.seed, shuffle=hp.doc_shuffle,
-                          max_segments=hp.train_max_segments)
-    loader = DocumentLoader(train_stream, config, env.rank, env.world_size)
+    loader = DocumentLoader(train_stream, loader_config(hp), env.rank, env.world_size)
     return TrainingData(tokenizer_sha256, val, PrefetchingLoader(loader, pin_memory=env.device.type == "cuda"))
+
+
+def loader_config(hp: Hyperparameters) -> LoaderConfig:
+    return LoaderConfig(seq_len=hp.train_seq_len, batch_tokens=hp.train_batch_tokens,
+                        micro_batches=hp.train_micro_batches, seed=hp.seed, shuffle=hp.doc_shuffle,
+                        max_segments=hp.train_max_segments)
 
 
 def resume_run(hp, model, optimizers, loader, tokenizer_sha256, device, log) -> tuple[int, float, list | None]:

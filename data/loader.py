@@ -234,7 +234,7 @@ class DocumentLoader:
     def __init__(self, stream: TokenStream, config: LoaderConfig, rank: int = 0, world_size: int = 1):
         if config.micro_batches % world_size:
             raise ConfigError(f"TRAIN_MICRO_BATCHES={config.micro_batches}: must be divisible by the world size "
-                                     f"{world_size}")
+                              f"{world_size}")
         self.stream, self.config, self.rank, self.world_size = stream, config, rank, world_size
         self.seq_len, self.micro_batches, self.seed, self.shuffle = (config.seq_len, config.micro_batches, config.seed,
                                                                      config.shuffle)
@@ -314,7 +314,7 @@ class DocumentLoader:
         for name, value in here.items():
             if name in state and state[name] != value:
                 raise ConfigError(f"the saved loader position belongs to a stream with {name} {state[name]!r}, "
-                                         f"this one has {value!r} (training data: {self.stream.files[0]}...)")
+                                  f"this one has {value!r} (training data: {self.stream.files[0]}...)")
         self.position = int(state["position"])
         self.merged_batches = int(state.get("merged_batches", 0))
 
@@ -377,10 +377,11 @@ class ByteTables:
         return self.base_bytes[ids] + space_counts
 
 
-def build_byte_tables(sp, vocab_size: int) -> ByteTables:
-    """The tables of a sentencepiece.SentencePieceProcessor for a model with vocab_size embeddings."""
+def build_byte_tables(sp, vocab_size: int, tokenizer_path: str) -> ByteTables:
+    """The tables of a sentencepiece.SentencePieceProcessor (loaded from tokenizer_path, named in errors) for a model
+    with vocab_size embeddings."""
     if sp.vocab_size() > vocab_size:
-        raise DataError(f"tokenizer has {sp.vocab_size()} pieces, more than VOCAB_SIZE={vocab_size}")
+        raise DataError(f"{tokenizer_path}: tokenizer has {sp.vocab_size()} pieces, more than VOCAB_SIZE={vocab_size}")
     base = np.zeros(vocab_size, dtype=np.int64)
     space = np.zeros(vocab_size, dtype=bool)
     boundary = np.ones(vocab_size, dtype=bool)  # ids past the tokenizer's vocabulary never occur; count them as 0
