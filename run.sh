@@ -9,7 +9,7 @@
 # Any hyperparameter can be overridden from the environment, e.g. `ITERATIONS=100 ./run.sh`.
 set -euo pipefail
 cd "$(dirname "$0")"
-source tools/bootstrap.sh
+source speedrun/bootstrap.sh
 
 SAMPLE_DIR=data/datasets/peps_sp1024_spread
 FINEWEB_DIR=data/datasets/fineweb10B_sp1024

@@ -87,7 +87,6 @@ def _default(value) -> str:
 
 
 def render(source: str | None = None) -> str:
-    sys.path.insert(0, str(ROOT))
     import train_gpt
 
     source = SOURCE.read_text(encoding="utf-8") if source is None else source

@@ -12,12 +12,6 @@ if not torch.cuda.is_available():
     # the interpreter tests skip with that reason and the ops use their references: never a silent pass.
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
 SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024_spread"

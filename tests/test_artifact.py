@@ -683,7 +683,7 @@ def test_gist_is_imported_only_for_a_gist_model():
               "tg.build_model(tg.ModelConfig(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1))\n"
               "assert 'gist' not in sys.modules, 'gist imported without gist tokens'\n"
               "tg.build_model(tg.ModelConfig(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, gist_tokens=2,"
-              " gist_segment=8))\n"
+              " gist_segment=8), tg.choose_kernels(frozenset(), 'reference', 'cpu', gist=True))\n"
               "assert 'gist' in sys.modules\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,

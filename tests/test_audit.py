@@ -1,5 +1,5 @@
-"""tools/audit.py: every fault class of issue 14 planted into a small dataset is caught, the clean dataset passes,
-and tools/record.py verify fails a record whose log disagrees with its dataset's fingerprint.
+"""speedrun audit: every fault class of issue 14 planted into a small dataset is caught, the clean dataset passes,
+and speedrun verify fails a record whose log disagrees with its dataset's fingerprint.
 
 The datasets are made by data/prepare_corpus.py from a few hundred generated texts (a second or two each) and the
 faults planted with data/shards.py's writer."""
@@ -18,18 +18,16 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+import train_gpt
+from data import prepare_corpus, shards
+from speedrun.analysis import run_log
+from speedrun.audit import audit, fingerprint
+from speedrun.records import check as record_check
+from speedrun.records import new as record_new
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-import audit  # noqa: E402
-import record  # noqa: E402
-import record_check  # noqa: E402
-import run_log  # noqa: E402
-import train_gpt  # noqa: E402
-from data import prepare_corpus, shards  # noqa: E402
-
-AUDIT = str(ROOT / "tools" / "audit.py")
+AUDIT = ["-m", "speedrun", "audit"]
 VAL_DOCS = 8
 VOCAB = 400
 
@@ -69,7 +67,7 @@ def run(data: Path, *args, json_out: Path | None = None) -> tuple[int, dict | No
     argv = [str(data), *map(str, args), "--threads", "2"]
     if json_out is not None:
         argv += ["--json", str(json_out)]
-    proc = subprocess.run([sys.executable, AUDIT, *argv], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, *AUDIT, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     report = json.loads(json_out.read_text()) if json_out is not None and json_out.exists() else None
     return proc.returncode, report, proc.stdout + proc.stderr
 
@@ -570,14 +568,14 @@ def test_usage_errors(clean, tmp_path, capsys):
         assert code == 2, (argv, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, err)
-    proc = subprocess.run([sys.executable, AUDIT, str(tmp_path / "missing")], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *AUDIT, str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
 
 
 @pytest.mark.slow
 def test_json_to_stdout(clean):
-    proc = subprocess.run([sys.executable, AUDIT, str(clean), "--json", "-"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *AUDIT, str(clean), "--json", "-"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0
     report = json.loads(proc.stdout)
@@ -623,7 +621,7 @@ def test_bundled_sample_without_decontamination_is_flagged(sample_data, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# tools/record.py verify: the dataset fingerprint
+# speedrun verify: the dataset fingerprint
 
 
 FIXTURE_LOGS = ROOT / "tests" / "fixtures" / "record_logs"
@@ -657,11 +655,11 @@ def retarget_log(src: Path, dest: Path, data: Path, fp: dict, **override) -> Pat
 @pytest.mark.skipif(not (FIXTURE_LOGS / "tiny_seed1.txt").is_file(), reason="no fixture logs")
 def test_record_verify_checks_the_dataset_fingerprint(clean, tmp_path, capsys):
     hp = run_log.parse_log(FIXTURE_LOGS / "tiny_seed1.txt").hparams
-    fp = audit.fingerprint(str(clean), str(clean / "tokenizer.model"), int(hp["vocab_size"]), int(hp["val_max_docs"]))
+    fp = fingerprint.fingerprint(str(clean), str(clean / "tokenizer.model"), int(hp["vocab_size"]), int(hp["val_max_docs"]))
     assert fp["val_documents"] == int(hp["val_max_docs"]) and fp["train_shards"] == len(list(clean.glob("*_train_*")))
     logs = [retarget_log(FIXTURE_LOGS / f"tiny_seed{s}.txt", tmp_path / f"tiny_seed{s}.txt", clean, fp)
             for s in (1, 2, 3)]
-    assert record.main(["new", "--name", "Fp", "--track", "cpu_5min", "--date", "2026-11-23", "--records-dir",
+    assert record_new.main(["--name", "Fp", "--track", "cpu_5min", "--date", "2026-11-23", "--records-dir",
                         str(tmp_path / "records"), *map(str, logs)]) == 0
     folder = tmp_path / "records" / "cpu_5min" / "2026-11-23_Fp"
     failures, summary = record_check.verify_record(folder)

@@ -74,7 +74,7 @@ def test_sample_validation_documents_bytes(val_and_train_docs, prepared_sample):
     """Every validation document, read back from the shards: table bytes == decoded bytes == raw UTF-8 bytes."""
     data_path, sp, manifest = prepared_sample
     assert manifest["tokenizer"]["training"]["normalization_rule_name"] == "identity"
-    tables = loader.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024, "tokenizer.model")
     assert not tables.strips_first_space
     stream = loader.TokenStream(loader.split_pattern(str(data_path), "val"), 1024)
     assert stream.num_docs == VAL_DOCS
@@ -115,7 +115,7 @@ def test_sample_tokenizer_is_the_one_prepare_corpus_trains(val_and_train_docs, p
 def test_sample_stream_counts_match_documents(sample_docs, lossless_sp):
     """Counted token by token over the concatenated validation stream (the way evaluation sees it)."""
     sp = lossless_sp
-    tables = loader.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024, "tokenizer.model")
     docs = [np.array([loader.BOS_ID] + ids) for ids in sp.encode(sample_docs[:VAL_DOCS])]
     stream = np.concatenate(docs)
     per_token = tables.count(stream[:-1], stream[1:])
@@ -169,7 +169,7 @@ def pg_sp(request, sample_docs):
 
 def test_pg_tokenizer_bytes_equal_decoded_bytes(sample_docs, pg_sp):
     name, sp = pg_sp
-    tables = loader.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024, "tokenizer.model")
     assert tables.strips_first_space  # nmt_nfkc removes leading whitespace; the decoder drops a first "▁"
     assert not any(sp.piece_to_id(c) != sp.unk_id() for c in RARE)  # none of them has its own piece
     changed = byte_fallback_docs = 0
@@ -186,7 +186,7 @@ def test_pg_tokenizer_bytes_equal_decoded_bytes(sample_docs, pg_sp):
 
 def test_pg_stream_counts_match_documents(sample_docs, pg_sp):
     name, sp = pg_sp
-    tables = loader.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024, "tokenizer.model")
     texts = EDGE_DOCS + sample_docs[:10]
     docs = [np.array([loader.BOS_ID] + ids) for ids in sp.encode(texts)]
     stream = np.concatenate(docs)
@@ -211,7 +211,7 @@ def test_pieces_with_inner_spaces(sample_docs, setting):
                pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=2, **setting)
     if not any("\u2581" in sp.id_to_piece(t)[1:] for t in range(sp.vocab_size())):
         pytest.fail("precondition: the tokenizer has no piece with an inner '▁'")  # a real failure, not the xfail
-    tables = loader.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024, "tokenizer.model")
     for doc in sample_docs[:10]:
         _, table_bytes, decoded_bytes = table_and_decoded_bytes(sp, tables, doc)
         assert table_bytes == decoded_bytes
@@ -231,7 +231,7 @@ def test_bits_per_byte_hand_computed():
 def test_bits_per_byte_uniform_model_on_a_document(lossless_sp):
     """A model that predicts uniformly over 1024 tokens pays 10 bits per token; BPB = 10 x tokens / bytes."""
     sp = lossless_sp
-    tables = loader.build_byte_tables(sp, 1024)
+    tables = loader.build_byte_tables(sp, 1024, "tokenizer.model")
     text = "Hello, world: 12 €!"  # 21 UTF-8 bytes (€ is 3)
     ids = np.array([loader.BOS_ID] + sp.encode(text))
     predicted = len(ids) - 1

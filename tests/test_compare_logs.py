@@ -1,4 +1,4 @@
-"""tools/compare_logs.py on two small real logs: one of ours (tests/fixtures/record_logs/tiny_seed1.txt) and one of
+"""speedrun compare-logs on two small real logs: one of ours (tests/fixtures/record_logs/tiny_seed1.txt) and one of
 parameter-golf's train_gpt.py, run on CPU at the same tiny shape (tests/fixtures/parity_logs/peer_tiny_seed1.txt; its
 source code, which parameter-golf prints at the top of every log, is stripped: only the log lines are kept)."""
 
@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import compare_logs  # noqa: E402
+from speedrun.analysis import compare_logs
 
 OURS = ROOT / "tests" / "fixtures" / "record_logs" / "tiny_seed1.txt"
 PEER = ROOT / "tests" / "fixtures" / "parity_logs" / "peer_tiny_seed1.txt"
-SCRIPT = ROOT / "tools" / "compare_logs.py"
 
 
 def train_losses(path: Path) -> dict[int, float]:
@@ -73,7 +71,7 @@ def test_source_code_at_the_top_is_not_read(tmp_path):
 @pytest.mark.slow
 def test_cli_plots_and_prints_the_table(tmp_path):
     out = tmp_path / "plots" / "parity.png"
-    result = subprocess.run([sys.executable, str(SCRIPT), str(OURS), str(PEER), "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "speedrun", "compare-logs", str(OURS), str(PEER), "--out", str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -361,13 +361,9 @@ TRAIN_GPT_BAD_DATA = {
     "tokenizer larger than VOCAB_SIZE": (lambda d: None, "tokenizer.model", "more than VOCAB_SIZE=512"),
 }
 CASE_ENV = {"tokenizer larger than VOCAB_SIZE": {"VOCAB_SIZE": "512"}}
-# data/loader.py build_byte_tables raises DataError("tokenizer has N pieces, more than VOCAB_SIZE=V") without the
-# tokenizer's path, although a DataError's message starts with the file it is about (see the report of this change).
-KNOWN_BUGS = {"tokenizer larger than VOCAB_SIZE": "build_byte_tables' DataError does not name the tokenizer file"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[c]))
-                                  if c in KNOWN_BUGS else c for c in sorted(TRAIN_GPT_BAD_DATA)])
+@pytest.mark.parametrize("case", sorted(TRAIN_GPT_BAD_DATA))
 def test_train_gpt_reports_bad_data_in_one_line_naming_the_file(tmp_path, sample_data, monkeypatch, capsys, case):
     """train_gpt.main on bad input data: exit code 2 and one line `error: <file>: <problem>` on stderr (and in the log),
     before any model is built."""

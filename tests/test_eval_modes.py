@@ -61,8 +61,8 @@ def build_small_set(sample_dir: Path, directory: Path) -> Path:
 
 
 def load_val(data_dir: Path, max_docs: int = 0) -> ValidationSet:
-    sp = load_tokenizer(str(data_dir / "tokenizer.model"))
-    return ValidationSet.load(str(data_dir), 1024, build_byte_tables(sp, 1024), max_docs)
+    tokenizer = str(data_dir / "tokenizer.model")
+    return ValidationSet.load(str(data_dir), 1024, build_byte_tables(load_tokenizer(tokenizer), 1024, tokenizer), max_docs)
 
 
 def tiny_model(seed: int = 0) -> tg.GPT:

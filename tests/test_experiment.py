@@ -1,4 +1,4 @@
-"""tools/experiment.py: a real tiny experiment through run.sh (folder, summary against the logs, statistics against an
+"""speedrun experiment: a real tiny experiment through run.sh (folder, summary against the logs, statistics against an
 independent recomputation, the printed table, plots, README), the baseline cache (reused only for the same code,
 configuration, dataset and seed), bad input and failing runs (exit status 2, one line, no folder, the failed run's
 tail kept). The cache, bad-input and failure rules run in-process against a fake trainer that writes train_gpt.py-style
@@ -26,9 +26,8 @@ import pytest
 import scipy.stats
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import experiment  # noqa: E402
-from run_log import parse_log  # noqa: E402
+from speedrun.experiments import arms, experiment
+from speedrun.analysis.run_log import parse_log
 
 DATE = "2026-01-02"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -131,7 +130,7 @@ def test_tiny_experiment_writes_the_folder_and_the_logs_numbers(tiny):
     assert "](train_loss.png)" in readme and "](train_loss_difference.png)" in readme
     base = arms["baseline"]
     assert f"| baseline | 2 | {base['val_bpb_mean']:.6f} ± {base['val_bpb_std']:.6f} |" in readme
-    assert summary["command"] in readme and summary["command"].startswith("python tools/experiment.py --name tiny "
+    assert summary["command"] in readme and summary["command"].startswith("speedrun experiment --name tiny "
                                                                           "--seed-list 1337,1338 --base NUM_LAYERS=2")
     assert summary["command"].endswith(" -- MATRIX_LR=0.1")
     # the fingerprints
@@ -172,10 +171,10 @@ def test_real_failing_run_from_the_command_line(tmp_path, sample_data):
     """A DATA_PATH that does not exist: train_gpt.py stops, the tool reports it and leaves no folder."""
     root = tmp_path / "experiments"
     env = {k: v for k, v in os.environ.items() if k not in experiment.HP_NAMES}
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "experiment.py"), "--name", "broken", "--seeds", "2",
+    proc = subprocess.run([sys.executable, "-m", "speedrun", "experiment", "--name", "broken", "--seeds", "2",
                            "--date", DATE, "--experiments-dir", str(root), "--base", *TINY_BASE,
                            f"DATA_PATH={tmp_path / 'nowhere'}", "--", "MATRIX_LR=0.1"],
-                          capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: baseline run, seed 1337: exit status 2")
@@ -432,7 +431,7 @@ def test_failing_variant_stops_the_experiment_and_keeps_its_tail(fake, capsys):
     text = failed.read_text().splitlines()
     assert text[0] == "# experiment fa3: the variant run, seed 1, failed: exit status 2"
     assert "ATTN_BACKEND=fa3" in text[1] and text[-1] == "error: ATTN_BACKEND='fa3': not available on cpu (CUDA-only)"
-    assert text[2] == f"# its last {experiment.TAIL_LINES} lines of output:" and len(text) == 3 + experiment.TAIL_LINES
+    assert text[2] == f"# its last {arms.TAIL_LINES} lines of output:" and len(text) == 3 + arms.TAIL_LINES
     assert [line.split()[0] for line in text[3:-1]] == [f"step:{s}/40" for s in range(12, 41)]
     assert [line[4:] for line in lines if line.startswith("  | ")] == text[3:]
     # no experiment folder and no temporary folder; the baseline that finished is cached

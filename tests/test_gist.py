@@ -351,6 +351,10 @@ def test_bad_gist_settings_are_one_clear_error():
     with pytest.raises(attn.BackendError, match="COMPILE=1"):
         attn.select_gist_attention("auto", torch.device("cpu"), compiling=True)
     assert attn.select_gist_attention("auto", torch.device("cpu")).name == "reference"
+    config = tg.ModelConfig(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=64, gist_tokens=2,
+                            gist_segment=8)
+    with pytest.raises(ValueError, match="GIST_TOKENS=2: the model's attention 'reference' is not a gist attention"):
+        tg.build_model(config)  # the default kernels: a plain varlen attention
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
-"""tools/gpu_report.py on a CPU: the plan and its budgets, running within deadlines, the reading of every tool's output
+"""speedrun gpu-report on a CPU: the plan and its budgets, running within deadlines, the reading of every tool's output
 into report rows, and a whole run with a tiny model (--run-without-cuda) into report.md and raw.tar.gz.
 
 The fixtures in tests/fixtures/gpu_report/ are real outputs, made on the 2-core CPU machine (2026-11-23, 2026-12-01):
-- bench_train_cpu.txt: `python tools/bench_train.py --steps 4 --backends fa3,reference
+- bench_train_cpu.txt: `speedrun bench train --steps 4 --backends fa3,reference
   --configs "FUSED=0 COMPILE=0;FUSED=1 COMPILE=0" --timeout 120 --env NUM_LAYERS=2 --env MODEL_DIM=64 --env NUM_HEADS=2
   --env NUM_KV_HEADS=1 --env TRAIN_SEQ_LEN=256 --env TRAIN_BATCH_TOKENS=2048 --env TRAIN_MICRO_BATCHES=2
   --env WARMUP_STEPS=0 --env EVAL_BATCH_TOKENS=4096` (fa3 cannot load on a CPU).
-- bench_kernels_no_cuda.txt: `python tools/bench_kernels.py` without a GPU.
+- bench_kernels_no_cuda.txt: `speedrun bench kernels` without a GPU.
 - bench_kernels_cpu.txt: bench_kernels.benchmark() itself, run on the CPU with its shapes shrunk (TOKENS 256, WIDTH 64,
   VOCAB 128, MLP_HIDDEN 128, Newton-Schulz 64x64 and 128x64), _cases handed the CPU and triton.testing.do_bench
   replaced by a perf_counter median of 5 (the Triton column is then the reference fallback). Its figures are CPU
@@ -37,12 +37,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
-import gpu_report  # noqa: E402
+from speedrun.bench import gpu_report
 
 FIXTURES = ROOT / "tests" / "fixtures" / "gpu_report"
-SCRIPT = str(ROOT / "tools" / "gpu_report.py")
+SCRIPT = ["-m", "speedrun", "gpu-report"]
+# the commands run with another working directory, so the repository comes on the module path this way
+WITH_REPO = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def fixture(name: str) -> str:
@@ -65,7 +66,7 @@ def plan_parts(budget_s: float = 480, data=None, missing=(), work_dir: Path = Pa
 def run_dry(tmp_path: Path, *args: str) -> str:
     # With CUDA the plain command would run the report; --plan prints the same plan there.
     flags = ["--plan"] if torch.cuda.is_available() else []
-    done = subprocess.run([sys.executable, SCRIPT, *flags, *args], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, *SCRIPT, *flags, *args], cwd=tmp_path, env=WITH_REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert list(tmp_path.iterdir()) == [], "a dry run writes nothing"
@@ -86,10 +87,10 @@ def test_dry_run_prints_every_command_with_its_budget_and_fits_480_s(tmp_path):
                     "python train_gpt.py",
                     "python -m pytest tests -m cuda -v",
                     "python -m pytest tests/test_kernels.py -m 'not cuda' -v",
-                    "python tools/bench_kernels.py",
+                    "python -m speedrun bench kernels",
                     "python eval_ttt.py --checkpoint logs/gpu_report_", "--mode strided --max-docs 16",
                     "--mode ttt --chunk 32 --max-docs 16", "--mode ttt --chunk 256 --max-docs 16",
-                    f"python tools/bench_train.py --data {data} --steps 20 --env WARMUP_STEPS=2 "
+                    f"python -m speedrun bench train --data {data} --steps 20 --env WARMUP_STEPS=2 "
                     "--env TRAIN_BATCH_TOKENS=131072 --env TRAIN_MICRO_BATCHES=2",
                     "--backends fa3,fa2,torch_varlen --configs 'FUSED=0 COMPILE=0;FUSED=1 COMPILE=0;FUSED=0 COMPILE=1;"
                     "FUSED=1 COMPILE=1'"]:
@@ -131,7 +132,7 @@ def test_setup_and_data_enter_the_plan_only_when_needed_and_the_total_still_fits
 def test_bad_arguments_are_one_clear_line(tmp_path):
     for args, message in ((["--env", "NOEQUALS"], "error: --env 'NOEQUALS': expected KEY=VALUE"),
                           (["--budget", "0"], "error: --budget 0: must be > 0")):
-        done = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([sys.executable, *SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and done.stderr.strip() == message
 
 
@@ -248,7 +249,7 @@ def test_bench_kernels_table_to_the_kernels_column():
 
 
 def test_bench_kernels_without_a_gpu_says_why():
-    parsed = gpu_report.parse_bench_kernels("$ python tools/bench_kernels.py\n# allowed 40 s\n"
+    parsed = gpu_report.parse_bench_kernels("$ python -m speedrun bench kernels\n# allowed 40 s\n"
                                             + fixture("bench_kernels_no_cuda.txt"))
     assert parsed["rows"] == [] and parsed["message"].startswith("This benchmark needs a CUDA GPU (none found)")
 
@@ -273,12 +274,11 @@ def test_train_log_figures():
 def test_train_log_skips_the_embedded_source_files():
     """A log starts with the code it ran, byte for byte; lines in it that look like log lines (the README's sample log,
     say) must not be read as the run's figures."""
-    sys.path.insert(0, str(ROOT))
     import train_gpt
 
     files = [ROOT / "README.md", ROOT / "train_gpt.py"]
     log = fixture("train_log.txt")
-    assert gpu_report.parse_train_log(train_gpt.embedded_source(files, ROOT) + log) == gpu_report.parse_train_log(log)
+    assert gpu_report.parse_train_log(train_gpt.embedded_source(files) + log) == gpu_report.parse_train_log(log)
 
 
 def test_eval_results_json():
@@ -320,7 +320,7 @@ def test_report_rows_and_missing_parts(tmp_path, pytest_output):
         "10_bench_train": Outcome("running (30 s so far)", 0.0, ""),
     }
     context = {"date": "2026-12-01", "model": "default model", "budget_s": 480, "total_s": 400.0, "data": data,
-               "left_out": left_out, "revision": "abc1234", "command": "python tools/gpu_report.py --out /o",
+               "left_out": left_out, "revision": "abc1234", "command": "speedrun gpu-report --out /o",
                "finished": False}
     report = gpu_report.build_report(parts, outcomes, H200, context)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines()
@@ -370,7 +370,7 @@ def test_tarball_holds_the_raw_folder_and_shortens_a_huge_file(tmp_path, monkeyp
     with tarfile.open(fileobj=io.BytesIO(gpu_report.raw_tarball(raw))) as tar:
         assert sorted(tar.getnames()) == ["raw/03_train.txt", "raw/bench_train_logs/bench_x.txt", "raw/huge.txt"]
         huge = tar.extractfile("raw/huge.txt").read()
-    assert huge.endswith(b"THE END") and b"bytes left out by gpu_report.py" in huge and len(huge) < 4096 + 200
+    assert huge.endswith(b"THE END") and b"bytes left out by speedrun gpu-report" in huge and len(huge) < 4096 + 200
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -379,14 +379,13 @@ def test_tarball_holds_the_raw_folder_and_shortens_a_huge_file(tmp_path, monkeyp
 
 TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "TRAIN_SEQ_LEN=256", "TRAIN_BATCH_TOKENS=2048",
         "TRAIN_MICRO_BATCHES=2", "EVAL_BATCH_TOKENS=4096", "ITERATIONS=5", "WARMUP_STEPS=1", "COMPILE=0"]
-QUIET = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model on a shared 2-core machine: one thread is faster
+QUIET = {**WITH_REPO, "OMP_NUM_THREADS": "1"}  # a tiny model on a shared 2-core machine: one thread is faster
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory, sample_data):
     """The sample's tokenizer and training shard, and a validation shard of three 200-token documents (TTT over the
     sample's long documents would take minutes on a CPU)."""
-    sys.path.insert(0, str(ROOT))
     import train_gpt as tg
     from data.shards import write_shard
 
@@ -399,7 +398,7 @@ def tiny_data(tmp_path_factory, sample_data):
 
 
 def report_command(out: Path, data: Path) -> list[str]:
-    return [sys.executable, SCRIPT, "--run-without-cuda", "--out", str(out), "--data", str(data),
+    return [sys.executable, *SCRIPT, "--run-without-cuda", "--out", str(out), "--data", str(data),
             *[word for item in TINY for word in ("--env", item)]]
 
 

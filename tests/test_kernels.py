@@ -603,7 +603,7 @@ def test_autotuners_built_at_import_and_keyed_without_row_count():
 @pytest.mark.skipif(not _common.HAS_TRITON, reason="Triton is not installed")
 def test_kernels_compile_for_h100():
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "bench_kernels.py"), "--compile-check", "--quick"],
+        [sys.executable, "-m", "speedrun", "bench", "kernels", "--compile-check", "--quick"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,5 +1,5 @@
-"""Verifying other leaderboards' records (tools/peer_records.py through `record.py verify`), the log dialects of
-tools/run_log.py, and our own track_10min_16mb limits.
+"""Verifying other leaderboards' records (speedrun.records.peers through `speedrun verify`), the log dialects of
+speedrun.analysis.run_log, and our own track_10min_16mb limits.
 
 The folders are built here, in each leaderboard's layout and line formats (parameter-golf's March and April logs,
 modded-nanogpt's logs and statistics.md) with numbers of our own; each test plants one fault and asserts the check
@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from speedrun.analysis import run_log, show_log
+from speedrun.records import check as record_check
+from speedrun.records import leaderboard, new as record_new, verify as record_verify
+from speedrun.records import peers as peer_records
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-import peer_records  # noqa: E402
-import record  # noqa: E402
-import record_check  # noqa: E402
-import run_log  # noqa: E402
 
 RATIO = 0.5922  # val_bpb / val_loss of our invented sp1024 runs (tokens per byte / ln 2)
 VAL_TOKENS = 62_021_632
@@ -111,10 +110,10 @@ def golf(tmp_path) -> Path:
 
 
 def verify(capsys, *argv) -> tuple[int, dict[str, dict[str, tuple[str, str]]], str]:
-    """(exit status, {record folder name: {check: (status, detail)}}, printed output) of `record.py verify --json`."""
+    """(exit status, {record folder name: {check: (status, detail)}}, printed output) of `speedrun verify --json`."""
     out = Path(argv[0]).parent / "verify.json" if Path(argv[0]).exists() else None
     json_args = ["--json", str(out)] if out else []
-    code = record.main(["verify", *map(str, argv), *json_args])
+    code = record_verify.main([*map(str, argv), *json_args])
     printed = capsys.readouterr().out
     rows = {}
     if out and out.exists():
@@ -301,7 +300,7 @@ def test_empty_tree_and_missing_path(tmp_path, capsys):
     (tmp_path / "records" / "track_10min_16mb").mkdir(parents=True)
     code, _, printed = verify(capsys, tmp_path / "records")
     assert code == 2 and "no records under" in printed
-    code = record.main(["verify", str(tmp_path / "nowhere"), "--rules", "parameter-golf"])
+    code = record_verify.main([str(tmp_path / "nowhere"), "--rules", "parameter-golf"])
     assert code == 2 and "no such file or directory" in capsys.readouterr().out
 
 
@@ -327,7 +326,7 @@ def test_rules_flag_and_auto_detection(golf, capsys):
 
 def test_leaderboard_of_their_tree_marks_flagged_rows(golf, capsys):
     set_claim(next_record(golf), round(1.979 * RATIO, 8))
-    code = record.main(["leaderboard", "--records-dir", str(golf)])
+    code = leaderboard.main(["--records-dir", str(golf)])
     table = capsys.readouterr().out
     assert code == 0 and "### track_10min_16mb (parameter-golf)" in table
     rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
@@ -335,11 +334,11 @@ def test_leaderboard_of_their_tree_marks_flagged_rows(golf, capsys):
 
 
 def test_run_log_command_line(golf, capsys):
-    assert run_log.main([str(next_record(golf) / "train_seed1.log")]) == 0
+    assert show_log.main([str(next_record(golf) / "train_seed1.log")]) == 0
     out = capsys.readouterr().out
     assert "parameter-golf log" in out and "seed       1" in out and "quantized_ttt_phased" in out
     assert "<- scored" in out and "15,950,000 bytes" in out
-    assert run_log.main([str(next_record(golf) / "missing.log")]) == 2
+    assert show_log.main([str(next_record(golf) / "missing.log")]) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -489,7 +488,7 @@ def test_track_10min_16mb_limits(sized_logs):
 @pytest.mark.slow
 def test_our_track_10min_16mb_record_as_named_checks(sized_logs, tmp_path, capsys):
     records = tmp_path / "records"
-    code = record.main(["new", "--name", "Sized", "--track", "track_10min_16mb", "--date", "2026-11-24",
+    code = record_new.main(["--name", "Sized", "--track", "track_10min_16mb", "--date", "2026-11-24",
                         "--records-dir", str(records), *map(str, sized_logs)])
     assert code == 0, capsys.readouterr()
     folder = records / "track_10min_16mb" / "2026-11-24_Sized"

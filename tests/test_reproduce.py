@@ -1,4 +1,4 @@
-"""`python tools/record.py reproduce` (tools/reproduce.py): a record against the record it beat, trained again here.
+"""`speedrun reproduce` (speedrun.records.reproduce): a record against the record it beat, trained again here.
 
 The fast tests build pairs of records whose embedded train_gpt.py is a fake trainer: it writes train_gpt.py-style
 logs (its code embedded, env_overrides, hparams, the prepared sample's real data fingerprint, train losses, a final
@@ -26,9 +26,8 @@ import pytest
 import scipy.stats
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import record  # noqa: E402
-from run_log import parse_log  # noqa: E402
+from speedrun.records import new as record_new, reproduce
+from speedrun.analysis.run_log import parse_log
 
 DATE = "2026-01-02"
 TRACK = "cpu_5min"
@@ -90,7 +89,7 @@ FAKE_TRAIN = textwrap.dedent(r'''
 def fake_code(sample_data, tmp_path_factory) -> Path:
     """The fake record code (train_gpt.py, kernels/__init__.py, eval_ttt.py), naming the prepared sample's real
     fingerprint so that the reproduction's dataset check passes."""
-    from audit import fingerprint
+    from speedrun.audit.fingerprint import fingerprint
 
     fp = fingerprint(str(sample_data), str(sample_data / "tokenizer.model"), 1024)
     code = tmp_path_factory.mktemp("fake_code")
@@ -162,7 +161,7 @@ def tool(tmp_path, monkeypatch, capsys, built):
         return records / TRACK / made[1].name, records / TRACK / made[0].name
 
     def run(*argv):
-        code = record.main(["reproduce", *map(str, argv), "--date", DATE, "--experiments-dir", experiments])
+        code = reproduce.main([*map(str, argv), "--date", DATE, "--experiments-dir", experiments])
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -223,7 +222,7 @@ def test_fixed_step_pair_is_reproduced_exactly_and_holds(tool, monkeypatch):
     assert f"{rec.name} seed 2 against train_seed2.log: train_loss agrees at all 6 logged steps" in out
     readme = (folder / "README.md").read_text()
     assert "Verdict: **holds" in readme and s["command"] in readme and f"| {rec.name} | 2 |" in readme
-    assert s["command"] == f"python tools/record.py reproduce {rec} --seeds 3 --experiments-dir {tool.experiments}"
+    assert s["command"] == f"speedrun reproduce {rec} --seeds 3 --experiments-dir {tool.experiments}"
 
 
 @pytest.mark.parametrize("record_lr, verdict, code", [("0.0402", "weaker", 1), ("0.03", "does not hold", 1)])
@@ -383,8 +382,8 @@ def test_a_crashing_run_stops_the_reproduction_and_keeps_its_tail(tool, monkeypa
 
 @pytest.mark.slow
 def test_record_py_reproduce_from_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "record.py"), "reproduce", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "speedrun", "reproduce", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"error: {tmp_path}: not a record (a folder with submission.json and train_seed<N>.log)\n"
 
@@ -415,11 +414,11 @@ def test_real_tiny_fixed_step_pair_is_reproduced_to_the_digit(tmp_path, sample_d
                    "LOG_DIR": str(logs), "CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
             subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
             paths.append(logs / f"{name}_{seed}.txt")
-        assert record.main(["new", "--name", name, "--track", TRACK, "--date", "2026-11-20", "--author", "tests",
+        assert record_new.main(["--name", name, "--track", TRACK, "--date", "2026-11-20", "--author", "tests",
                             "--records-dir", str(records), *more, *map(str, paths)]) == 0
         folders[name] = records / TRACK / f"2026-11-20_{name}"
     capsys.readouterr()
-    code = record.main(["reproduce", str(folders["Better"]), "--seeds", "2", "--tolerance", "0", "--date", DATE,
+    code = reproduce.main([str(folders["Better"]), "--seeds", "2", "--tolerance", "0", "--date", DATE,
                         "--experiments-dir", str(tmp_path / "experiments")])
     out, err = capsys.readouterr()
     assert code in (0, 1), err

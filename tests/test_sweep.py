@@ -1,4 +1,4 @@
-"""tools/sweep.py: a grid of eval_ttt.py configurations against the strided reference (CSV, JSON, plots, the same
+"""speedrun sweep: a grid of eval_ttt.py configurations against the strided reference (CSV, JSON, plots, the same
 numbers as a single eval_ttt.py run), the defaults a swept window brings, bad arguments, and 1 vs 2 processes under
 torchrun."""
 
@@ -14,14 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_eval_modes import model, one_thread, small_dir  # noqa: E402,F401  (the same fixtures, one definition)
-from test_eval_ttt import TTT_ARGS, checkpoint  # noqa: E402,F401
-from test_eval_ttt import run_cli as run_eval_ttt  # noqa: E402
+from test_eval_modes import model, one_thread, small_dir  # noqa: F401  (the same fixtures, one definition)
+from test_eval_ttt import TTT_ARGS, checkpoint  # noqa: F401
+from test_eval_ttt import run_cli as run_eval_ttt
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import sweep  # noqa: E402
+from speedrun.experiments import sweep
 
 
 def run_sweep(capsys, *argv) -> tuple[int, str, str]:
@@ -66,9 +64,9 @@ def test_sweep_runs_a_grid_and_plots(checkpoint, tmp_path, capsys):
 ])
 def test_a_swept_window_brings_its_own_stride_and_chunk(given, expected):
     args, grid = sweep.parse_args(["--checkpoint", "x.pt", "--mode", "ttt", *given, "--sweep", "window=32,128"])
-    configs = sweep.sweep_configs(args, grid, {"eval_window": 64})
-    assert [(c.window, c.stride, c.chunk) for c, _ in configs] == expected
-    assert [(c.mode, is_reference) for c, is_reference in configs] == [("strided", True), ("ttt", False),
+    specs = sweep.sweep_specs(args, grid, {"eval_window": 64})
+    assert [(c.window, c.stride, c.chunk) for c, _ in specs] == expected
+    assert [(c.mode, is_reference) for c, is_reference in specs] == [("strided", True), ("ttt", False),
                                                                         ("ttt", False)]
 
 
@@ -96,15 +94,15 @@ def test_sweep_two_processes_score_like_one(checkpoint, tmp_path, capsys):
     code, _, err = run_sweep(capsys, "--checkpoint", checkpoint, *grid, "--sweep-out", tmp_path / "one")
     assert code == 0, err
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tools" / "sweep.py"), "--checkpoint", str(checkpoint), *grid,
+                           "-m", "speedrun", "sweep", "--checkpoint", str(checkpoint), *grid,
                            "--sweep-out", str(tmp_path / "two")],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("eval mode:") == 3 and proc.stdout.count("sweep: 3 configurations") == 1
     one, two = (json.loads((tmp_path / n / "sweep.json").read_text()) for n in ("one", "two"))
     assert [r["config"]["world_size"] for r in two] == [2, 2, 2]
-    assert [(r["config"]["mode"], r["config"]["chunk"]) for r in two] == [("strided", None), ("ttt", 16), ("ttt", 32)]
+    assert [(r["config"]["mode"], r["config"].get("chunk")) for r in two] == [("strided", None), ("ttt", 16), ("ttt", 32)]
     for a, b in zip(one, two):
         assert [(d["id"], d["tokens"], d["bytes"]) for d in a["docs"]] == [(d["id"], d["tokens"], d["bytes"])
                                                                            for d in b["docs"]]

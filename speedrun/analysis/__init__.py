@@ -1,0 +1,1 @@
+"""Analysis: the one reader of training logs (every dialect), loss curves, plots."""

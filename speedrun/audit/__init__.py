@@ -1,0 +1,1 @@
+"""Dataset audits: structure, overlap with training, exact byte counts, claims checked against a dataset, fingerprints."""

@@ -1,0 +1,1 @@
+"""Experiments: arms of training runs, ablations against a baseline, evaluation sweeps."""
