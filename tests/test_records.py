@@ -1,4 +1,4 @@
-"""Record packaging and verification (tools/record.py) and curves (tools/plot.py).
+"""Record packaging and verification (speedrun new / verify / leaderboard) and curves (speedrun plot).
 
 The training logs are real: tests/fixtures/record_logs/tiny_seed{1,2,3}.txt were written by train_gpt.py with the tiny
 configuration of TINY_ENV (about 20 s each on 2 CPU cores), and eval_seed1.json by eval_ttt.py (TTT) on the checkpoint
@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 import scipy.stats
 
+from conftest import prepare_sample
+from speedrun import cli
+from speedrun.analysis import plot, run_log
+from speedrun.records import check as record_check
+from speedrun.records import leaderboard, new as record_new
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-import plot  # noqa: E402
-from conftest import prepare_sample  # noqa: E402
-import record  # noqa: E402
-import record_check  # noqa: E402
-import run_log  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "record_logs"
 SEEDS = (1, 2, 3)
@@ -75,7 +75,7 @@ def logs(tmp_path_factory) -> list[Path]:
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = record.main([str(a) for a in argv])
+    code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -89,9 +89,9 @@ def new_record(capsys, records_dir: Path, logs, name="Tiny", date="2026-11-22", 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, logs) -> Path:
-    """A record built by `record.py new` from the tiny real logs (module scope: built once)."""
+    """A record built by `speedrun new` from the tiny real logs (module scope: built once)."""
     records_dir = tmp_path_factory.mktemp("records")
-    code = record.main(["new", "--name", "Tiny", "--track", TRACK, "--date", "2026-11-22", "--author", "tests",
+    code = record_new.main(["--name", "Tiny", "--track", TRACK, "--date", "2026-11-22", "--author", "tests",
                         "--records-dir", str(records_dir), *map(str, logs)])
     assert code == 0
     return records_dir / TRACK / "2026-11-22_Tiny"
@@ -133,9 +133,9 @@ def committed_records() -> list[Path]:
     return sorted(p.parent for p in (REPO / "records").glob("*/*/submission.json"))
 
 
-@pytest.mark.parametrize("which", [str(p.relative_to(REPO)) for p in committed_records()] + ["record.py new output"])
+@pytest.mark.parametrize("which", [str(p.relative_to(REPO)) for p in committed_records()] + ["speedrun new output"])
 def test_verify_passes(which, made, capsys):
-    folder = made if which == "record.py new output" else REPO / which
+    folder = made if which == "speedrun new output" else REPO / which
     code, out, err = run_cli(capsys, "verify", folder)
     assert code == 0, out + err
     assert out.startswith(f"ok {folder}")
@@ -160,7 +160,7 @@ def test_new_output_layout(made, logs):
 
 def test_reproduce_command_replays_exactly_the_overrides(logs, tmp_path):
     lg = run_log.parse_log(logs[0])
-    words = shlex.split(record.reproduce_command(lg))
+    words = shlex.split(record_new.reproduce_command(lg))
     assert words[:3] == [f"DATA_PATH={lg.hparams['data_path']}", "SEED=<seed>", "RUN_ID=seed<seed>"]
     assert words[-2:] == ["python", "train_gpt.py"]
     given = {k: v for k, v in TINY_ENV.items() if k != "OMP_NUM_THREADS"}  # the one variable that is not a hyperparameter
@@ -169,14 +169,14 @@ def test_reproduce_command_replays_exactly_the_overrides(logs, tmp_path):
     old = tmp_path / "old.txt"
     old.write_bytes(b"".join(line for line in logs[0].read_bytes().splitlines(keepends=True)
                              if not line.startswith(b"env_overrides:")))
-    old_words = shlex.split(record.reproduce_command(run_log.parse_log(old)))
+    old_words = shlex.split(record_new.reproduce_command(run_log.parse_log(old)))
     assert len(old_words) - 5 == len(lg.hparams) - len(record_check.PER_RUN_HPARAMS) and "MODEL_DIM=32" in old_words
 
 
 @pytest.mark.slow
 def test_verify_via_subprocess(made):
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "record.py"), "verify", str(made.parent.parent)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "speedrun", "verify", str(made.parent.parent)],
+                          cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok " in proc.stdout
 
@@ -290,6 +290,35 @@ def test_corrupted_embedded_code_in_log(copy_of):
     log.write_bytes(bytes(data))
     failures = "\n".join(failures_of(folder))
     assert "train_seed1.log: embedded train_gpt.py does not match its sha256" in failures
+
+
+def test_logs_embed_exactly_their_payload(copy_of):
+    """A file embedded in every log and present in the folder, but not in the embedded train_gpt.py's PAYLOAD, is
+    reported per log: a record's code is the payload, nothing more."""
+    folder = copy_of()
+    extra = b"x = 1\n"
+    for log in sorted(folder.glob("train_seed*.log")):
+        log.write_bytes(set_embedded(log.read_bytes(), "extra.py", extra))
+    (folder / "extra.py").write_bytes(extra)
+    failures = [f for f in failures_of(folder) if "submission.json: code." not in f]  # its code sizes: another check
+    assert failures == [f"{folder}/train_seed{s}.log: extra.py: embedded but not in train_gpt.py's payload"
+                        for s in SEEDS]
+
+
+@pytest.mark.parametrize("embedded, hparams, expected", [
+    (["train_gpt.py", "a.py"], {"gist_tokens": "0"}, []),
+    (["train_gpt.py"], {"gist_tokens": "0"}, ["a.py: in train_gpt.py's payload but not embedded"]),
+    (["train_gpt.py", "a.py", "gist.py"], {"gist_tokens": "0"}, ["gist.py: embedded but not in train_gpt.py's payload"]),
+    (["train_gpt.py", "a.py"], {"gist_tokens": "4"}, ["gist.py: in train_gpt.py's payload but not embedded"]),
+    (["train_gpt.py", "a.py", "gist.py"], {"gist_tokens": "4"}, []),
+])
+def test_payload_problems(embedded, hparams, expected):
+    source = b'PAYLOAD = ("train_gpt.py", "a.py")\nEXPERIMENT_PAYLOAD = {"gist.py": "gist_tokens"}\n'
+    code = {name: source if name == "train_gpt.py" else b"" for name in embedded}
+    lg = run_log.TrainLog(path=Path("train_seed1.log"), code=code, hparams=hparams)
+    assert record_check.payload_problems(lg) == expected
+    older = run_log.TrainLog(path=Path("x.log"), code={"train_gpt.py": b"def main(): pass\n"})
+    assert record_check.payload_problems(older) == []  # a train_gpt.py from before the explicit list
 
 
 def test_wrong_track_folder_and_date(copy_of):
@@ -536,14 +565,14 @@ def test_eval_results(logs, tmp_path, capsys):
 
 def test_leaderboard(made, tmp_path, capsys):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nintro\n\n{record.START_MARKER}\n| stale | table |\n{record.END_MARKER}\n\nrest\n")
+    readme.write_text(f"# Title\n\nintro\n\n{leaderboard.START_MARKER}\n| stale | table |\n{leaderboard.END_MARKER}\n\nrest\n")
     args = ["--readme", readme, "--records-dir", made.parent.parent]
     code, out, _ = run_cli(capsys, "leaderboard", "--check", *args)
     assert code == 1 and out.count("\n") == 1 and "out of date" in out
     code, _, _ = run_cli(capsys, "leaderboard", *args)
     assert code == 0
     text = readme.read_text()
-    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{record.END_MARKER}\n\nrest\n")
+    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{leaderboard.END_MARKER}\n\nrest\n")
     sub = json.loads((made / "submission.json").read_text())
     link = os.path.relpath(made, tmp_path)
     row = (f"| 1 | {sub['val_bpb']['mean']:.4f} ± {sub['val_bpb']['std']:.4f} | 3 | 2026-11-22 | Tiny | tests | "
@@ -559,18 +588,18 @@ def test_leaderboard(made, tmp_path, capsys):
 
 
 def test_repository_leaderboard_is_up_to_date(capsys):
-    readme = REPO / "README.md"
-    if not readme.is_file() or record.START_MARKER not in readme.read_text(encoding="utf-8"):
-        pytest.skip("README.md has no leaderboard markers yet")
+    # the README's tables are generated between the markers: a README that lost them has lost its leaderboard
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert leaderboard.START_MARKER in text and leaderboard.END_MARKER in text, "README.md lost its leaderboard markers"
     code, out, _ = run_cli(capsys, "leaderboard", "--check")
     assert code == 0, out
 
 
 def test_leaderboard_without_records(tmp_path, capsys):
     readme = tmp_path / "README.md"
-    readme.write_text(f"{record.START_MARKER}\n{record.END_MARKER}\n")
+    readme.write_text(f"{leaderboard.START_MARKER}\n{leaderboard.END_MARKER}\n")
     assert run_cli(capsys, "leaderboard", "--readme", readme, "--records-dir", tmp_path / "none")[0] == 0
-    assert readme.read_text() == f"{record.START_MARKER}\nNo records yet.\n{record.END_MARKER}\n"
+    assert readme.read_text() == f"{leaderboard.START_MARKER}\nNo records yet.\n{leaderboard.END_MARKER}\n"
 
 
 def test_leaderboard_ranks_by_mean_bpb(made, tmp_path, capsys):
@@ -582,12 +611,12 @@ def test_leaderboard_ranks_by_mean_bpb(made, tmp_path, capsys):
     sub.update(name="Better", date="2026-11-23")
     sub["val_bpb"]["mean"] -= 0.1
     (better / "submission.json").write_text(json.dumps(sub))
-    table = record.leaderboard_markdown(records_dir, tmp_path)
+    table = leaderboard.leaderboard_markdown(records_dir, tmp_path)
     rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert "Better" in rows[0] and "Tiny" in rows[1]
     # on other data, a record gets a table of its own and ranks first there
     other_data(better)
-    table = record.leaderboard_markdown(records_dir, tmp_path)
+    table = leaderboard.leaderboard_markdown(records_dir, tmp_path)
     assert table.count("Scored on peps_sp1024_spread") == 2
     assert [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| 1 ")] == ["Better", "Tiny"]
 
