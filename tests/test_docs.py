@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import train_gpt
+from docs import variables
 
-import train_gpt  # noqa: E402
-from docs import variables  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 README = ROOT / "README.md"
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -92,18 +91,44 @@ def test_readme_is_a_front_page_that_starts_with_the_two_commands():
 
 
 def _markdown_files() -> list[Path]:
-    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+    """The project's own documentation (a record's README is history, kept as its run wrote it)."""
+    return [README, *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "data").glob("*.md")),
+            ROOT / "kernels" / "README.md", ROOT / "records" / "README.md"]
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+ (.*)$", text, re.M)}
 
 
 @pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_relative_links_point_to_files_that_exist(path):
+def test_relative_links_point_to_files_and_headings_that_exist(path):
     text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)  # code blocks hold no links
-    text = re.sub(r"`[^`\n]*`", "", text)
+    text = re.sub(r"`[^`\n]*`", "code", text)  # nor do code spans, though a link's text may be one
     missing = []
     for target in LINK.findall(text):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL, or an anchor in the same file
-        file = target.split("#", 1)[0]
-        if not (path.parent / file).exists():
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL
+        file, _, anchor = target.partition("#")
+        linked = path.parent / file if file else path
+        if not linked.exists():
             missing.append(target)
-    assert not missing, f"{path.relative_to(ROOT)} links to missing files: {missing}"
+        elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
+            missing.append(target)
+    assert not missing, f"{path.relative_to(ROOT)} links to missing files or headings: {missing}"
+
+
+@pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_speedrun_commands_in_the_docs_exist(path):
+    """Every `speedrun COMMAND` (and `speedrun bench NAME`) written in code in the docs is one the command has."""
+    from speedrun import cli
+
+    text = path.read_text(encoding="utf-8")
+    code = "\n".join(re.findall(r"```.*?```", text, flags=re.S) + re.findall(r"`[^`\n]+`", text))
+    unknown = []
+    for bench, name in re.findall(r"(?<![\w/.-])speedrun (bench )?([a-z][a-z-]*)", code):
+        if (name not in cli.BENCHES) if bench else (name not in cli.COMMANDS):
+            unknown.append(f"speedrun {bench}{name}")
+    assert not unknown, f"{path.relative_to(ROOT)} names commands that do not exist: {sorted(set(unknown))}"
