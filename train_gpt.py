@@ -5,8 +5,9 @@ Sections, in data-flow order:
   1. hyperparameters (environment variables, validated before any work)
   2. distributed setup (torchrun: NCCL on CUDA, gloo on CPU; or one plain process)
   3. data (data/loader.py: shards, the shuffled varlen document loader, the validation set, bytes per token)
-  4. model: GPT with RMSNorm, rotary q/k, grouped-query varlen attention, relu^2 MLP, U-Net skips, tied embeddings
-  5. optimizers: Muon for matrices (work shared across ranks), Adam for embeddings and scalars
+  4. model: GPT with RMSNorm, rotary q/k, grouped-query varlen attention, relu^2 MLP, U-Net skips, tied embeddings;
+     the frontier's switches (XSA, SmearGate, output gates, LN scale, gated skips, parallel lanes, depth recurrence)
+  5. optimizers: Muon for matrices (work shared across ranks; Polar Express, MuonEq-R), Adam(W) for the rest
   6. training loop
   7. evaluation (eval_ttt.py: per-document flat and strided bits per byte)
   8. checkpoints, the artifact, logging, and main()
@@ -49,7 +50,7 @@ from kernels.artifact import CODECS as ARTIFACT_CODECS
 from kernels.artifact import collect_hessians, encode_artifact, quantization_plan, read_artifact
 from kernels.attention import (REFERENCE_VARLEN, VARLEN_BACKENDS, BackendError, sdpa_causal, segment_ids,
                                select_gist_attention, select_varlen_attention)
-from kernels.newton_schulz import NS_COEFFICIENTS
+from kernels.newton_schulz import NS_COEFFICIENTS, NS_SCHEDULES, coefficients_at
 
 # The files a record needs to run and be scored: embedded in every log, counted as the artifact's code bytes, and
 # what a record's verification reads back. A file of EXPERIMENT_PAYLOAD joins them when its switch is on.
@@ -86,6 +87,18 @@ class ModelConfig:
     # GIST_TOKENS learned slots; later segments see those slots instead of the raw tokens. 0: off.
     gist_tokens: int = 0
     gist_segment: int = 128
+    # the leaderboard's frontier (parameter-golf #1855 and the records it builds on), each off by default. Layer sets
+    # are "" (none), "all", or indices and ranges of the physical layers ("3-5,8").
+    xsa_layers: str = ""  # exclusive self-attention: remove from each head's output its own value's direction
+    smear_gate: bool = False  # add a gated share of the previous token's embedding (never across a document start)
+    sparse_attn_gate: bool = False  # per-head sigmoid gate on the attention output, from the first 12 input channels
+    sparse_attn_gate_scale: float = 0.5
+    ln_scale: bool = False  # the blocks' normed inputs times 1/sqrt(layer + 1)
+    skip_gates: bool = False  # U-Net skips mixed in by a learned sigmoid gate (x <- lerp(w * skip, x, sigmoid(g)))
+    parallel_start_layer: int = 0  # from this layer on, attention and MLP read and write two residual lanes; 0: off
+    recur_layers: str = ""  # depth recurrence: a range of layers ("3-5") run RECUR_LOOPS more times; "" off
+    recur_loops: int = 2
+    orthogonal_init: bool = False  # q, k, v and MLP-in weights start orthogonal (default: nn.Linear's uniform)
 
     @classmethod
     def from_hyperparameters(cls, hp: ModelConfig) -> ModelConfig:
@@ -96,6 +109,7 @@ class ModelConfig:
 class Hyperparameters(ModelConfig):
     """Everything a run is configured by: the model's shape (above) and the rest (below)."""
 
+    preset: str = ""  # a known record's configuration (PRESETS); every variable set explicitly wins
     # data
     data_path: str = "data/datasets/fineweb10B_sp1024"  # folder with *_train_*.bin and *_val_*.bin shards
     tokenizer_path: str = ""  # SentencePiece model; empty means DATA_PATH/tokenizer.model
@@ -113,6 +127,9 @@ class Hyperparameters(ModelConfig):
     lr_warmup_steps: int = 0  # linear learning-rate warm-up at the start of the timed run
     warmdown_iters: int = 1200  # warm-down to 0 over the last iterations (estimated from the wall clock if capped)
     warmdown_shape: str = "linear"  # linear | cosine | sqrt (1 - sqrt of the warm-down's progress: below linear)
+    warmdown_frac: float = 0.0  # > 0: the warm-down is this last fraction of training (by wall clock if capped)
+    min_lr: float = 0.0  # floor of the learning-rate multiplier during the warm-down
+    recur_start_frac: float = 0.0  # RECUR_LAYERS: the fraction of training after which the repeated layers run
     max_wallclock_seconds: float = 600.0  # 0 means no cap
     # optimizers
     tied_embed_lr: float = 0.05
@@ -122,6 +139,11 @@ class Hyperparameters(ModelConfig):
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
+    muon_ns: str = "quintic"  # quintic (fixed coefficients) | polar_express (per-iteration coefficients)
+    muon_row_norm: bool = False  # MuonEq-R: each row of the update to unit norm before orthogonalising
+    muon_wd: float = 0.0  # decoupled weight decay (p *= 1 - lr * wd) of Muon's matrices
+    embed_wd: float = 0.0  # ... of the embedding (AdamW)
+    scalar_wd: float = 0.0  # ... of the control tensors (AdamW)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -161,6 +183,8 @@ class Hyperparameters(ModelConfig):
                 values[name.lower()] = parse_env_value(raw.strip(), kind)
             except ValueError:
                 raise ConfigError(f"{name}={raw.strip()!r}: expected {kind.__name__}") from None
+        if values.get("preset"):
+            values = {**preset_values(values["preset"], values.get("num_layers", 0)), **values}
         hp = cls(**values)
         hp.validate()
         hp.resolve_defaults()
@@ -216,6 +240,26 @@ class Hyperparameters(ModelConfig):
             parse_fused_ops(self.fused)
         except ValueError as e:
             raise ConfigError(f"FUSED={self.fused!r}: {e}") from None
+        for name in ("xsa_layers", "recur_layers"):
+            try:
+                parse_layer_set(getattr(self, name), self.num_layers)
+            except ValueError as e:
+                need(False, name, f"{e} (NUM_LAYERS={self.num_layers})")
+        recurring = parse_layer_set(self.recur_layers, self.num_layers)
+        need(recurring == tuple(range(recurring[0], recurring[-1] + 1)) if recurring else True, "recur_layers",
+             "must be one range of consecutive layers, e.g. 3-5")
+        need(self.recur_loops > 0, "recur_loops", "must be a positive integer")
+        need(0 <= self.parallel_start_layer < self.num_layers, "parallel_start_layer",
+             f"must be in 0..{self.num_layers - 1} (0: off)")
+        need(self.muon_ns in NS_SCHEDULES, "muon_ns", f"must be one of {', '.join(NS_SCHEDULES)}")
+        for name in ("warmdown_frac", "min_lr", "recur_start_frac"):
+            need(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+        for name in ("muon_wd", "embed_wd", "scalar_wd", "sparse_attn_gate_scale"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("smear_gate", "recur_layers"):
+            need(self.gist_tokens == 0 or not getattr(self, name), name,
+                 "cannot be combined with GIST_TOKENS > 0 (gist slots have no previous token to smear, and their "
+                 "cache holds one entry per layer)")
         need(self.gist_tokens == 0 or self.attn_backend in ("auto", "reference"), "attn_backend",
              "cannot express the gist attention mask (GIST_TOKENS > 0); use auto (flex_attention on CUDA, the "
              "dense-mask reference on CPUs) or reference")
@@ -238,6 +282,66 @@ class Hyperparameters(ModelConfig):
         window = window or self.eval_window
         return EvalSpec(mode=mode, window=window, stride=min(self.eval_stride, window),
                         batch_tokens=self.eval_batch_tokens)
+
+
+# The configurations of known records, as their logs print them. Their layer indices are for the record's depth; with
+# another NUM_LAYERS L each index i becomes round(i * L / depth) (lanes start at layer 1 at the earliest), so the same
+# stack runs at any size. A variable set explicitly wins over the preset.
+PRESETS = {
+    # parameter-golf PR #1855 (2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack, 1.0611 BPB, 8 x H100)
+    "pg1855": dict(
+        vocab_size=8192, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4, mlp_act="leaky_relu2",
+        logit_softcap=30.0, rope_base=10000.0, rope_dims=16, qk_gain_init=5.0, tied_embed_init_std=0.005,
+        xsa_layers="all", smear_gate=True, sparse_attn_gate=True, sparse_attn_gate_scale=0.5, ln_scale=True,
+        skip_gates=True, parallel_start_layer=8, recur_layers="3-5", recur_loops=2, orthogonal_init=True,
+        train_seq_len=2048, train_batch_tokens=786_432, train_micro_batches=8, iterations=20_000, warmup_steps=20,
+        lr_warmup_steps=0, warmdown_frac=0.85, min_lr=0.1, recur_start_frac=0.35, max_wallclock_seconds=600.0,
+        tied_embed_lr=0.03, matrix_lr=0.026, scalar_lr=0.02, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
+        muon_momentum_warmup_steps=1500, muon_backend_steps=5, muon_ns="polar_express", muon_row_norm=True,
+        muon_wd=0.095, embed_wd=0.085, scalar_wd=0.02, beta1=0.9, beta2=0.99, adam_eps=1e-8, grad_clip_norm=0.3,
+        ema_decay=0.9965, val_loss_every=0, train_log_every=500,
+    ),
+}
+
+
+def preset_values(name: str, num_layers: int = 0) -> dict:
+    """PRESET's hyperparameters, its layer-indexed settings scaled to num_layers (0: the preset's own depth)."""
+    if name not in PRESETS:
+        raise ConfigError(f"PRESET={name!r}: unknown; known: {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    depth, layers = values["num_layers"], num_layers or values["num_layers"]
+    if layers != depth:
+        values["xsa_layers"] = scale_layer_set(values["xsa_layers"], depth, layers)
+        values["recur_layers"] = scale_layer_set(values["recur_layers"], depth, layers)
+        start = values["parallel_start_layer"]
+        values["parallel_start_layer"] = min(max(1, round(start * layers / depth)), layers - 1) if start else 0
+    return values
+
+
+def scale_layer_set(spec: str, depth: int, layers: int) -> str:
+    """A layer set of a depth-`depth` model, each index mapped to round(i * layers / depth)."""
+    if spec in ("", "all"):
+        return spec
+    scale = lambda i: min(round(int(i) * layers / depth), layers - 1)  # noqa: E731
+    return ",".join("-".join(str(scale(i)) for i in part.split("-")) for part in spec.split(","))
+
+
+def parse_layer_set(spec: str, num_layers: int) -> tuple[int, ...]:
+    """"" -> (), "all" -> every layer, "0,3-5" -> (0, 3, 4, 5). ValueError names what is wrong."""
+    if spec.strip() in ("", "none"):
+        return ()
+    if spec.strip() == "all":
+        return tuple(range(num_layers))
+    layers = []
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"{part.strip()!r} is not a layer index or a range a-b")
+        first, last = int(first), int(last or first)
+        if not first <= last < num_layers:
+            raise ValueError(f"{part.strip()!r} is not a range of layers in 0..{num_layers - 1}")
+        layers.extend(range(first, last + 1))
+    return tuple(sorted(set(layers)))
 
 
 def parse_env_value(raw: str, kind: type):
@@ -455,8 +559,37 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+GATE_WINDOW = 12  # the input channels the frontier's small gates read (SmearGate, the sparse attention gate)
+
+
+def exclude_own_value(y, v):
+    """XSA: each head's output y [B, T, Hq, D] minus its component along the token's own value v [B, T, Hkv, D]
+    (each value shared by its group of Hq / Hkv query heads), so attention adds only what the token does not carry."""
+    B, T, Hkv, D = v.shape
+    y = y.view(B, T, Hkv, -1, D)
+    unit = F.normalize(v, dim=-1).unsqueeze(-2)
+    return (y - (y * unit).sum(-1, keepdim=True) * unit).view(B, T, -1, D)
+
+
+def keep_heads(y, _):
+    return y
+
+
+class SparseOutputGate(nn.Module):
+    """Per head, y_h *= sigmoid(scale * W_h . x[:12]) with x the attention's input; W starts at zero (gate 0.5)."""
+
+    def __init__(self, num_heads: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.zeros(num_heads, GATE_WINDOW))
+
+    def forward(self, y, x):
+        gate = torch.sigmoid(self.scale * F.linear(x[..., :GATE_WINDOW], self.weight.to(x.dtype)))  # [B, T, H]
+        return y * gate.unsqueeze(-1).to(y.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, fused: frozenset):
+    def __init__(self, config: ModelConfig, fused: frozenset, layer: int = 0):
         super().__init__()
         self.fused = fused
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
@@ -467,6 +600,10 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(config.model_dim, kv_dim)
         self.proj = CastedLinear(config.model_dim, config.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))  # sharpness per head
+        xsa = layer in parse_layer_set(config.xsa_layers, config.num_layers)
+        self.value_exclusion = exclude_own_value if xsa else keep_heads
+        self.output_gate = (SparseOutputGate(config.num_heads, config.sparse_attn_gate_scale)
+                            if config.sparse_attn_gate else keep_heads)
 
     def forward(self, x, cos, sin, attend):
         """attend: the attention function (q, k, v) -> y that GPT chose for this input (see GPT.attention_for)."""
@@ -478,7 +615,8 @@ class CausalSelfAttention(nn.Module):
         # Flash attention takes q, k, v in one dtype. Under CUDA bf16 autocast, torch >= 2.12 runs rms_norm in fp32
         # while the projections run in bf16, so q and k come back fp32: bring them to v's (the matmul) dtype.
         q = (q * self.q_gain.to(q.dtype)[:, None]).to(v.dtype)
-        return self.proj(attend(q, k.to(v.dtype), v).reshape(B, T, -1))
+        y = self.value_exclusion(attend(q, k.to(v.dtype), v), v)
+        return self.proj(self.output_gate(y, x).reshape(B, T, -1))
 
 
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
@@ -505,22 +643,80 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, fused: frozenset):
+    parallel = False
+
+    def __init__(self, config: ModelConfig, fused: frozenset, layer: int = 0):
         super().__init__()
         self.fused = fused
-        self.attn = CausalSelfAttention(config, fused)
+        self.attn = CausalSelfAttention(config, fused, layer)
         self.mlp = MLP(config, fused)
         self.attn_scale = nn.Parameter(torch.ones(config.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(config.model_dim))
         # each block reads a learned mix of the residual stream and the initial embedding
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(config.model_dim), torch.zeros(config.model_dim))))
+        self.norm_scale = 1 / math.sqrt(layer + 1) if config.ln_scale else 1.0  # LN scale: deeper layers read less
+
+    def norm(self, x):
+        x = rms_norm(x, self.fused)
+        return x * self.norm_scale if self.norm_scale != 1.0 else x
 
     def forward(self, x, x0, cos, sin, attend):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x, self.fused), cos, sin, attend)
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x, self.fused))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin, attend)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
         return x
+
+
+class ParallelBlock(Block):
+    """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, side by side; each lane
+    keeps its residual times a learned gain (1.1 at start) and receives both outputs through a learned 2 x 2 mix
+    (post[i, j]: sublayer i (attention, MLP) into lane j; ones at start)."""
+
+    parallel = True
+
+    def __init__(self, config: ModelConfig, fused: frozenset, layer: int = 0):
+        super().__init__(config, fused, layer)
+        self.lane_gain = nn.Parameter(torch.full((2,), 1.1))
+        self.lane_post = nn.Parameter(torch.ones(2, 2))
+
+    def forward(self, lane0, lane1, x0, cos, sin, attend):
+        mix = self.resid_mix.to(lane0.dtype)
+        a = self.attn_scale.to(lane0.dtype) * self.attn(self.norm(mix[0] * lane0 + mix[1] * x0), cos, sin, attend)
+        m = self.mlp_scale.to(lane1.dtype) * self.mlp(self.norm(lane1))
+        gain, post = self.lane_gain.to(lane0.dtype), self.lane_post.to(lane0.dtype)
+        return (gain[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                gain[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
+
+class SmearGate(nn.Module):
+    """x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1} on the token embeddings, except at the first token of every
+    segment (a document start, or a piece's: the previous token belongs to another document). lambda, w start at 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(GATE_WINDOW))
+        self.strength = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, positions):
+        gate = self.strength.to(x.dtype) * torch.sigmoid(x[..., :GATE_WINDOW] @ self.weight.to(x.dtype))  # [B, T]
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return x + (gate * (positions > 0)).unsqueeze(-1) * previous
+
+
+def keep_embedding(x, _):
+    return x
+
+
+def layer_orders(config: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The physical layer of each virtual layer, without and with depth recurrence: RECUR_LAYERS a-b runs
+    1 + RECUR_LOOPS times in a row (11 layers, 3-5, 2 loops: 0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10)."""
+    plain = tuple(range(config.num_layers))
+    recurring = parse_layer_set(config.recur_layers, config.num_layers)
+    if not recurring:
+        return plain, plain
+    first, last = recurring[0], recurring[-1]
+    return plain, plain[:first] + recurring * (1 + config.recur_loops) + plain[last + 1:]
 
 
 class GPT(nn.Module):
@@ -532,11 +728,23 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
         self.rotary = Rotary(config.model_dim // config.num_heads, config.rope_base, config.rope_dims)
-        self.blocks = nn.ModuleList(Block(config, model_kernels.fused) for _ in range(config.num_layers))
-        # U-Net: the first half of the blocks (encoder) hands its outputs, last first, to the second half (decoder)
-        self.num_encoder_layers = config.num_layers // 2
-        self.num_skips = min(self.num_encoder_layers, config.num_layers - self.num_encoder_layers)
+        self.smear = SmearGate() if config.smear_gate else keep_embedding
+        lanes_from = config.parallel_start_layer or config.num_layers
+        self.blocks = nn.ModuleList((ParallelBlock if i >= lanes_from else Block)(config, model_kernels.fused, i)
+                                    for i in range(config.num_layers))
+        # Depth recurrence: the blocks run in plain_order, or, once `looping` is on, in loop_order (layers repeated;
+        # the final model and its evaluations loop). The training loop switches it on at RECUR_START_FRAC.
+        self.plain_order, self.loop_order = layer_orders(config)
+        self.looping = True
+        # U-Net: the first half of the virtual layers (encoder) hands its outputs, last first, to the second half
+        self.num_skips = min(len(self.loop_order) // 2, len(self.loop_order) - len(self.loop_order) // 2)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, config.model_dim))
+        # skip gates: the decoder's stream x and the weighted skip mixed as lerp(skip, x, sigmoid(g)), 0.5 at start
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, config.model_dim)) if config.skip_gates else None
+        if config.orthogonal_init:
+            for block in self.blocks:
+                for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                    nn.init.orthogonal_(linear.weight)
 
     def forward(self, input_ids, target_ids, cu_seqlens=None, max_seqlen=0, head_correction=None):
         """The per-token losses [B, T] in nats (fp32), 0 where the target is IGNORE_INDEX. head_correction(x, index):
@@ -553,8 +761,10 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids, cu_seqlens=None, max_seqlen=0):
         """The final hidden states [B, T, D] (normed), before the head."""
-        cos, sin = self.rotary(self.positions(input_ids, cu_seqlens))
-        return self.run_blocks(self.tok_emb(input_ids), cos, sin, self.attention_for(cu_seqlens, max_seqlen))
+        positions = self.positions(input_ids, cu_seqlens)
+        cos, sin = self.rotary(positions)
+        embedded = self.smear(self.tok_emb(input_ids), positions)
+        return self.run_blocks(embedded, cos, sin, self.attention_for(cu_seqlens, max_seqlen))
 
     def positions(self, input_ids, cu_seqlens):
         B, T = input_ids.shape
@@ -574,14 +784,30 @@ class GPT(nn.Module):
     def run_blocks(self, embedded, cos, sin, attend):
         fused = self.kernels.fused
         x = x0 = rms_norm(embedded, fused)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder_layers and skips:
-                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin, attend)
-            if i < self.num_encoder_layers:
+        order = self.loop_order if self.looping else self.plain_order
+        encoder_layers = len(order) // 2
+        skips, lane1 = [], None
+        for j, i in enumerate(order):
+            block = self.blocks[i]
+            if block.parallel and lane1 is None:
+                lane1 = x  # the lanes start equal; the skips go into lane 0 (x) only
+            if j >= encoder_layers and skips:
+                x = self.merge_skip(x, skips.pop(), j - encoder_layers)
+            if block.parallel:
+                x, lane1 = block(x, lane1, x0, cos, sin, attend)
+            else:
+                x = block(x, x0, cos, sin, attend)
+            if j < encoder_layers:
                 skips.append(x)
+        if lane1 is not None:
+            x = 0.5 * (x + lane1)
         return rms_norm(x, fused)
+
+    def merge_skip(self, x, skip, index):
+        skip = self.skip_weights[index].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
     def losses(self, x, target_ids, head_correction=None):
         """Per-token losses [B, T] of hidden states x [B, T, D]. Training scores every position; evaluation windows
@@ -649,18 +875,19 @@ def build_model(config: ModelConfig, model_kernels: Kernels = Kernels()) -> GPT:
 # 5. Optimizers
 
 
-def orthogonalize_batched(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize_batched(G: torch.Tensor, steps: int, eps: float = 1e-7,
+                          schedule: tuple = (NS_COEFFICIENTS,)) -> torch.Tensor:
     """Newton-Schulz quintic iteration (Muon) on a stack of same-shape matrices G [k, m, n] at once: for each, an
     approximately orthogonal matrix with its singular vectors. A few batched matmuls per step instead of a few per
     matrix; tests hold it to kernels/newton_schulz.py's reference, one matrix at a time (the fused Triton kernel, FUSED
-    newton_schulz, is that reference's twin). bf16 on GPUs, as Muon."""
-    a, b, c = NS_COEFFICIENTS
+    newton_schulz, is that reference's twin). bf16 on GPUs, as Muon. schedule: the (a, b, c) of each iteration."""
     X = G.to(torch.bfloat16 if G.is_cuda else G.dtype)
     X = X / (X.norm(dim=(1, 2), keepdim=True) + eps)
     transposed = X.size(1) > X.size(2)
     if transposed:
         X = X.mT
-    for _ in range(steps):
+    for step in range(steps):
+        a, b, c = coefficients_at(schedule, step)
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
         X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
@@ -677,9 +904,11 @@ class Muon(torch.optim.Optimizer):
     is kept on every rank (it is cheap), so rank 0's state is the whole state for checkpoints."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
-                 compile_step: bool = False, fused_newton_schulz: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
-        self.fused_newton_schulz = fused_newton_schulz
+                 compile_step: bool = False, fused_newton_schulz: bool = False, weight_decay: float = 0.0,
+                 row_norm: bool = False, schedule: tuple = (NS_COEFFICIENTS,)):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
+                                      weight_decay=weight_decay))
+        self.fused_newton_schulz, self.row_norm, self.schedule = fused_newton_schulz, row_norm, schedule
         # compiled on GPUs: the eager iteration is ~45 small kernel launches a matrix
         self.orthogonalize_batched = (torch.compile(orthogonalize_batched, dynamic=False, fullgraph=True)
                                       if compile_step else orthogonalize_batched)
@@ -697,6 +926,8 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, grads)
             directions = torch._foreach_add(grads, buffers, alpha=group["momentum"]) if group["nesterov"] else buffers
+            if self.row_norm:
+                directions = [row_normalized(d) for d in directions]
             dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
             offsets = np.concatenate([[0], np.cumsum([p.numel() for p in params])]).tolist()
             updates = torch.zeros(offsets[-1], device=params[0].device, dtype=dtype)
@@ -708,17 +939,25 @@ class Muon(torch.optim.Optimizer):
                 if not mine:
                     continue
                 if self.fused_newton_schulz:  # the Triton kernel takes one matrix at a time
-                    ortho = [kernels.fused_newton_schulz(directions[i], group["backend_steps"]) for i in mine]
+                    ortho = [kernels.fused_newton_schulz(directions[i], group["backend_steps"], schedule=self.schedule)
+                             for i in mine]
                 else:
                     ortho = self.orthogonalize_batched(torch.stack([directions[i] for i in mine]),
-                                                       group["backend_steps"])
+                                                       group["backend_steps"], schedule=self.schedule)
                 scale = max(1.0, rows / cols) ** 0.5  # the same RMS update for tall matrices
                 for i, g in zip(mine, ortho):
                     updates[offsets[i]: offsets[i + 1]] = (g.float() * scale).flatten()
             if distributed:
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            if group.get("weight_decay"):  # decoupled: p *= 1 - lr * wd, then the update
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [updates[offsets[i]: offsets[i + 1]].view_as(p).to(p.dtype)
                                          for i, p in enumerate(params)], alpha=-group["lr"])
+
+
+def row_normalized(update: torch.Tensor) -> torch.Tensor:
+    """MuonEq-R: every row of the update scaled to unit L2 norm (norms in fp32), so each output unit moves alike."""
+    return update / update.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(update.dtype)
 
 
 def optimizer_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -748,38 +987,57 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> Optimizers:
     on_cuda = next(model.parameters()).is_cuda
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=on_cuda)
 
-    def adam_for(group: str, lr: float) -> torch.optim.Adam:
-        return torch.optim.Adam([{"params": [p for _, p in groups[group]], "lr": lr, "base_lr": lr}], **adam)
+    def adam_for(group: str, lr: float, weight_decay: float) -> torch.optim.Adam:
+        params = [{"params": [p for _, p in groups[group]], "lr": lr, "base_lr": lr}]
+        if weight_decay:  # decoupled, as AdamW: p *= 1 - lr * wd
+            return torch.optim.AdamW(params, weight_decay=weight_decay, **adam)
+        return torch.optim.Adam(params, **adam)
 
     muon = Muon([p for _, p in groups["matrices"]], lr=hp.matrix_lr, momentum=hp.muon_momentum,
                 backend_steps=hp.muon_backend_steps, compile_step=hp.compile and on_cuda,
-                fused_newton_schulz="newton_schulz" in model.kernels.fused)
+                fused_newton_schulz="newton_schulz" in model.kernels.fused, weight_decay=hp.muon_wd,
+                row_norm=hp.muon_row_norm, schedule=NS_SCHEDULES[hp.muon_ns])
     muon.param_groups[0]["base_lr"] = hp.matrix_lr
-    return Optimizers(adam_for("embedding", hp.tied_embed_lr), muon, adam_for("scalars", hp.scalar_lr))
+    return Optimizers(adam_for("embedding", hp.tied_embed_lr, hp.embed_wd), muon,
+                      adam_for("scalars", hp.scalar_lr, hp.scalar_wd))
 
 
 WARMDOWN_SHAPES = ("linear", "cosine", "sqrt")
 
 
+def training_progress(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
+    """The fraction of training done: of the iterations, or of the wall-clock cap when that comes first."""
+    progress = step / hp.iterations if hp.iterations else 1.0
+    if hp.max_wallclock_seconds > 0:
+        progress = max(progress, elapsed_ms / (1000 * hp.max_wallclock_seconds))
+    return min(progress, 1.0)
+
+
 def learning_rate_scale(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
-    """Linear warm-up, then constant, then a warm-down to 0 over the last WARMDOWN_ITERS steps. With a wall-clock cap
-    the warm-down starts when the time left, at the measured step time, is WARMDOWN_ITERS steps. The warm-down's
-    shape maps the share of it still ahead, f (1 -> 0), to the scale: linear f, cosine (1 - cos(pi f)) / 2 (above
-    linear in the first half, below in the second), sqrt 1 - sqrt(1 - f) (below linear throughout: it drops fastest at
-    the start of the warm-down and flattens near 0)."""
+    """Linear warm-up, then constant, then a warm-down to MIN_LR (default 0) over the last WARMDOWN_ITERS steps, or,
+    with WARMDOWN_FRAC, over that last fraction of training (training_progress). With a wall-clock cap the
+    WARMDOWN_ITERS warm-down starts when the time left, at the measured step time, is WARMDOWN_ITERS steps. The
+    warm-down's shape maps the share of it still ahead, f (1 -> 0), to the scale: linear f, cosine (1 - cos(pi f)) / 2
+    (above linear in the first half, below in the second), sqrt 1 - sqrt(1 - f) (below linear throughout: it drops
+    fastest at the start of the warm-down and flattens near 0)."""
     scale = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps else 1.0
-    if hp.warmdown_iters <= 0:
+    if hp.warmdown_frac > 0:
+        left = min(1.0, (1.0 - training_progress(step, elapsed_ms, hp)) / hp.warmdown_frac)
+    elif hp.warmdown_iters > 0:
+        left = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+        if hp.max_wallclock_seconds > 0 and step > 0:
+            step_ms = elapsed_ms / step
+            remaining_ms = max(hp.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
+            left = min(left, remaining_ms / (hp.warmdown_iters * step_ms))
+    else:
         return scale
-    left = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
-    if hp.max_wallclock_seconds > 0 and step > 0:
-        step_ms = elapsed_ms / step
-        remaining_ms = max(hp.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
-        left = min(left, remaining_ms / (hp.warmdown_iters * step_ms))
     if hp.warmdown_shape == "cosine":
-        return scale * 0.5 * (1 - math.cos(math.pi * left))
-    if hp.warmdown_shape == "sqrt":
-        return scale * (1 - math.sqrt(1 - left))
-    return scale * left
+        shaped = 0.5 * (1 - math.cos(math.pi * left))
+    elif hp.warmdown_shape == "sqrt":
+        shaped = 1 - math.sqrt(1 - left)
+    else:
+        shaped = left
+    return scale * max(shaped, hp.min_lr)
 
 
 class WeightAverage:
@@ -806,6 +1064,11 @@ class WeightAverage:
     def load_state_dict(self, average: list[torch.Tensor]) -> None:
         for mine, saved in zip(self.average, average, strict=True):
             mine.copy_(saved)
+
+
+def recurrence_on(step: int, elapsed_ms: float, hp: Hyperparameters) -> bool:
+    """Depth recurrence runs from RECUR_START_FRAC of training on (without RECUR_LAYERS nothing repeats: always on)."""
+    return not hp.recur_layers or training_progress(step, elapsed_ms, hp) >= hp.recur_start_frac
 
 
 def set_learning_rates(optimizers, step: int, elapsed_ms: float, hp: Hyperparameters) -> None:
@@ -927,22 +1190,29 @@ def optimizer_step(model: GPT, optimizers, hp: Hyperparameters, reducer: Gradien
 
 def compile_warmup(model, model_fn, optimizers, reducer, loader, hp, device, log) -> None:
     """Run WARMUP_STEPS real steps so torch.compile and the kernels' autotuning happen before the clock starts, then
-    put the weights, the optimizer state and the loader back as they were."""
+    put the weights, the optimizer state and the loader back as they were. With depth recurrence switched on during
+    training, WARMUP_STEPS more with the layers looping, so that the switch compiles nothing."""
     if hp.warmup_steps == 0:
         return
     model_state = copy.deepcopy(model.state_dict())
     optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader_state = loader.state_dict()
+    looping = model.looping
+    graphs = (False, True) if not looping else (True,)
     start = time.perf_counter()
-    for _ in range(hp.warmup_steps):
-        forward_backward(model_fn, loader.next_step(), hp, device, reducer)
-        optimizer_step(model, optimizers, hp, reducer)
+    for graph_looping in graphs:
+        model.looping = graph_looping
+        for _ in range(hp.warmup_steps):
+            forward_backward(model_fn, loader.next_step(), hp, device, reducer)
+            optimizer_step(model, optimizers, hp, reducer)
+    model.looping = looping
     model.load_state_dict(model_state)
     for opt, state in zip(optimizers, optimizer_states):
         opt.load_state_dict(state)
     loader.load_state_dict(loader_state)
     model.zero_grad(set_to_none=False)
-    log(f"compile_warmup steps:{hp.warmup_steps} time:{1000 * (time.perf_counter() - start):.0f}ms (not counted)")
+    log(f"compile_warmup steps:{hp.warmup_steps * len(graphs)} time:{1000 * (time.perf_counter() - start):.0f}ms "
+        f"(not counted)")
 
 
 @dataclass
@@ -1009,6 +1279,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
     if hp.resume:
         step, train_ms, resumed_average = resume_run(hp, model, optimizers, loader, data.tokenizer_sha256, device, log)
 
+    model.looping = recurrence_on(step, train_ms, hp)
     model_fn = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model  # a graph break is an error
     reducer = GradientReducer(model)
     compile_warmup(model, model_fn, optimizers, reducer, loader, hp, device, log)
@@ -1041,6 +1312,10 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
 
         # The schedule reads the elapsed time that every rank agreed on at the end of the last step, never a rank's own
         # clock: ranks start their clocks at different moments, and copies that take different learning rates drift.
+        if not model.looping and recurrence_on(step, elapsed_ms, hp):
+            model.looping = True
+            log(f"recurrence: on at step:{step} progress:{training_progress(step, elapsed_ms, hp):.3f} "
+                f"layers:{' '.join(map(str, model.loop_order))}")
         set_learning_rates(optimizers, step, elapsed_ms, hp)
         totals = forward_backward(model_fn, loader.next_step(), hp, device, reducer)
         optimizer_step(model, optimizers, hp, reducer)
@@ -1083,6 +1358,7 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
     log(f"compile_stats: recompiles:{graphs - (graphs_after_warmup or graphs)} graph_breaks:{graph_breaks} "
         f"graphs:{graphs}")
     log(f"loader: merged_micro_batches:{loader.loader.merged_batches} max_segments:{loader.loader.max_segments}")
+    model.looping = True  # the final model is the whole model: its repeated layers loop
     if weight_average:
         weight_average.copy_to_model()
         log(f"ema: decay:{hp.ema_decay} the final evaluation, checkpoint and artifact use the averaged weights")

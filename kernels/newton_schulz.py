@@ -3,6 +3,9 @@
     X = G / (||G||_F + eps); transpose if rows > cols (so X X^T is the smaller Gram matrix)
     repeat: A = X X^T;  B = b A + c A A;  X = a X + B X;   (a, b, c) = (3.4445, -4.7750, 2.0315)
 
+or, Polar Express (Amsel et al. 2025), the same step with coefficients tuned for each iteration (POLAR_EXPRESS):
+iteration i uses coefficients[i], the last tuple again past the end of the list.
+
 X X^T is symmetric, so the kernel computes only the tiles on and below the diagonal and writes each off-diagonal tile
 twice (as itself and mirrored). A is symmetric too, so A A = A A^T and b A + c A A is the same kernel with A as input
 and "b * A" added in its epilogue. Work dtype: bf16 on CUDA (as Muon), fp32 otherwise (fp64 for fp64 input, which
@@ -15,6 +18,17 @@ from kernels import _common
 from kernels._common import tl, triton
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+NS_SCHEDULES = {"quintic": (NS_COEFFICIENTS,), "polar_express": POLAR_EXPRESS}  # MUON_NS
+
+
+def coefficients_at(schedule: tuple, step: int) -> tuple[float, float, float]:
+    """(a, b, c) of iteration `step` (from 0) of a schedule of per-iteration tuples; past its end, the last tuple."""
+    return schedule[min(step, len(schedule) - 1)]
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_K=16)
 
 
@@ -24,14 +38,14 @@ def _work_dtype(G: torch.Tensor) -> torch.dtype:
     return torch.float64 if G.dtype == torch.float64 else torch.float32
 
 
-def reference(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    a, b, c = NS_COEFFICIENTS
+def reference(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, schedule: tuple = (NS_COEFFICIENTS,)) -> torch.Tensor:
     X = G.to(_work_dtype(G))
     X = X / (X.norm() + eps)
     transposed = X.size(0) > X.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for step in range(steps):
+        a, b, c = coefficients_at(schedule, step)
         A = X @ X.T
         B = b * A + c * A @ A
         X = a * X + B @ X
@@ -130,19 +144,21 @@ def _(x, alpha=1.0, add=None, beta=0.0):
 
 
 @torch.no_grad()
-def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise the matrix G (the update direction of Muon); returns G's shape and dtype."""
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  schedule: tuple = (NS_COEFFICIENTS,)) -> torch.Tensor:
+    """Approximately orthogonalise the matrix G (the update direction of Muon); returns G's shape and dtype.
+    schedule: the (a, b, c) of each iteration (NS_SCHEDULES)."""
     if G.dim() != 2:
         raise ValueError(f"newton_schulz expects a matrix, got shape {tuple(G.shape)}")
     if not _common.use_triton(G):
-        return reference(G, steps, eps)
-    a, b, c = NS_COEFFICIENTS
+        return reference(G, steps, eps, schedule)
     X = G.to(_work_dtype(G))
     X = X / (X.norm() + eps)
     transposed = X.size(0) > X.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for step in range(steps):
+        a, b, c = coefficients_at(schedule, step)
         A = sym_matmul(X)  # X X^T
         B = sym_matmul(A, alpha=c, add=A, beta=b)  # b A + c A A^T, and A A^T = A A since A is symmetric
         X = torch.addmm(X, B, X, beta=a)  # a X + B X

@@ -207,10 +207,16 @@ def mixed_corpus(tmp_path_factory, sample_data):
     return out
 
 
+# the frontier preset at this size: depth recurrence switches on at step 15 of 30, after both graphs were compiled
+FRONTIER_RUN = {"PRESET": "pg1855", "VOCAB_SIZE": "1024", "RECUR_START_FRAC": "0.5", "MLP_MULT": "2"}
+
+
 @pytest.mark.slow
-def test_compiled_training_never_recompiles(mixed_corpus, tmp_path):
+@pytest.mark.parametrize("frontier", [False, True], ids=["baseline", "pg1855"])
+def test_compiled_training_never_recompiles(mixed_corpus, tmp_path, frontier):
     """COMPILE=1 (fullgraph) on a CPU for 30 steps over short and long documents, with a segment cap low enough that
-    some micro-batches overflow it: the step compiles once, with no graph break and no recompile afterwards."""
+    some micro-batches overflow it: the step compiles once (the frontier's twice: with and without its repeated
+    layers, both in the warm-up), with no graph break and no recompile afterwards."""
     import os
     import re
     import subprocess
@@ -223,7 +229,7 @@ def test_compiled_training_never_recompiles(mixed_corpus, tmp_path):
            "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "512", "TRAIN_MICRO_BATCHES": "2",
            "TRAIN_MAX_SEGMENTS": "8", "ITERATIONS": "30", "WARMUP_STEPS": "2", "WARMDOWN_ITERS": "10",
            "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "EVAL_MODES": "flat", "EVAL_BATCH_TOKENS": "1024",
-           "COMPILE": "1", "TRAIN_LOG_EVERY": "10", "OMP_NUM_THREADS": "1"}
+           "COMPILE": "1", "TRAIN_LOG_EVERY": "10", "OMP_NUM_THREADS": "1", **(FRONTIER_RUN if frontier else {})}
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -234,6 +240,10 @@ def test_compiled_training_never_recompiles(mixed_corpus, tmp_path):
     assert stats, "no compile_stats line"
     recompiles, graph_breaks, graphs = map(int, stats.groups())
     assert (recompiles, graph_breaks) == (0, 0) and graphs >= 1
+    if frontier:
+        # at 2 layers the preset's RECUR_LAYERS is 1-1: layer 1 runs three times
+        assert re.search(r"^recurrence: on at step:15 progress:0.500 layers:0 1 1 1$", log, re.M)
+        assert "compile_warmup steps:4 " in log and graphs >= 2
     merged = int(re.search(r"^loader: merged_micro_batches:(\d+)", log, re.M).group(1))
     assert merged > 0  # the merge path ran inside the compiled step too
     assert re.search(r"^final val_loss:[0-9.]+ ", log, re.M)

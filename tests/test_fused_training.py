@@ -30,13 +30,19 @@ def loss_and_grads(model, ids, targets, cu_seqlens):
     return losses.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+# the frontier's switches (PRESET=pg1855's, the recurrence and lanes placed for 2 layers), around the fused kernels
+FRONTIER = dict(xsa_layers="all", smear_gate=True, sparse_attn_gate=True, ln_scale=True, skip_gates=True,
+                parallel_start_layer=1, recur_layers="0-0", qk_gain_init=5.0, rope_dims=8)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fused", [sorted(kernels.OPS), ["softcap_cross_entropy", "rms_norm"]])
-def test_fused_training_step_matches_plain(fused):
+@pytest.mark.parametrize("fused, switches", [(sorted(kernels.OPS), {}), (["softcap_cross_entropy", "rms_norm"], {}),
+                                             (sorted(kernels.OPS), FRONTIER)], ids=["all", "two", "all-frontier"])
+def test_fused_training_step_matches_plain(fused, switches):
     if not kernels.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         pytest.skip(_common.interpreter_unusable_reason() or "Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
     torch.manual_seed(0)
-    config = tg.ModelConfig(vocab_size=72, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+    config = tg.ModelConfig(vocab_size=72, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, **switches)
     model = tg.GPT(config)
     with torch.no_grad():  # random weights everywhere (zero-initialised projections would hide the attention path)
         for p in model.parameters():

@@ -306,13 +306,13 @@ def pre_gist_forward(model: tg.GPT, ids, targets, cu_seqlens, max_seqlen):
     U-Net skips, the head), on the model's own modules."""
     cos, sin = model.rotary(model.positions(ids, cu_seqlens))
     x = x0 = tg.rms_norm(model.tok_emb(ids), frozenset())
-    skips = []
+    skips, encoder_layers = [], len(model.blocks) // 2
     for i, block in enumerate(model.blocks):
-        if i >= model.num_encoder_layers and skips:
-            x = x + model.skip_weights[i - model.num_encoder_layers].to(x.dtype) * skips.pop()
+        if i >= encoder_layers and skips:
+            x = x + model.skip_weights[i - encoder_layers].to(x.dtype) * skips.pop()
         x = block(x, x0, cos, sin, lambda q, k, v: attn.varlen_attention_reference(q[0], k[0], v[0], cu_seqlens,
                                                                                    max_seqlen)[None])
-        if i < model.num_encoder_layers:
+        if i < encoder_layers:
             skips.append(x)
     x = tg.rms_norm(x, frozenset())
     return model.token_losses(x.flatten(0, 1), targets.flatten()).view_as(targets)

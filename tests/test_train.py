@@ -366,6 +366,19 @@ def test_two_processes_train_the_same_model(baseline_run, sample_data, tmp_path)
 
 
 @pytest.mark.slow
+def test_frontier_preset_trains_the_same_model_on_two_processes(sample_data, tmp_path):
+    """PRESET=pg1855 at this size (every frontier switch; the recurrence switches on at step 3 of 6): gradients summed
+    over two processes (gloo) and Muon's shards give one process's run."""
+    frontier = {"PRESET": "pg1855", "VOCAB_SIZE": "1024", "MLP_MULT": "2"}
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    _, one = run_training(tmp_path / "one", sample_data, "one", **frontier)
+    log, two = run_training(tmp_path / "two", sample_data, "two", nproc=2, **frontier)
+    assert re.search(r"^recurrence: on at step:3 ", log, re.M) and "hparam smear_gate=True" in log
+    assert two == pytest.approx(one, abs=2e-4) and sorted(two) == [1, 2, 3, 4, 5, 6]
+    assert_same_weights(final_weights(tmp_path / "two", "two"), final_weights(tmp_path / "one", "one"), atol=1e-4)
+
+
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_run(baseline_run, sample_data, tmp_path):
     base_tmp, _, base_losses = baseline_run
     checkpoint = base_tmp / "ckpt" / "base_step3.pt"
