@@ -55,7 +55,7 @@ def sample_data_choice(needs_preparing: bool = False) -> gpu_report.DataChoice:
                                  needs_preparing=needs_preparing)
 
 
-def plan_parts(budget_s: float = 480, data=None, missing=(), work_dir: Path = Path("/tmp/w")):
+def plan_parts(budget_s: float = 600, data=None, missing=(), work_dir: Path = Path("/tmp/w")):
     return gpu_report.build_plan(budget_s, data or sample_data_choice(), work_dir, "r", [], list(missing))
 
 
@@ -78,7 +78,7 @@ def planned_total(plan: str) -> tuple[int, int]:
     return int(total), int(budget.split(" s budget")[0])
 
 
-def test_dry_run_prints_every_command_with_its_budget_and_fits_480_s(tmp_path):
+def test_dry_run_prints_every_command_with_its_budget_and_fits_600_s(tmp_path):
     plan = run_dry(tmp_path)
     if not torch.cuda.is_available():
         assert plan.startswith("no CUDA device here: this is the plan, nothing is run")
@@ -99,10 +99,11 @@ def test_dry_run_prints_every_command_with_its_budget_and_fits_480_s(tmp_path):
     budgets = [line for line in plan.splitlines() if line.strip().split(" ", 1)[0].isdigit()]
     assert len(commands) == len(budgets) - 1 >= 8  # every command comes with its budget (and the probe's reserve)
     total, budget = planned_total(plan)
-    assert budget == 480 and total <= 480
+    assert budget == 600 and total <= 600
     assert sum(int(line.split()[0]) for line in budgets) == total
     titles = [line.split(" s  ", 1)[1] for line in budgets[1:]]
-    assert [t[:3] for t in titles if t.startswith("(")] == ["(1)", "(2)", "(2)", "(3)", "(4)", "(4)", "(4)", "(5)"]
+    assert [t[:3] for t in titles if t.startswith("(")] == ["(1)", "(2)", "(2)", "(3)", "(4)", "(4)", "(4)", "(5)",
+                                                                    "(6)"]
 
 
 def test_a_smaller_budget_cuts_the_least_important_parts(tmp_path):
@@ -110,7 +111,7 @@ def test_a_smaller_budget_cuts_the_least_important_parts(tmp_path):
     total, budget = planned_total(plan)
     assert budget == 300 and total <= 300
     cut = [line for line in plan.splitlines() if "-- cut: no room in the 300 s budget" in line]
-    assert [line.split(" s  ", 1)[1][:3] for line in cut] == ["(2)", "(3)", "(4)", "(4)", "(4)", "(5)"]
+    assert [line.split(" s  ", 1)[1][:3] for line in cut] == ["(2)", "(3)", "(4)", "(4)", "(4)", "(5)", "(6)"]
     assert "(1) the default model" in plan.split("-- cut")[0]  # what matters most is never the part that is cut
 
 
@@ -120,13 +121,13 @@ def test_setup_and_data_enter_the_plan_only_when_needed_and_the_total_still_fits
     assert [line.split(":")[0] for line in left_out] == ["setup", "data"]
     parts, left_out = plan_parts(data=sample_data_choice(needs_preparing=True), missing=["triton"])
     assert [p.key for p in parts][:3] == ["01_setup", "02_data", "03_train"] and left_out == []
-    assert gpu_report.RESERVE_S + sum(p.budget_s for p in parts) <= 480
+    assert gpu_report.RESERVE_S + sum(p.budget_s for p in parts) <= 600
     kept = [p for p in parts if not p.cut]
     assert parts[:len(kept)] == kept, "a cut part is never followed by one that runs"
     assert next(p for p in parts if p.key == "03_train").budget_s == gpu_report.BUDGETS["03_train"]
-    roomy, _ = plan_parts(budget_s=900)  # a larger budget: the last part takes what is left
-    assert roomy[-1].key == "10_bench_train"
-    assert roomy[-1].budget_s == 900 - gpu_report.RESERVE_S - sum(p.budget_s for p in roomy[:-1]) > 400
+    roomy, _ = plan_parts(budget_s=1000)  # a larger budget: the last part takes what is left
+    assert roomy[-1].key == "11_bench_train"
+    assert roomy[-1].budget_s == 1000 - gpu_report.RESERVE_S - sum(p.budget_s for p in roomy[:-1]) > 400
 
 
 def test_bad_arguments_are_one_clear_line(tmp_path):
@@ -302,7 +303,7 @@ H200 = {"python": "3.12.3", "torch": "2.11.0+cu130", "cuda": "13.0", "triton": "
 @pytest.mark.slow
 def test_report_rows_and_missing_parts(tmp_path, pytest_output):
     data = sample_data_choice()
-    parts, left_out = gpu_report.build_plan(480, data, tmp_path, "gpu_report_test", [], [])
+    parts, left_out = gpu_report.build_plan(600, data, tmp_path, "gpu_report_test", [], [])
     by_key = {p.key: p for p in parts}
     (tmp_path / "raw").mkdir()
     shutil.copy(FIXTURES / "train_log_compiled_capped.txt", by_key["03_train"].info["log"])
@@ -317,7 +318,8 @@ def test_report_rows_and_missing_parts(tmp_path, pytest_output):
         "07_eval_strided": Outcome("ok", 8.0, ""),
         "08_eval_ttt_chunk32": Outcome("ok", 20.0, ""),
         "09_eval_ttt_chunk256": Outcome("timed out after 20 s", 20.0, ""),
-        "10_bench_train": Outcome("running (30 s so far)", 0.0, ""),
+        "10_train_preset": Outcome("timed out after 140 s", 140.0, ""),
+        "11_bench_train": Outcome("running (30 s so far)", 0.0, ""),
     }
     context = {"date": "2026-12-01", "model": "default model", "budget_s": 480, "total_s": 400.0, "data": data,
                "left_out": left_out, "revision": "abc1234", "command": "speedrun gpu-report --out /o",
@@ -350,12 +352,16 @@ def test_report_rows_and_missing_parts(tmp_path, pytest_output):
     assert "BPB 3.4440 after the 14-step run" in rows["ttt evaluation W=256 C=32, 4 documents, attention reference"]
     assert "| (4) TTT evaluation, chunk 256 | timed out after 20 s |" in report
 
-    assert "| (5) training matrix, ATTN_BACKEND x FUSED x COMPILE | running (30 s so far) |" in report
+    assert "| (6) training matrix, ATTN_BACKEND x FUSED x COMPILE | running (30 s so far) |" in report
     assert "| not run (bench_train: running (30 s so far)) |" in \
         rows["train step, default model, ATTN_BACKEND=torch_varlen FUSED=1 COMPILE=1"]
     assert "| setup | not needed (numpy, sentencepiece, pytest, triton all import) | | - | |" in report
     assert ("Not complete: (2) CUDA tests (`-m cuda`), (2) the rest of tests/test_kernels.py, on the GPU, (4) TTT "
-            "evaluation, chunk 256, (5) training matrix, ATTN_BACKEND x FUSED x COMPILE.") in report
+            "evaluation, chunk 256, (5) PRESET=pg1855, compiled: both graphs' warm-up, first steps, (6) training matrix, "
+            "ATTN_BACKEND x FUSED x COMPILE.") in report
+    assert ("| timed out after 140 s (no step timed: it was still in its compile warm-up) |" in
+            rows["train step, PRESET=pg1855 (its 11x512 shape, vocabulary 8192), the bundled sample, compile not "
+                 "logged, ATTN_BACKEND=auto"])
     assert "- device: 1 x NVIDIA H200 (143771 MiB, driver 580.95.05); the report uses the first" in report
 
 
@@ -434,16 +440,20 @@ def test_run_without_cuda_writes_the_report_and_the_tarball(tmp_path, tiny_data)
                             "skipped: no CUDA here (on a CPU this is part of ./test.sh, not a GPU figure)",
                         "(3) kernel benchmark": "ok", "(4) strided evaluation": "ok",
                         "(4) TTT evaluation, chunk 32": "ok", "(4) TTT evaluation, chunk 256": "ok",
-                        "(5) training matrix, ATTN_BACKEND x FUSED x COMPILE": "ok"}
+                        "(5) PRESET=pg1855, compiled: both graphs' warm-up, first steps": "ok",
+                        "(6) training matrix, ATTN_BACKEND x FUSED x COMPILE": "ok"}
     assert "| data | not needed (" in report and "| setup | not needed (" in report
 
     names = set(members)
     for key in ("plan", "03_train", "04_cuda_tests", "06_bench_kernels", "07_eval_strided", "08_eval_ttt_chunk32",
-                "09_eval_ttt_chunk256", "10_bench_train"):
+                "09_eval_ttt_chunk256", "10_train_preset", "11_bench_train"):
         assert f"raw/{key}.txt" in names, key
     assert "raw/machine.json" in names
-    train_logs = [n for n in names if n.startswith("raw/gpu_report_")]
-    assert len(train_logs) == 1 and "compile_warmup steps:1 " in members[train_logs[0]]
+    train_logs = sorted(n for n in names if n.startswith("raw/gpu_report_"))
+    assert len(train_logs) == 2 and train_logs[1].endswith("_pg1855.txt")  # the default model's and the preset's
+    assert "compile_warmup steps:1 " in members[train_logs[0]]
+    assert "hparam preset=pg1855" in members[train_logs[1]] and "recurrence: on at step:" in members[train_logs[1]]
+    assert "| train step, PRESET=pg1855 with --env's settings, " in report
     for key in ("07_eval_strided", "08_eval_ttt_chunk32", "09_eval_ttt_chunk256"):
         result = json.loads(members[f"raw/{key}.json"])
         assert f"| {result['tokens_per_s']:,.0f} tokens/s ({result['tokens']:,} tokens in " in report, key

@@ -1,5 +1,5 @@
 """One command for a GPU machine: every GPU-side test and measurement of the project, most important first, in one call
-of at most --budget seconds (default 480), into one --out folder: a report and one archive of the raw outputs.
+of at most --budget seconds (default 600), into one --out folder: a report and one archive of the raw outputs.
 
     speedrun gpu-report --out DIR        # DIR/report.md and DIR/raw.tar.gz (default DIR: gpu_report_<date>/)
     speedrun gpu-report --plan           # print the plan (every command with its time budget) and exit
@@ -18,7 +18,9 @@ last part uses what is left.
   (2) tests   `pytest tests -m cuda`, then the rest of tests/test_kernels.py on the GPU (compiled Triton kernels)
   (3) kernels speedrun bench kernels: each Triton kernel against eager and torch.compile of its reference
   (4) eval    eval_ttt.py on the checkpoint of (1): strided, and TTT with chunks of 32 and 256 tokens
-  (5) matrix  speedrun bench train over the backends that can run on CUDA x FUSED x COMPILE, at a quarter of the
+  (5) preset  train_gpt.py with PRESET=pg1855 at its own shape and batch, compiled: the warm-up of both its graphs
+              (with and without the repeated layers), 20 steps with the recurrence switched on half-way, recompiles
+  (6) matrix  speedrun bench train over the backends that can run on CUDA x FUSED x COMPILE, at a quarter of the
               default batch: the rows that fit in the time left
 
 The report (report.md) and the tarball of every raw output (raw.tar.gz: each part's output, the training logs, the
@@ -60,7 +62,7 @@ FINEWEB_TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SAMPLE_DIR = ROOT / "data" / "datasets" / "peps_sp1024_spread"  # where run.sh prepares the sample too
 SAMPLE_INPUT = ROOT / "data" / "sample" / "peps.jsonl.gz"
 
-DEFAULT_BUDGET_S = 480  # enough for every part on one GPU at the default sizes
+DEFAULT_BUDGET_S = 600  # enough for every part on one GPU at the default sizes
 RESERVE_S = 10  # the machine probe at the start (a fresh Python importing torch) and the report writing
 REFRESH_S = 30  # during a part, the report and the tarball are rewritten this often
 FINAL_WRITE_S = 3  # of the reserve: the last report and tarball, after the last part's deadline
@@ -78,6 +80,10 @@ PYTEST_ARGS = ["-v", "-rfE", "-p", "no:cacheprovider", "--continue-on-collection
 # the timed steps. The cap on the timed steps keeps a slow step from eating the parts after it.
 TRAIN_STEPS, TRAIN_WARMUP_STEPS, TRAIN_CAP_S, VAL_DOCS = 100, 5, 45, 16
 TTT_CHUNKS = (32, 256)
+# (1) again for the frontier preset at its own shape and batch: 20 steps, the repeated layers from step 10, both graphs
+# compiled in its warm-up (the step count stays far below the preset's 1500-step momentum warm-up: a speed figure only)
+PRESET_ENV = {"PRESET": "pg1855", "ITERATIONS": "20", "RECUR_START_FRAC": "0.5", "WARMUP_STEPS": "3",
+              "MAX_WALLCLOCK_SECONDS": "0", "EVAL_MODES": "flat", "VAL_MAX_DOCS": "4"}
 EVAL_DOCS = 16  # the first 16 validation documents: on FineWeb 16 short ones, on the sample 95k tokens
 # (5): the matrix's runs, at a quarter of the default batch in 2 micro-batches (the default's 65,536-token micro-batch,
 # so the same compiled shapes); eager rows first: they need no compile and fit in what is usually left
@@ -101,7 +107,9 @@ BUDGETS = {
     "07_eval_strided": 15,  # ~10 s of start and checkpoint loading, then 16 documents
     "08_eval_ttt_chunk32": 30,  # the longest of 16 documents in 32-token steps (a 22k-token one on the sample)
     "09_eval_ttt_chunk256": 20,
-    "10_bench_train": 20,  # the least it is planned with; it takes whatever is left
+    "10_train_preset": 140,  # 11x512 with MLP 4x and vocabulary 8192: two cold compiles (plain and looped), 20 steps
+    # of 786,432 tokens in 8 micro-batches on one GPU (about 1 s each if 8 GPUs take 0.12 s), a 4-document evaluation
+    "11_bench_train": 20,  # the least it is planned with; it takes whatever is left
 }
 
 
@@ -220,16 +228,23 @@ def build_plan(budget_s: float, data: DataChoice, work_dir: Path, run_id: str, e
                           BUDGETS[key], kind="eval", condition="needs the checkpoint of (1)",
                           info={"json": out, "checkpoint": checkpoint}))
 
+    preset_env = {**train_env, **PRESET_ENV, "RUN_ID": f"{run_id}_{PRESET_ENV['PRESET']}", **user_env}
+    parts.append(Part("10_train_preset", f"(5) PRESET={PRESET_ENV['PRESET']}, compiled: both graphs' warm-up, first "
+                      "steps", [python, "train_gpt.py"], BUDGETS["10_train_preset"], env=preset_env, kind="train",
+                      info={"log": Path(preset_env["LOG_DIR"], f"{preset_env['RUN_ID']}.txt"),
+                            "model": f"PRESET={PRESET_ENV['PRESET']} "
+                                     + ("with --env's settings" if user_env else "(its 11x512 shape, vocabulary 8192)")}))
+
     backends = [b for b in attention_backends() if b not in CPU_ONLY_BACKENDS]
     bench_common = ["--data", str(data.path), "--steps", str(MATRIX_STEPS)]
     for key, value in {**MATRIX_ENV, **({"TOKENIZER_PATH": str(data.tokenizer)} if data.tokenizer else {}),
                        **user_env}.items():
         bench_common += ["--env", f"{key}={value}"]
-    parts.append(Part("10_bench_train", "(5) training matrix, ATTN_BACKEND x FUSED x COMPILE",
+    parts.append(Part("11_bench_train", "(6) training matrix, ATTN_BACKEND x FUSED x COMPILE",
                       [python, "-m", "speedrun", "bench", "train", *bench_common, "--timeout", "150",
                        "--backends", ",".join(backends), "--configs", MATRIX_CONFIGS,
                        "--log-dir", str(raw_dir / "bench_train_logs")],
-                      BUDGETS["10_bench_train"], kind="bench_train",
+                      BUDGETS["11_bench_train"], kind="bench_train",
                       condition="uses what is left; a backend that does not load shows as such, without a run",
                       info={"backends": backends, "configs": MATRIX_CONFIGS.split(";"), "common": bench_common,
                             "log_dir": raw_dir / "bench_train_logs"}))
@@ -631,6 +646,11 @@ def thousands(value) -> str:
     return f"{int(float(value)):,}"
 
 
+def read_log(part: Part, outcome: Outcome) -> str:
+    """A training part's log, or what it printed when it wrote no log."""
+    return part.info["log"].read_text(errors="replace") if part.info["log"].is_file() else outcome.output
+
+
 def build_report(parts: list[Part], outcomes: dict[str, Outcome], info: dict, context: dict) -> str:
     """The markdown report. context: date, budget_s, total_s, data (DataChoice), left_out, command, revision, model
     (what the training rows call the model), finished (False while the run is still going)."""
@@ -677,50 +697,52 @@ def build_report(parts: list[Part], outcomes: dict[str, Outcome], info: dict, co
     def not_run(outcome: Outcome) -> bool:
         return outcome.status.startswith(("skipped", "cut", "not ", "running"))
 
-    # (1) the training run
-    part, outcome = by_key["03_train"], outcome_of("03_train")
-    log_path = part.info["log"]
-    body = log_path.read_text(errors="replace") if log_path.is_file() else outcome.output
-    train = parse_train_log(body)
-    model = f"{context['model']}, {context['data'].name}"
-    if train["last_step"]:
-        last = train["last_step"]
-        batch = (f"{train['batch_tokens']:,} tokens/step in {train['micro_batches']} micro-batches"
-                 if train["batch_tokens"] else "batch not logged")
-        compile_note = ("recompiles and graph breaks not logged" if train["recompiles"] is None
-                        else f"{train['recompiles']} recompiles and {train['graph_breaks']} graph breaks after warm-up")
-        peak = f"{train['peak_memory_mib']:,} MiB" if train["peak_memory_mib"] is not None else "not logged"
-        figure = (f"step_avg {last['step_avg_ms']} ms, {thousands(last['tokens_per_s'])} tokens/s (step "
-                  f"{last['step']}/{last['iterations']}, {batch}), peak memory {peak}, {compile_note}, attention "
-                  f"{train['attention_backend']}, fused: {train['fused_ops']}")
-        if train["stopped_early"]:
-            figure += (f"; the timed steps stopped at step {train['stopped_early']['step']} "
-                       f"({train['stopped_early']['train_time_ms']} ms) at the MAX_WALLCLOCK_SECONDS={train['cap_s']} cap")
-        if outcome.status != "ok":
-            figure += f" ({outcome.status})"
-    else:
-        figure = outcome.status + (f": {train['error']}" if train["error"] else "")
-        if outcome.status.startswith("timed out") and train["compile_warmup"] is None:
-            figure += " (no step timed: it was still in its compile warm-up)"
-    compiled = {"True": "compiled", "False": "eager"}.get(train["compile"] or "", "compile not logged")
-    row(f"train step, {model}, {compiled}, ATTN_BACKEND={part.env.get('ATTN_BACKEND', 'auto')}", figure,
-        shell_line(part))
-    warmup = train["compile_warmup"]
-    if warmup:
-        row(f"compile warm-up, {model}", f"{warmup['ms'] / 1000:.1f} s for {warmup['steps']} warm-up steps (compile, "
-            "autotuning; not counted in step_avg)", shell_line(part))
-    elif not not_run(outcome):
-        row(f"compile warm-up, {model}", "no `compile_warmup` line in the log" + (f" ({outcome.status})" if
-                                                                                   outcome.status != "ok" else ""),
+    # (1) the training runs: the default model's (its checkpoint feeds the evaluations) and the preset's
+    for part in [p for p in parts if p.kind == "train"]:
+        outcome = outcome_of(part.key)
+        log_path, body = part.info["log"], read_log(part, outcome)
+        train = parse_train_log(body)
+        model = f"{part.info.get('model', context['model'])}, {context['data'].name}"
+        if train["last_step"]:
+            last = train["last_step"]
+            batch = (f"{train['batch_tokens']:,} tokens/step in {train['micro_batches']} micro-batches"
+                     if train["batch_tokens"] else "batch not logged")
+            compile_note = ("recompiles and graph breaks not logged" if train["recompiles"] is None else
+                            f"{train['recompiles']} recompiles and {train['graph_breaks']} graph breaks after warm-up")
+            peak = f"{train['peak_memory_mib']:,} MiB" if train["peak_memory_mib"] is not None else "not logged"
+            figure = (f"step_avg {last['step_avg_ms']} ms, {thousands(last['tokens_per_s'])} tokens/s (step "
+                      f"{last['step']}/{last['iterations']}, {batch}), peak memory {peak}, {compile_note}, attention "
+                      f"{train['attention_backend']}, fused: {train['fused_ops']}")
+            if train["stopped_early"]:
+                figure += (f"; the timed steps stopped at step {train['stopped_early']['step']} "
+                           f"({train['stopped_early']['train_time_ms']} ms) at the "
+                           f"MAX_WALLCLOCK_SECONDS={train['cap_s']} cap")
+            if outcome.status != "ok":
+                figure += f" ({outcome.status})"
+        else:
+            figure = outcome.status + (f": {train['error']}" if train["error"] else "")
+            if outcome.status.startswith("timed out") and train["compile_warmup"] is None:
+                figure += " (no step timed: it was still in its compile warm-up)"
+        compiled = {"True": "compiled", "False": "eager"}.get(train["compile"] or "", "compile not logged")
+        row(f"train step, {model}, {compiled}, ATTN_BACKEND={part.env.get('ATTN_BACKEND', 'auto')}", figure,
             shell_line(part))
-    if train["last_step"] or train["error"]:
-        details += [f"### {part.title}", "", f"log: `raw/{log_path.name}`", "", "```text"]
-        shown = {"1", "10", train["last_step"]["step"] if train["last_step"] else ""}
-        details += [line for line in body[-200_000:].splitlines()
-                    if line.startswith(("gpus:", "attention_backend", "fused_ops", "compile_warmup", "stopping",
-                                        "compile_stats", "loader:", "final_eval", "peak_memory", "error"))
-                    or (STEP_LINE.match(line) and line[len("step:"):].split("/")[0] in shown)]
-        details += ["```", ""]
+        warmup = train["compile_warmup"]
+        if warmup:
+            row(f"compile warm-up, {model}", f"{warmup['ms'] / 1000:.1f} s for {warmup['steps']} warm-up steps "
+                "(compile, autotuning; not counted in step_avg)", shell_line(part))
+        elif not not_run(outcome):
+            row(f"compile warm-up, {model}", "no `compile_warmup` line in the log" + (f" ({outcome.status})" if
+                                                                                       outcome.status != "ok" else ""),
+                shell_line(part))
+        if train["last_step"] or train["error"]:
+            details += [f"### {part.title}", "", f"log: `raw/{log_path.name}`", "", "```text"]
+            shown = {"1", "10", train["last_step"]["step"] if train["last_step"] else ""}
+            details += [line for line in body[-200_000:].splitlines()
+                        if line.startswith(("gpus:", "attention_backend", "fused_ops", "compile_warmup", "recurrence",
+                                            "stopping",
+                                            "compile_stats", "loader:", "final_eval", "peak_memory", "error"))
+                        or (STEP_LINE.match(line) and line[len("step:"):].split("/")[0] in shown)]
+            details += ["```", ""]
 
     # (2) the tests
     for key in ("04_cuda_tests", "05_kernel_tests"):
@@ -754,7 +776,7 @@ def build_report(parts: list[Part], outcomes: dict[str, Outcome], info: dict, co
 
     # (4) evaluation
     eval_table = []
-    steps_done = train["steps"] or "?"
+    steps_done = parse_train_log(read_log(by_key["03_train"], outcome_of("03_train")))["steps"] or "?"
     for part in parts:
         if part.kind != "eval":
             continue
@@ -777,7 +799,7 @@ def build_report(parts: list[Part], outcomes: dict[str, Outcome], info: dict, co
                     "| --- | --- | ---: | ---: | ---: | ---: | ---: |"] + eval_table + [""]
 
     # (5) the matrix
-    part, outcome = by_key["10_bench_train"], outcome_of("10_bench_train")
+    part, outcome = by_key["11_bench_train"], outcome_of("11_bench_train")
     common = part.info["common"]
     matrix_env = [common[i + 1] for i, word in enumerate(common[:-1]) if word == "--env"]
     benches = bench_train_rows(outcome.output, part.info, outcome.status)
