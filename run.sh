@@ -9,6 +9,7 @@
 # Any hyperparameter can be overridden from the environment, e.g. `ITERATIONS=100 ./run.sh`.
 set -euo pipefail
 cd "$(dirname "$0")"
+BOOTSTRAP_ANY_CHECKOUT=1  # train_gpt.py runs from this folder: another checkout's installed copy will do
 source speedrun/bootstrap.sh
 
 SAMPLE_DIR=data/datasets/peps_sp1024_spread

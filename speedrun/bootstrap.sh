@@ -2,9 +2,11 @@
 # there (one Python start, no pip). The dependencies are pyproject.toml's list. torch comes first and alone: on a
 # CPU-only machine `torch==2.13.0` resolves to a local CPU build, while a plain `torch` would pull several GB of CUDA
 # packages. Then the `speedrun` command: an editable install of this checkout when it (or the payload) is not importable
-# from outside the repository, is another checkout's, or its console script is missing.
+# from outside the repository, is another checkout's, or its console script is missing. BOOTSTRAP_ANY_CHECKOUT=1 (run.sh,
+# which runs train_gpt.py from here and needs no installed copy) accepts another checkout's install: runs started at
+# once from several checkouts never reinstall it under each other.
 PYTHON=${PYTHON:-python3}
-read -r -a bootstrap_missing <<< "$("$PYTHON" - <<'PY'
+read -r -a bootstrap_missing <<< "$(BOOTSTRAP_ANY_CHECKOUT=${BOOTSTRAP_ANY_CHECKOUT:-0} "$PYTHON" - <<'PY'
 import importlib.util, os, re, shutil, sys, sysconfig
 
 try:
@@ -35,8 +37,11 @@ def from_here(name):
     return spec is not None and spec.origin is not None and os.path.abspath(spec.origin).startswith(here + os.sep)
 
 
-if not (from_here("speedrun") and from_here("train_gpt")) or not (shutil.which("speedrun")
-                                                                   or os.path.exists(os.path.join(scripts, "speedrun"))):
+if os.environ.get("BOOTSTRAP_ANY_CHECKOUT") == "1":
+    installed = importlib.util.find_spec("speedrun") is not None
+else:
+    installed = from_here("speedrun") and from_here("train_gpt")
+if not installed or not (shutil.which("speedrun") or os.path.exists(os.path.join(scripts, "speedrun"))):
     missing.append("SPEEDRUN")
 print(" ".join(missing))
 PY
