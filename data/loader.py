@@ -468,7 +468,10 @@ def token_original_bytes(tables: ByteTables, tokens: np.ndarray) -> np.ndarray:
 
 
 def document_bytes(tables: ByteTables, doc: np.ndarray) -> int:
-    """Bytes of a document (its tokens after the BOS)."""
+    """Bytes of a document (its tokens after the BOS). With a CaseOps tokenizer, of the original text: the operators
+    count 0 (token_original_bytes), else BPB would count the 3 UTF-8 bytes of every operator."""
+    if tables.has_caseops:
+        return int(token_original_bytes(tables, doc).sum())
     return int(tables.count(doc[:-1], doc[1:]).sum())
 
 

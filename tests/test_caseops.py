@@ -112,7 +112,8 @@ def test_sidecar_bytes_equal_the_original_texts_bytes(caseops_data):
     assert val.byte_counts.tolist() == [len(t.encode("utf-8")) for t in val_texts]
     # the tables alone count the transformed text: more bytes (3 per operator)
     stream = val.stream
-    table_counts = [loader.document_bytes(caseops_data["tables"], stream.document(i)) for i in range(12)]
+    tables = caseops_data["tables"]
+    table_counts = [int(tables.count(d[:-1], d[1:]).sum()) for d in (stream.document(i) for i in range(12))]
     assert all(t > b for t, b in zip(table_counts, val.byte_counts))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["text_transform"] == "lossless_caps_caseops_v1"
@@ -292,3 +293,13 @@ def test_parameter_golf_caseops_layout_loads_unchanged(tmp_path):
     shards.write_shard(data / "fineweb_val_bytes_000000.bin", counts[:-1])
     with pytest.raises(loader.DataError, match="fineweb_val_bytes_000000.bin: .* byte entries"):
         loader.ValidationSet.load(str(data), 8192, tables)
+
+
+def test_without_a_sidecar_a_caseops_tokenizer_still_counts_the_original_bytes(caseops_data, tmp_path):
+    out = copy_dataset(caseops_data["out"], tmp_path / "no_sidecar")
+    for f in out.glob("*_val_bytes_*.bin"):
+        os.remove(f)
+    val = loader.ValidationSet.load(str(out), 512, caseops_data["tables"])
+    assert not val.sidecar
+    # the tokens of a lossless tokenizer say it all: the same bytes as the sidecar (operators at 0), not 3 per operator
+    assert val.byte_counts.tolist() == [len(t.replace("\u2581", " ").encode("utf-8")) for t in caseops_data["val_texts"]]
