@@ -950,3 +950,30 @@ def test_download_unreachable_hub_real_client(tmp_path, env):
     if "HF_ENDPOINT" in env:
         assert lines[0].startswith("error: cannot reach the Hugging Face hub (http://127.0.0.1:9): ")
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Larger vocabularies (issue 30): 4096 and 8192 pieces train, write and load like 1024, CaseOps included
+
+
+@pytest.mark.parametrize("vocab,extra", [(4096, []), (8192, ["--caseops"])])
+def test_larger_vocabularies_train_and_load(tmp_path, vocab, extra):
+    texts = [t for t, _ in prepare_corpus.iter_documents(str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "jsonl.gz")]
+    src = tmp_path / "peps40.jsonl"
+    write_jsonl(src, texts[:40])  # 0.54 MB: enough text for 8192 pieces
+    out = tmp_path / "out"
+    assert prepare_corpus.main(["--input", str(src), "--out", str(out), "--vocab-size", str(vocab), "--val-docs", "4",
+                                *extra]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    sp = loader.load_tokenizer(str(out / "tokenizer.model"))
+    assert sp.vocab_size() == vocab == manifest["tokenizer"]["vocab_size"]
+    train = loader.TokenStream(loader.split_pattern(str(out), "train"), vocab)
+    assert int(max(s.max() for s in train.shards)) >= vocab // 2  # the upper half of the ids is used
+    with pytest.raises(loader.DataError, match="is >= vocab size 1024"):
+        loader.TokenStream(loader.split_pattern(str(out), "train"), 1024)
+    tables = loader.build_byte_tables(sp, vocab, str(out / "tokenizer.model"))
+    val = loader.ValidationSet.load(str(out), vocab, tables)
+    assert val.sidecar == bool(extra)
+    assert int(val.byte_counts.sum()) == manifest["splits"]["val"]["decoded_bytes"] == manifest["splits"]["val"]["bytes"]
+    with pytest.raises(loader.DataError, match="more than VOCAB_SIZE=1024"):
+        loader.build_byte_tables(sp, 1024, str(out / "tokenizer.model"))
