@@ -1,7 +1,7 @@
 """Turn a local text corpus into token shards for train_gpt.py.
 
     python -m data.prepare_corpus --input FILE(.jsonl|.jsonl.gz|.txt|dir) --out DIR
-        [--tokenizer MODEL | --vocab-size 1024] [--val-docs 60] [--val-select spread|first]
+        [--tokenizer MODEL | --vocab-size 1024] [--caseops] [--val-docs 60] [--val-select spread|first]
         [--decontaminate-share 0.2] [--decontaminate-ngram 8]
         [--shard-tokens 100000000] [--name PREFIX] [--character-coverage 0.9995] [--skip-if-current]
 
@@ -49,6 +49,13 @@ Output (DIR)
   PREFIX defaults to the input's name without .jsonl/.gz/.txt (peps.jsonl.gz -> peps); characters other than letters,
   digits, '.', '_' and '-' become '-'. Shards of the same PREFIX already in DIR are replaced (extra old ones removed);
   shards of another prefix in DIR are an error, because train_gpt.py reads every *_train_*.bin of DATA_PATH.
+
+CaseOps (--caseops)
+  The tokenizer reads the CaseOps form of each document (data/caseops.py; its operators are user-defined pieces) and
+  the validation split gets a byte sidecar, {PREFIX}_val_bytes_000000.bin, ... beside its shards: the shard format with
+  one uint16 per token, the bytes of the original text that token stands for (0 for BOS and for an operator), which
+  bits per byte then counts (data/loader.py). The manifest's parameters.text_transform names the transform and
+  splits.val.sidecar lists the files and their byte total.
 
 The trained tokenizer is a lossless SentencePiece BPE (identity normalisation, byte fallback, no whitespace removal, no
 dummy prefix, split digits; ids pad 0, bos 1, eos 2, unk 3), trained on the train split only. The only text it cannot
