@@ -1,7 +1,16 @@
-"""Download parameter-golf's FineWeb sp1024 shards and tokenizer from the Hugging Face hub.
+"""Download parameter-golf's FineWeb shards and tokenizer (sp1024, or a published variant) from the Hugging Face hub.
 
-    python -m data.download_fineweb [--train-shards 80] [--variant sp1024] [--repo-id willdepueoai/parameter-golf]
+    python -m data.download_fineweb [--train-shards 80] [--variant sp1024] [--repo-id REPO] [--remote-root datasets]
                                     [--revision REV] [--out data]
+
+Variants (--variant) and the dataset repositories that publish them (the default --repo-id of each; any other
+repository in the same layout can be named, or set in MATCHED_FINEWEB_REPO_ID as parameter-golf's script reads it):
+  sp1024, byte260                               willdepueoai/parameter-golf (the challenge's own)
+  sp4096, sp8192                                kevclark/parameter-golf
+  sp8192_lossless_caps_caseops_v1_reserved      romeerp/parameter-golf-caseops-v1 (CaseOps, data/caseops.py: its
+                                                validation shards come with byte sidecars fineweb_val_bytes_*.bin,
+                                                fetched when the manifest's dataset entry has val_bytes_glob)
+  (alias: sp8192_caseops)
 
 What it fetches (the layout of the dataset repo, as parameter-golf's data/cached_challenge_fineweb.py reads it):
   datasets/manifest.json                                   first; it names the shard counts and the tokenizer
@@ -36,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -43,6 +53,10 @@ from data.files import write_atomic
 from data.loader import DataError, load_shard
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
+VARIANT_REPOS = {"sp1024": DEFAULT_REPO_ID, "byte260": DEFAULT_REPO_ID, "sp4096": "kevclark/parameter-golf",
+                 "sp8192": "kevclark/parameter-golf", CASEOPS_VARIANT: "romeerp/parameter-golf-caseops-v1"}
+VARIANT_ALIASES = {"sp8192_caseops": CASEOPS_VARIANT}
 REMOTE_ROOT = "datasets"
 DEFAULT_TRAIN_SHARDS = 80
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -222,9 +236,30 @@ def place_alias(source: str, alias: str) -> None:
 
 
 def dataset_dir_for_variant(variant: str) -> str:
-    if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
+    """fineweb10B_<variant>: sp<VOCAB_SIZE>, optionally with a suffix naming a text transform (parameter-golf's
+    dataset_suffix, e.g. sp8192_lossless_caps_caseops_v1_reserved), or byte260."""
+    variant = VARIANT_ALIASES.get(variant, variant)
+    if variant == "byte260" or re.fullmatch(r"sp\d+(_[a-z0-9]+)*", variant):
         return f"fineweb10B_{variant}"
-    raise DownloadError(f"--variant {variant}: expected sp<VOCAB_SIZE> (e.g. sp1024) or byte260")
+    raise DownloadError(f"--variant {variant}: expected sp<VOCAB_SIZE> (e.g. sp1024, sp8192), sp<VOCAB_SIZE>_<suffix>"
+                        f" (e.g. {CASEOPS_VARIANT}) or byte260")
+
+
+def repo_for_variant(variant: str) -> str:
+    """--repo-id's default: MATCHED_FINEWEB_REPO_ID when set, else the repository that publishes the variant."""
+    return os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPOS.get(VARIANT_ALIASES.get(variant, variant),
+                                                                          DEFAULT_REPO_ID)
+
+
+def check_sidecars(dataset_dir: str) -> None:
+    """The downloaded validation shards and their byte sidecars agree (data/loader.py's checks), or DownloadError
+    naming the file."""
+    from data.loader import TokenStream, load_sidecar, split_pattern
+
+    try:
+        load_sidecar(TokenStream(split_pattern(dataset_dir, "val"), 1 << 16))
+    except DataError as e:
+        raise DownloadError(str(e)) from None
 
 
 def run(args) -> Fetcher:
@@ -232,10 +267,13 @@ def run(args) -> Fetcher:
         raise DownloadError(f"--train-shards: must be at least 0, got {args.train_shards}")
     dataset_dir = dataset_dir_for_variant(args.variant)
     out = args.out
-    fetcher = Fetcher(args.repo_id, args.revision)
+    repo_id = args.repo_id or repo_for_variant(args.variant)
+    fetcher = Fetcher(repo_id, args.revision)
+    root = args.remote_root.strip("/")
+    prefix = f"{root}/" if root else ""
 
     # 1. The manifest (its size is asked alone: the other file names come from it).
-    manifest_remote = f"{REMOTE_ROOT}/manifest.json"
+    manifest_remote = f"{prefix}manifest.json"
     manifest_local = os.path.join(out, "datasets", "manifest.json")
     fetcher.ask_sizes([manifest_remote])
     fetcher.ensure(manifest_remote, manifest_local, check_json)
@@ -252,31 +290,38 @@ def run(args) -> Fetcher:
         raise DownloadError(f"{manifest_local}: dataset {dataset_dir} has no files_train/files_val counts") from None
     if args.train_shards > files_train:
         raise DownloadError(f"--train-shards {args.train_shards}: {dataset_dir} has only {files_train} training shards"
-                            f" on {args.repo_id}")
+                            f" on {repo_id}")
     tokenizer_entry = next((t for t in manifest.get("tokenizers", [])
                             if t.get("name") == dataset.get("tokenizer_name")), {})
     model_path = tokenizer_entry.get("model_path") or tokenizer_entry.get("path")
-    if not model_path and args.variant.startswith("sp"):  # parameter-golf's name for its sp tokenizers
-        model_path = f"tokenizers/fineweb_{args.variant[2:]}_bpe.model"
+    plain = re.fullmatch(r"sp(\d+)", VARIANT_ALIASES.get(args.variant, args.variant))
+    if not model_path and plain:  # parameter-golf's name for its sp tokenizers
+        model_path = f"tokenizers/fineweb_{plain.group(1)}_bpe.model"
     if not model_path:
         raise DownloadError(f"{manifest_local}: no tokenizer model_path for {dataset_dir}"
                             f" (tokenizer {dataset.get('tokenizer_name')!r})")
     vocab_size = tokenizer_entry.get("vocab_size") or dataset.get("vocab_size")
 
     # 2. Shards and tokenizer, sizes asked in one request.
-    remote_dataset = f"{REMOTE_ROOT}/datasets/{dataset_dir}"
+    remote_dataset = f"{prefix}datasets/{dataset_dir}"
     local_dataset = os.path.join(out, "datasets", dataset_dir)
     wanted = [(f"{remote_dataset}/fineweb_val_{i:06d}.bin", os.path.join(local_dataset, f"fineweb_val_{i:06d}.bin"),
                check_shard) for i in range(files_val)]
+    sidecars = bool(dataset.get("val_bytes_glob"))  # parameter-golf's CaseOps export: one sidecar per val shard
+    wanted += [(f"{remote_dataset}/fineweb_val_bytes_{i:06d}.bin",
+                os.path.join(local_dataset, f"fineweb_val_bytes_{i:06d}.bin"), check_shard)
+               for i in range(files_val if sidecars else 0)]
     wanted += [(f"{remote_dataset}/fineweb_train_{i:06d}.bin",
                 os.path.join(local_dataset, f"fineweb_train_{i:06d}.bin"), check_shard)
                for i in range(args.train_shards)]
     tokenizer_local = os.path.join(out, "tokenizers", os.path.basename(model_path))
-    wanted.append((f"{REMOTE_ROOT}/{model_path}", tokenizer_local,
+    wanted.append((f"{prefix}{model_path}", tokenizer_local,
                    lambda p: check_tokenizer(p, int(vocab_size) if vocab_size else None)))
     fetcher.ask_sizes([remote for remote, _, _ in wanted])
     for remote, local, check in wanted:
         fetcher.ensure(remote, local, check)
+    if sidecars:
+        check_sidecars(local_dataset)
 
     # 3. DATA_PATH/tokenizer.model, train_gpt.py's default TOKENIZER_PATH.
     place_alias(tokenizer_local, os.path.join(local_dataset, "tokenizer.model"))
@@ -296,8 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
                    help=f"how many training shards, from the first (default {DEFAULT_TRAIN_SHARDS}; 100M tokens each)")
-    p.add_argument("--variant", default="sp1024", help="tokenizer family of the dataset repo (default sp1024)")
-    p.add_argument("--repo-id", default=DEFAULT_REPO_ID, help=f"dataset repository (default {DEFAULT_REPO_ID})")
+    p.add_argument("--variant", default="sp1024",
+                   help=f"dataset of the repo: sp1024 (default), sp4096, sp8192, {CASEOPS_VARIANT} (alias sp8192_caseops),"
+                        " byte260, or any other sp<N>[_suffix] the repo's manifest lists")
+    p.add_argument("--repo-id", default=None,
+                   help=f"dataset repository (default: MATCHED_FINEWEB_REPO_ID, else the variant's publisher:"
+                        f" {', '.join(f'{v} {r}' for v, r in VARIANT_REPOS.items())})")
+    p.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", REMOTE_ROOT),
+                   help=f"folder of the repo that holds manifest.json, datasets/ and tokenizers/ (default {REMOTE_ROOT})")
     p.add_argument("--revision", default=None, help="branch, tag or commit of the dataset repository (default main)")
     p.add_argument("--out", default=DATA_DIR, help="folder that receives datasets/ and tokenizers/ (default: data/)")
     return p

@@ -20,6 +20,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,12 @@ SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 BOS_ID = 1
 IGNORE_INDEX = -100  # the target of a position that is not trained on or scored
+# CaseOps (data/caseops.py, parameter-golf's lossless_caps_caseops_v1): operator characters, pieces of their own in a
+# CaseOps tokenizer; an operator stands for 0 bytes of the original text, an escaped one for its 3 UTF-8 bytes.
+CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESCAPE = "\ue001", "\ue002", "\ue003", "\ue004"
+CASEOPS_OPERATORS = CASEOPS_TITLE + CASEOPS_ALLCAPS + CASEOPS_CAPNEXT + CASEOPS_ESCAPE
+# a validation split's byte sidecar: one file per token shard, PREFIX_val_bytes_N.bin beside PREFIX_val_N.bin
+SIDECAR_NAME = re.compile(r"_val_bytes_\d+\.bin$")
 
 
 class DataError(ValueError):
@@ -107,14 +114,25 @@ def shard_index(path: str, tokens: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def split_pattern(data_path: str, split: str) -> str:
+    """The glob of a split's token shards. It also matches the byte sidecars (*_val_bytes_*.bin): use split_files, or
+    TokenStream, which leave them out."""
     return os.path.join(data_path, f"*_{split}_*.bin")
+
+
+def is_sidecar(path: str) -> bool:
+    return SIDECAR_NAME.search(os.path.basename(path)) is not None
+
+
+def split_files(data_path: str, split: str) -> list[str]:
+    """The token shards of a split, sorted, without byte sidecars."""
+    return sorted(f for f in glob.glob(split_pattern(data_path, split)) if not is_sidecar(f))
 
 
 class TokenStream:
     """All shards of one split as one virtual, memory-mapped token array, with the index of its documents."""
 
     def __init__(self, pattern: str, vocab_size: int):
-        self.files = sorted(glob.glob(pattern))
+        self.files = sorted(f for f in glob.glob(pattern) if not is_sidecar(f))  # *_val_*.bin also matches sidecars
         if not self.files:
             raise DataError(f"{pattern}: no shard files match")
         self.shards, bos_positions = [], []
@@ -368,6 +386,9 @@ class ByteTables:
     leading_space: np.ndarray  # bool [V]: the piece starts with "▁", which decodes to one space byte
     is_boundary: np.ndarray  # bool [V]: control and unknown pieces (BOS, EOS, PAD, UNK)
     strips_first_space: bool  # the decoder drops the "▁" of a text's first piece (tokenizers with a dummy prefix)
+    operator: np.ndarray | None = None  # bool [V]: the piece is one CaseOps operator character (None: all False)
+    escape_id: int = -1  # the piece of CaseOps' ESCAPE operator, -1 when the tokenizer has none
+    lossless: bool = True  # decode(encode(text)) == text on a probe of whitespace runs, newlines and NFKC-changed text
 
     def count(self, prev_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Bytes of each token in `ids`, given the token before it."""
@@ -375,6 +396,10 @@ class ByteTables:
         if self.strips_first_space:
             space_counts = space_counts & ~self.is_boundary[prev_ids]
         return self.base_bytes[ids] + space_counts
+
+    @property
+    def has_caseops(self) -> bool:
+        return self.operator is not None and bool(self.operator.any())
 
 
 def build_byte_tables(sp, vocab_size: int, tokenizer_path: str) -> ByteTables:
@@ -402,11 +427,51 @@ def build_byte_tables(sp, vocab_size: int, tokenizer_path: str) -> ByteTables:
     probe = next((t for t in range(sp.vocab_size()) if space[t] and len(sp.id_to_piece(t)) > 1
                   and sp.id_to_piece(t)[1] != "\u2581"), None)
     strips = probe is not None and not sp.decode([probe]).startswith(" ")
-    return ByteTables(base, space, boundary, strips)
+    operator = np.zeros(vocab_size, dtype=bool)
+    for c in CASEOPS_OPERATORS:
+        token = sp.piece_to_id(c)
+        if not boundary[token] and not sp.is_byte(token) and sp.id_to_piece(token) == c:
+            operator[token] = True
+    escape = sp.piece_to_id(CASEOPS_ESCAPE)
+    lossless = sp.decode(sp.encode(LOSSLESS_PROBE)) == LOSSLESS_PROBE
+    return ByteTables(base, space, boundary, strips, operator, int(escape) if operator[escape] else -1, lossless)
+
+
+# what a normalising tokenizer changes: runs of spaces, newlines, tabs, a leading space, NFKC-folded characters
+LOSSLESS_PROBE = " a  b\n\n\tc \u00bd \ufb01 \uff21 x "
+
+
+def acting_operators(tables: ByteTables, tokens: np.ndarray) -> np.ndarray:
+    """bool per token: a CaseOps operator piece that acts as an operator (0 bytes), not the escaped literal after an
+    acting ESCAPE (its 3 bytes). `tokens` starts at a document's BOS (an escape never runs across a BOS)."""
+    if not tables.has_caseops:
+        return np.zeros(len(tokens), dtype=bool)
+    tokens = np.asarray(tokens)
+    is_op = tables.operator[tokens]
+    literal = np.zeros(len(tokens), dtype=bool)
+    for p in np.flatnonzero(tokens == tables.escape_id):  # ascending; escapes are rare
+        if not literal[p] and p + 1 < len(tokens) and is_op[p + 1]:
+            literal[p + 1] = True
+    return is_op & ~literal
+
+
+def token_original_bytes(tables: ByteTables, tokens: np.ndarray) -> np.ndarray:
+    """int64 per token of `tokens` (which start at a BOS): the bytes of the original text it stands for: the tables'
+    count, with CaseOps operators at 0 (data/caseops.py). For a tokenizer without operators, exactly tables.count.
+    The vectorised version of data.caseops.token_original_bytes_reference; a dataset's sidecar must agree with it
+    document by document when the tokenizer is lossless."""
+    tokens = np.asarray(tokens).astype(np.int64)
+    prev = np.concatenate([[BOS_ID], tokens[:-1]])
+    counts = tables.count(prev, tokens).astype(np.int64)
+    counts[acting_operators(tables, tokens)] = 0
+    return counts
 
 
 def document_bytes(tables: ByteTables, doc: np.ndarray) -> int:
-    """Bytes of a document (its tokens after the BOS)."""
+    """Bytes of a document (its tokens after the BOS). With a CaseOps tokenizer, of the original text: the operators
+    count 0 (token_original_bytes), else BPB would count the 3 UTF-8 bytes of every operator."""
+    if tables.has_caseops:
+        return int(token_original_bytes(tables, doc).sum())
     return int(tables.count(doc[:-1], doc[1:]).sum())
 
 
@@ -440,12 +505,20 @@ class ValidationSet:
     token_counts: np.ndarray  # scored tokens per document (all but the BOS)
     byte_counts: np.ndarray  # bytes those tokens stand for
 
+    sidecar: bool = False  # byte_counts come from the split's byte sidecar (*_val_bytes_*.bin)
+
     @classmethod
     def load(cls, data_path: str, vocab_size: int, tables: ByteTables, max_docs: int = 0) -> ValidationSet:
+        """The validation split of data_path. Its bytes: the sidecar's when the folder has one (checked against the
+        tokens: see sidecar_document_bytes), else the tables' count of each document."""
         stream = TokenStream(split_pattern(data_path, "val"), vocab_size)
         doc_ids = np.arange(stream.num_docs if not max_docs else min(max_docs, stream.num_docs))
-        byte_counts = np.array([document_bytes(tables, stream.document(i)) for i in doc_ids], dtype=np.int64)
-        return cls(stream, doc_ids, stream.doc_lengths[doc_ids] - 1, byte_counts)
+        sidecar = load_sidecar(stream)
+        if sidecar is not None:
+            byte_counts = sidecar_document_bytes(stream, sidecar, tables)[doc_ids]
+        else:
+            byte_counts = np.array([document_bytes(tables, stream.document(i)) for i in doc_ids], dtype=np.int64)
+        return cls(stream, doc_ids, stream.doc_lengths[doc_ids] - 1, byte_counts, sidecar is not None)
 
     @property
     def num_docs(self) -> int:
@@ -458,4 +531,86 @@ class ValidationSet:
     def subset(self, ks) -> ValidationSet:
         """The same set restricted to (and ordered as) the selected documents ks."""
         ks = np.asarray(ks, dtype=np.int64)
-        return ValidationSet(self.stream, self.doc_ids[ks], self.token_counts[ks], self.byte_counts[ks])
+        return ValidationSet(self.stream, self.doc_ids[ks], self.token_counts[ks], self.byte_counts[ks], self.sidecar)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The byte sidecar of a validation split (parameter-golf's CaseOps format): PREFIX_val_bytes_N.bin beside every
+# PREFIX_val_N.bin, the shard format with one uint16 per token: the bytes of the original text that token stands for,
+# 0 for a BOS. BPB then counts the sidecar's bytes. Refused (DataError naming the file): a shard without its sidecar or
+# a sidecar without its shard, another number of entries than its shard has tokens, a BOS that counts bytes, an acting
+# CaseOps operator that counts bytes, and, for a lossless tokenizer, a document whose sum is not what its tokens stand
+# for (token_original_bytes). A lossy tokenizer's tokens do not say how many bytes the text had (parameter-golf's
+# CaseOps tokenizer folds whitespace and NFKC): there, `speedrun audit --texts` checks the sums against the text.
+
+
+def sidecar_path(shard_path: str) -> str:
+    directory, name = os.path.split(shard_path)
+    at = name.rfind("_val_")
+    return os.path.join(directory, name[:at] + "_val_bytes_" + name[at + len("_val_"):])
+
+
+def load_sidecar(stream: TokenStream) -> np.ndarray | None:
+    """The sidecar of a validation stream as one array parallel to its virtual token array, or None when the folder
+    has no sidecar file."""
+    directory = os.path.dirname(stream.files[0])
+    present = sorted(f for f in glob.glob(os.path.join(directory, "*_val_bytes_*.bin")) if is_sidecar(f))
+    if not present:
+        return None
+    expected = [sidecar_path(f) for f in stream.files]
+    for extra in sorted(set(present) - set(expected)):
+        raise DataError(f"{extra}: byte sidecar without its validation shard")
+    parts = []
+    for shard_path, tokens, path in zip(stream.files, stream.shards, expected):
+        if not os.path.exists(path):
+            raise DataError(f"{path}: byte sidecar missing for {os.path.basename(shard_path)} (the folder has "
+                            f"sidecars for other validation shards)")
+        counts = load_shard(path)
+        if len(counts) != len(tokens):
+            raise DataError(f"{path}: {len(counts)} byte entries, but {os.path.basename(shard_path)} has "
+                            f"{len(tokens)} tokens (one entry per token)")
+        bos = np.flatnonzero(np.asarray(tokens) == BOS_ID)
+        counted = bos[np.asarray(counts)[bos] != 0]
+        if len(counted):
+            raise DataError(f"{path}: entry {int(counted[0])} counts {int(counts[counted[0]])} bytes for a BOS"
+                            " (a BOS counts 0)")
+        parts.append(np.asarray(counts))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _sidecar_file_at(stream: TokenStream, position: int) -> str:
+    shard = int(np.searchsorted(stream.shard_offsets, position, side="right")) - 1
+    return sidecar_path(stream.files[shard])
+
+
+def sidecar_document_bytes(stream: TokenStream, sidecar: np.ndarray, tables: ByteTables,
+                           group_tokens: int = 1 << 22) -> np.ndarray:
+    """int64 bytes of every document of the stream, from its sidecar, after checking them against the tokens (see
+    above). Documents are taken in groups of about group_tokens tokens, so memory stays bounded."""
+    sums = np.zeros(stream.num_docs, dtype=np.int64)
+    d = 0
+    while d < stream.num_docs:
+        e = d + 1
+        while e < stream.num_docs and stream.doc_starts[e] - stream.doc_starts[d] < group_tokens:
+            e += 1
+        start, stop = int(stream.doc_starts[d]), int(stream.doc_starts[e]) if e < stream.num_docs else stream.num_tokens
+        tokens = stream.read(start, stop)
+        counts = sidecar[start:stop].astype(np.int64)
+        local = stream.doc_starts[d:e] - start
+        sums[d:e] = np.add.reduceat(counts, local)
+        acting = acting_operators(tables, tokens)
+        wrong = np.flatnonzero(acting & (counts != 0))
+        if len(wrong):
+            p = start + int(wrong[0])
+            raise DataError(f"{_sidecar_file_at(stream, p)}: token {p} of the split is a CaseOps operator but counts "
+                            f"{int(counts[wrong[0]])} bytes (an operator counts 0)")
+        if tables.lossless:
+            expected = np.add.reduceat(token_original_bytes(tables, tokens), local)
+            bad = np.flatnonzero(expected != sums[d:e])
+            if len(bad):
+                k = d + int(bad[0])
+                raise DataError(f"{_sidecar_file_at(stream, int(stream.doc_starts[k]))}: validation document {k} "
+                                f"counts {int(sums[k])} bytes in the sidecar, its tokens stand for "
+                                f"{int(expected[bad[0]])}")
+        d = e
+    return sums

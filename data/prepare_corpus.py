@@ -1,7 +1,7 @@
 """Turn a local text corpus into token shards for train_gpt.py.
 
     python -m data.prepare_corpus --input FILE(.jsonl|.jsonl.gz|.txt|dir) --out DIR
-        [--tokenizer MODEL | --vocab-size 1024] [--val-docs 60] [--val-select spread|first]
+        [--tokenizer MODEL | --vocab-size 1024] [--caseops] [--val-docs 60] [--val-select spread|first]
         [--decontaminate-share 0.2] [--decontaminate-ngram 8]
         [--shard-tokens 100000000] [--name PREFIX] [--character-coverage 0.9995] [--skip-if-current]
 
@@ -50,6 +50,13 @@ Output (DIR)
   digits, '.', '_' and '-' become '-'. Shards of the same PREFIX already in DIR are replaced (extra old ones removed);
   shards of another prefix in DIR are an error, because train_gpt.py reads every *_train_*.bin of DATA_PATH.
 
+CaseOps (--caseops)
+  The tokenizer reads the CaseOps form of each document (data/caseops.py; its operators are user-defined pieces) and
+  the validation split gets a byte sidecar, {PREFIX}_val_bytes_000000.bin, ... beside its shards: the shard format with
+  one uint16 per token, the bytes of the original text that token stands for (0 for BOS and for an operator), which
+  bits per byte then counts (data/loader.py). The manifest's parameters.text_transform names the transform and
+  splits.val.sidecar lists the files and their byte total.
+
 The trained tokenizer is a lossless SentencePiece BPE (identity normalisation, byte fallback, no whitespace removal, no
 dummy prefix, split digits; ids pad 0, bos 1, eos 2, unk 3), trained on the train split only. The only text it cannot
 reproduce is the character U+2581 "▁" itself, which decodes to a space; such documents are counted in the manifest
@@ -79,8 +86,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data import caseops
 from data.files import remove_quietly, sha256_file, write_temp
-from data.loader import SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
+from data.loader import (CASEOPS_OPERATORS, SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION,
+                         DataError, build_byte_tables, token_original_bytes)
 from data.shards import ShardError, ShardWriter
 
 BOS_ID = 1
@@ -325,9 +334,11 @@ def near_duplicates_of_validation(read_documents, val_positions: list[int], n: i
 # Tokenizer
 
 
-def trainer_settings(vocab_size: int, character_coverage: float) -> dict:
-    """The SentencePiece trainer arguments of a lossless BPE (recorded in the manifest)."""
-    return dict(
+def trainer_settings(vocab_size: int, character_coverage: float, with_caseops: bool = False) -> dict:
+    """The SentencePiece trainer arguments of a lossless BPE (recorded in the manifest); with CaseOps, its four
+    operators are user-defined symbols (one piece each, ids 4-7, as in parameter-golf's CaseOps tokenizer)."""
+    extra = {"user_defined_symbols": list(CASEOPS_OPERATORS)} if with_caseops else {}
+    return dict(**extra,
         model_type="bpe",
         vocab_size=vocab_size,
         normalization_rule_name="identity",
@@ -432,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-if-current", action="store_true",
                    help="do nothing when --out already holds this input prepared with these parameters by this version"
                         " of the script (run.sh and the tests prepare the sample this way)")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps (data/caseops.py): the tokenizer reads the case-transformed text, its operators are"
+                        " user-defined pieces, and the validation split gets a byte sidecar of the original text's bytes"
+                        " (PREFIX_val_bytes_*.bin), which bits per byte then counts")
     p.add_argument("--character-coverage", type=float, default=None,
                    help=f"SentencePiece character_coverage when training (default {DEFAULT_CHARACTER_COVERAGE}: the"
                         " rarest characters go through byte fallback instead of taking pieces; still lossless)")
@@ -473,7 +488,7 @@ def check_out_dir(out: str, prefix: str) -> None:
                                          " data; choose another name")
     if not os.path.isdir(out):
         return
-    mine = re.compile(re.escape(prefix) + r"_(train|val)_\d{6}\.bin")
+    mine = re.compile(re.escape(prefix) + r"_(train|val|val_bytes)_\d{6}\.bin")
     for name in sorted(os.listdir(out)):
         if (fnmatch.fnmatchcase(name, "*_train_*.bin") or fnmatch.fnmatchcase(name, "*_val_*.bin")) \
                 and not mine.fullmatch(name):
@@ -489,7 +504,8 @@ def manifest_parameters(args, prefix: str) -> dict:
             "shard_tokens": args.shard_tokens, "name": prefix,
             "vocab_size": (args.vocab_size or DEFAULT_VOCAB_SIZE) if trained else None,
             "character_coverage": args.character_coverage if trained else None,
-            "tokenizer": None if trained else os.path.basename(args.tokenizer)}
+            "tokenizer": None if trained else os.path.basename(args.tokenizer),
+            **({"text_transform": caseops.TRANSFORM_NAME} if args.caseops else {})}
 
 
 def is_current(args, prefix: str, kind: str) -> bool:
@@ -505,7 +521,7 @@ def is_current(args, prefix: str, kind: str) -> bool:
             or not os.path.isfile(os.path.join(args.out, "tokenizer.model"))):
         return False
     for split in manifest["splits"].values():
-        for entry in split["files"]:
+        for entry in split["files"] + split.get("sidecar", {}).get("files", []):
             path = os.path.join(args.out, entry["name"])
             if not os.path.isfile(path) or os.path.getsize(path) != SHARD_HEADER_BYTES + 2 * entry["tokens"]:
                 return False
@@ -524,6 +540,11 @@ def run(args) -> dict:
     given = None
     if args.tokenizer is not None:
         given = load_tokenizer_file(args.tokenizer)  # fail early, before reading a large input
+        if args.caseops:
+            try:
+                caseops.check_tokenizer(given[0], args.tokenizer)
+            except DataError as e:
+                raise PrepareError(args.tokenizer, str(e).split(": ", 1)[1]) from None
     check_out_dir(args.out, prefix)
 
     # Pass 1: validate every document and count them before anything is written or trained.
@@ -562,16 +583,18 @@ def run(args) -> dict:
     # Pass 2: the tokenizer (trained on the train split only, in input order), still in memory.
     import sentencepiece as spm
 
+    to_model = caseops.encode if args.caseops else (lambda text: text)  # what the tokenizer reads
+
     if given is not None:
         sp, model_bytes = given
         settings = None
     else:
-        settings = trainer_settings(args.vocab_size or DEFAULT_VOCAB_SIZE, args.character_coverage)
+        settings = trainer_settings(args.vocab_size or DEFAULT_VOCAB_SIZE, args.character_coverage, args.caseops)
         print(f"training a {settings['vocab_size']}-piece BPE tokenizer on"
               f" {documents - args.val_docs - len(dropped)} documents"
               f" ({train_bytes / 1e6:.1f} MB)", flush=True)
         t0 = time.perf_counter()
-        train_texts = (text for i, (text, _) in enumerate(iter_documents(args.input, kind))
+        train_texts = (to_model(text) for i, (text, _) in enumerate(iter_documents(args.input, kind))
                        if i not in val_positions and i not in dropped_positions)
         model_bytes = train_tokenizer(train_texts, settings, args.input)
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -581,6 +604,9 @@ def run(args) -> dict:
     created_out = not os.path.isdir(args.out)
     os.makedirs(args.out, exist_ok=True)
     writers = {split: ShardWriter(args.out, prefix, split, args.shard_tokens) for split in ("val", "train")}
+    sidecar = ShardWriter(args.out, prefix, "val_bytes", args.shard_tokens) if args.caseops else None
+    tables = build_byte_tables(sp, sp.vocab_size(), args.tokenizer or "the trained tokenizer") if args.caseops else None
+    sidecar_bytes = 0
     stats = {"val": SplitStats(), "train": SplitStats()}
     temps: list[tuple[str, str]] = []  # (temporary, final) of the tokenizer and the manifest
     threads = max(1, os.cpu_count() or 1)
@@ -592,7 +618,8 @@ def run(args) -> dict:
             batch: list[tuple[int, str, int]] = []  # (input position, text, UTF-8 bytes)
 
             def flush_batch():
-                ids_list = sp.encode([text for _, text, _ in batch], num_threads=threads)
+                nonlocal sidecar_bytes
+                ids_list = sp.encode([to_model(text) for _, text, _ in batch], num_threads=threads)
                 decoded = sp.decode(ids_list, num_threads=threads)
                 for (position, text, nbytes), ids, back in zip(batch, ids_list, decoded):
                     split = "val" if position in val_positions else "train"
@@ -604,7 +631,16 @@ def run(args) -> dict:
                     s.documents += 1
                     s.tokens += len(doc)
                     s.bytes += nbytes
-                    s.decoded_bytes += len(back.encode("utf-8"))
+                    counts = token_original_bytes(tables, doc) if tables is not None else None
+                    if args.caseops:
+                        try:
+                            back = caseops.decode(back)
+                        except caseops.CaseOpsError:
+                            back = None  # does not decode to a CaseOps string: counted as not round trip
+                    s.decoded_bytes += len(back.encode("utf-8")) if back is not None else int(counts.sum())
+                    if split == "val" and sidecar is not None:
+                        sidecar.write(counts)
+                        sidecar_bytes += int(counts.sum())
                     if back != text:
                         s.not_round_trip += 1
                         if s.first_not_round_trip is None:
@@ -633,6 +669,8 @@ def run(args) -> dict:
             for tmp, final, tokens in writers[split].finish():
                 stats[split].files.append({"name": os.path.basename(final), "tokens": tokens,
                                            "sha256": sha256_file(tmp)})
+        sidecar_files = [{"name": os.path.basename(final), "tokens": tokens, "sha256": sha256_file(tmp)}
+                         for tmp, final, tokens in (sidecar.finish() if sidecar is not None else [])]
 
         tokenizer_path = os.path.join(args.out, "tokenizer.model")
         tokenizer_info = {
@@ -653,7 +691,8 @@ def run(args) -> dict:
                              "token_dtype": "uint16",
                              "bos_id": BOS_ID, "eos_appended": False},
             "tokenizer": tokenizer_info,
-            "splits": {"val": stats["val"].manifest(),
+            "splits": {"val": {**stats["val"].manifest(),
+                               **({"sidecar": {"files": sidecar_files, "bytes": sidecar_bytes}} if sidecar else {})},
                        "train": {**stats["train"].manifest(), "dropped": [d.manifest() for d in dropped]}},
             "sentencepiece_version": spm.__version__,
         }
@@ -666,14 +705,16 @@ def run(args) -> dict:
         written = set()
         for split in ("val", "train"):
             written.update(os.path.basename(p) for p in writers[split].commit())
+        if sidecar is not None:
+            written.update(os.path.basename(p) for p in sidecar.commit())
         os.replace(*temps[0])
-        stale = re.compile(re.escape(prefix) + r"_(train|val)_\d{6}\.bin")
+        stale = re.compile(re.escape(prefix) + r"_(train|val|val_bytes)_\d{6}\.bin")
         for name in sorted(os.listdir(args.out)):
             if stale.fullmatch(name) and name not in written:
                 os.remove(os.path.join(args.out, name))
         os.replace(*temps[1])
     except BaseException:
-        for writer in writers.values():
+        for writer in list(writers.values()) + ([sidecar] if sidecar is not None else []):
             writer.abort()
         for tmp, _ in temps:
             remove_quietly(tmp)

@@ -683,3 +683,104 @@ def test_record_verify_checks_the_dataset_fingerprint(clean, tmp_path, capsys):
     shutil.move(str(clean_copy), str(moved))
     failures, summary = record_check.verify_record(folder)
     assert failures == [] and "dataset not on this machine" in summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CaseOps datasets and their byte sidecar (issue 30)
+
+
+def caseops_texts(count: int, seed: int) -> list[str]:
+    """make_texts with capitals (Title, ALL CAPS, mIxed) and, in one text, the operator characters themselves."""
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for k, text in enumerate(make_texts(count, seed)):
+        words = text.split(" ")
+        for j in range(len(words)):
+            r = rng.random()
+            words[j] = words[j].title() if r < 0.2 else words[j].upper() if r < 0.25 else \
+                words[j][:1] + words[j][1:].upper() if r < 0.28 else words[j]
+        out.append(" ".join(words) + (" \ue001\ue004X \ue002Y" if k == 3 else ""))
+    return out
+
+
+@pytest.fixture(scope="module")
+def caseops_clean(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    base = tmp_path_factory.mktemp("caseops")
+    texts = caseops_texts(60, seed=3)
+    src = write_jsonl(base / "texts.jsonl", texts)
+    return prepare(base / "data", src, "--caseops"), src, texts
+
+
+def test_caseops_dataset_passes_with_its_texts(caseops_clean):
+    data, src, texts = caseops_clean
+    code, report = audit_in_process(data, "--shingle", "0", "--texts", src)
+    assert code == 0, {k: v["summary"] for k, v in report["checks"].items()}
+    checks = report["checks"]
+    assert checks["sidecar"]["status"] == "ok" and checks["texts"]["status"] == "ok"
+    original = sum(len(t.encode("utf-8")) for t in texts[:VAL_DOCS])
+    assert checks["sidecar"]["bytes"] == original and checks["sidecar"]["operators"] > 0
+    assert checks["bytes"]["bytes"] == original + 3 * checks["sidecar"]["operators"]  # each operator: 3 UTF-8 bytes
+    assert checks["completeness"]["bytes"] == original
+
+
+def planted_sidecar(data: Path, tmp_path: Path, change) -> Path:
+    out = tmp_path / "planted"
+    shutil.copytree(data, out)
+    path = sorted(out.glob("*_val_bytes_*.bin"))[0]
+    shards.write_shard(path, change(loader_counts(path)))
+    return out
+
+
+def loader_counts(path: Path) -> np.ndarray:
+    from data import loader
+
+    return np.array(loader.load_shard(str(path)), dtype=np.int64)
+
+
+def test_audit_catches_a_sidecar_off_by_one_byte_in_one_document(caseops_clean, tmp_path):
+    data, src, _ = caseops_clean
+    tokens = loader_counts(sorted(data.glob("*_val_0*.bin"))[0])
+    doc2 = int(np.flatnonzero(tokens == 1)[2])  # document 2's BOS
+
+    def plus_one(c):
+        c[doc2 + 2] += 1
+        return c
+    out = planted_sidecar(data, tmp_path, plus_one)
+    code, report = audit_in_process(out, "--shingle", "0", "--texts", src)
+    checks = report["checks"]
+    assert code == 1
+    assert checks["sidecar"]["status"] == "fault" and checks["sidecar"]["differs_from_tokens"][0]["id"] == 2
+    assert checks["texts"]["status"] == "fault"
+    assert [f["id"] for f in checks["texts"]["faults"]] == [2] and "sidecar counts" in checks["texts"]["faults"][0][
+        "problem"]
+
+
+def test_audit_catches_operators_that_count_bytes(caseops_clean, tmp_path):
+    data, _, _ = caseops_clean
+    tokens = loader_counts(sorted(data.glob("*_val_0*.bin"))[0])
+    ops = np.flatnonzero((tokens >= 4) & (tokens <= 6))  # TITLE, ALLCAPS, CAPNEXT
+
+    def three(c):
+        c[ops] = 3  # the operators' UTF-8 length: the transformed text's bytes, not the original's
+        return c
+    code, report = audit_in_process(planted_sidecar(data, tmp_path, three), "--shingle", "0")
+    assert code == 1 and report["checks"]["sidecar"]["status"] == "fault"
+    assert "operators count bytes" in report["checks"]["sidecar"]["summary"]
+
+
+def test_a_claim_on_the_transformed_bytes_is_caught(caseops_clean, tmp_path):
+    data, _, _ = caseops_clean
+    _, report = audit_in_process(data, "--shingle", "0")
+    tokens = report["checks"]["bytes"]["tokens"]
+    exact, transformed = report["checks"]["sidecar"]["bytes"], report["checks"]["bytes"]["bytes"]
+    loss = 2.5
+    right = loss * tokens / math.log(2) / exact
+    code, report = audit_in_process(data, "--shingle", "0", "--claim",
+                                    claim_log(tmp_path / "ok.txt", loss, right, VAL_DOCS, tokens, exact))
+    assert code == 0, report["checks"]["claim"]["summary"]
+    wrong = loss * tokens / math.log(2) / transformed  # counted on the CaseOps text: a better-looking BPB
+    code, report = audit_in_process(data, "--shingle", "0", "--claim",
+                                    claim_log(tmp_path / "bad.txt", loss, wrong, VAL_DOCS, tokens, transformed))
+    c = report["checks"]["claim"]
+    assert code == 1 and c["claims"][0]["implied_bytes"] == pytest.approx(transformed, abs=0.5)
+    assert f"the exact count is {exact:,}" in c["summary"]

@@ -950,3 +950,110 @@ def test_download_unreachable_hub_real_client(tmp_path, env):
     if "HF_ENDPOINT" in env:
         assert lines[0].startswith("error: cannot reach the Hugging Face hub (http://127.0.0.1:9): ")
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Larger vocabularies (issue 30): 4096 and 8192 pieces train, write and load like 1024, CaseOps included
+
+
+@pytest.mark.parametrize("vocab,extra", [(4096, []), (8192, ["--caseops"])])
+def test_larger_vocabularies_train_and_load(tmp_path, vocab, extra):
+    texts = [t for t, _ in prepare_corpus.iter_documents(str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "jsonl.gz")]
+    src = tmp_path / "peps40.jsonl"
+    write_jsonl(src, texts[:40])  # 0.54 MB: enough text for 8192 pieces
+    out = tmp_path / "out"
+    assert prepare_corpus.main(["--input", str(src), "--out", str(out), "--vocab-size", str(vocab), "--val-docs", "4",
+                                *extra]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    sp = loader.load_tokenizer(str(out / "tokenizer.model"))
+    assert sp.vocab_size() == vocab == manifest["tokenizer"]["vocab_size"]
+    train = loader.TokenStream(loader.split_pattern(str(out), "train"), vocab)
+    assert int(max(s.max() for s in train.shards)) >= vocab // 2  # the upper half of the ids is used
+    with pytest.raises(loader.DataError, match="is >= vocab size 1024"):
+        loader.TokenStream(loader.split_pattern(str(out), "train"), 1024)
+    tables = loader.build_byte_tables(sp, vocab, str(out / "tokenizer.model"))
+    val = loader.ValidationSet.load(str(out), vocab, tables)
+    assert val.sidecar == bool(extra)
+    assert int(val.byte_counts.sum()) == manifest["splits"]["val"]["decoded_bytes"] == manifest["splits"]["val"]["bytes"]
+    with pytest.raises(loader.DataError, match="more than VOCAB_SIZE=1024"):
+        loader.build_byte_tables(sp, 1024, str(out / "tokenizer.model"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Published variants (issue 30): the CaseOps export with its byte sidecar, from its own repository
+
+
+def test_variant_names_and_their_repositories(monkeypatch):
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
+    assert download_fineweb.dataset_dir_for_variant("sp8192") == "fineweb10B_sp8192"
+    assert download_fineweb.dataset_dir_for_variant("sp8192_caseops") == \
+        "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    assert download_fineweb.repo_for_variant("sp4096") == "kevclark/parameter-golf"
+    assert download_fineweb.repo_for_variant("sp8192_caseops") == "romeerp/parameter-golf-caseops-v1"
+    assert download_fineweb.repo_for_variant("sp1024") == "willdepueoai/parameter-golf"
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "me/my-export")
+    assert download_fineweb.repo_for_variant("sp8192") == "me/my-export"
+    with pytest.raises(download_fineweb.DownloadError, match="--variant SP-1024"):
+        download_fineweb.dataset_dir_for_variant("SP-1024")
+
+
+@pytest.fixture(scope="module")
+def caseops_hub(tmp_path_factory):
+    """A local copy of a CaseOps dataset repository in parameter-golf's layout: one val shard with its sidecar, two
+    train shards, the tokenizer, and a manifest whose dataset entry has val_bytes_glob."""
+    base = tmp_path_factory.mktemp("caseops_hub")
+    texts = [t for t, _ in prepare_corpus.iter_documents(str(ROOT / "data" / "sample" / "peps.jsonl.gz"), "jsonl.gz")]
+    write_jsonl(base / "c.jsonl", texts[:24])
+    prepared_dir = base / "prepared"
+    assert prepare_corpus.main(["--input", str(base / "c.jsonl"), "--out", str(prepared_dir), "--vocab-size", "600",
+                                "--val-docs", "4", "--caseops", "--shard-tokens", "40000"]) == 0
+    variant = download_fineweb.CASEOPS_VARIANT
+    remote = base / "repo" / "datasets"
+    (remote / "datasets" / f"fineweb10B_{variant}").mkdir(parents=True)
+    (remote / "tokenizers").mkdir()
+    names = {"c_val_000000.bin": "fineweb_val_000000.bin", "c_val_bytes_000000.bin": "fineweb_val_bytes_000000.bin",
+             "c_train_000000.bin": "fineweb_train_000000.bin", "c_train_000001.bin": "fineweb_train_000001.bin"}
+    for ours, theirs in names.items():
+        shutil.copyfile(prepared_dir / ours, remote / "datasets" / f"fineweb10B_{variant}" / theirs)
+    model = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    shutil.copyfile(prepared_dir / "tokenizer.model", remote / model)
+    manifest = {"datasets": [{"name": f"fineweb10B_{variant}", "tokenizer_name": "caseops", "vocab_size": 600,
+                              "val_bytes_glob": "fineweb_val_bytes_*.bin",
+                              "stats": {"files_train": 2, "files_val": 1}}],
+                "tokenizers": [{"name": "caseops", "vocab_size": 600, "model_path": model,
+                                "text_transform": "lossless_caps_caseops_v1"}]}
+    (remote / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return base / "repo", variant, json.loads((prepared_dir / "manifest.json").read_text())
+
+
+def test_download_the_caseops_variant_with_its_sidecar(tmp_path, caseops_hub, monkeypatch, capsys):
+    root, variant, ours = caseops_hub
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
+
+    class Hub(FakeHub):
+        def sizes(self, repo_id, revision, paths):
+            assert repo_id == "romeerp/parameter-golf-caseops-v1"
+            return {p: (self.root / p).stat().st_size for p in paths if (self.root / p).is_file()}
+
+    fake = Hub(root)
+    monkeypatch.setattr(download_fineweb, "hub_sizes", fake.sizes)
+    monkeypatch.setattr(download_fineweb, "hub_download", fake.download)
+    assert download_fineweb.main(["--out", str(tmp_path), "--variant", "sp8192_caseops", "--train-shards", "1"]) == 0
+    shard_dir = f"datasets/datasets/fineweb10B_{variant}"
+    assert f"{shard_dir}/fineweb_val_bytes_000000.bin" in fake.downloads
+    data_path = tmp_path / "datasets" / f"fineweb10B_{variant}"
+    sp = loader.load_tokenizer(str(data_path / "tokenizer.model"))
+    val = loader.ValidationSet.load(str(data_path), 600, loader.build_byte_tables(sp, 600, "t"))
+    assert val.sidecar and int(val.byte_counts.sum()) == ours["splits"]["val"]["bytes"]
+    # a sidecar that does not fit its shard is refused after the download, naming the file
+    bad = root / shard_dir / "fineweb_val_bytes_000000.bin"
+    good = bad.read_bytes()
+    try:
+        shards.write_shard(bad, np.zeros(7, dtype=np.uint16))
+        (data_path / "fineweb_val_bytes_000000.bin").unlink()
+        capsys.readouterr()
+        assert download_fineweb.main(["--out", str(tmp_path), "--variant", "sp8192_caseops", "--train-shards", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: ") and "fineweb_val_bytes_000000.bin: 7 byte entries" in err
+    finally:
+        bad.write_bytes(good)

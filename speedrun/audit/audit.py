@@ -24,6 +24,13 @@ Checks, one line each in the summary (`ok`, `FAULT`, or `info` for a report that
   convention    the widely copied lookup-table count (a piece's UTF-8 length without its leading "▁", plus one space
                 byte unless the previous token is a boundary; byte-fallback pieces one byte) against the exact count,
                 in bytes and as the BPB error it causes (info, not a fault)
+  sidecar       when the dataset has a byte sidecar (*_val_bytes_*.bin, one uint16 per token: the original text's bytes,
+                as prepare_corpus --caseops and parameter-golf's CaseOps export write it): the loader's structural checks
+                (data.loader.load_sidecar), every acting CaseOps operator at 0 bytes, per document the sum against the
+                bytes its tokens stand for (data.loader.token_original_bytes; a fault only for a lossless tokenizer);
+                the claim and completeness checks then count the sidecar's bytes, and --texts checks each document's
+                sum against its text's UTF-8 length. A CaseOps tokenizer's documents are decoded and inverse-
+                transformed (data/caseops.py) before they are compared with the texts
   texts         with --texts: every decoded validation document equals its original text; a lossy tokenizer (the
                 shard tokens are exactly the tokenizer's encoding of the text, which does not decode back) is
                 reported with examples, a document that is not the encoding of its text is a fault (truncated,
@@ -60,8 +67,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 from data.files import sha256_file
-from data.loader import (BOS_ID, SHARD_HEADER_BYTES, DataError, build_byte_tables, load_shard, load_tokenizer,
-                         split_pattern)
+from data import caseops
+from data.loader import (BOS_ID, SHARD_HEADER_BYTES, DataError, TokenStream, acting_operators, build_byte_tables,
+                         load_shard, load_sidecar, load_tokenizer, split_files, split_pattern, token_original_bytes)
 from speedrun.analysis.run_log import printed_decimals, read_run
 
 DEFAULT_SHINGLE = 8
@@ -768,14 +776,17 @@ class Auditor:
             raise UsageError(f"{self.tokenizer_path}: the tokenizer's BOS id is {self.sp.bos_id()}, shards need "
                              f"{self.bos}")
         self.vocab = a.vocab_size or self.sp.vocab_size()
-        self.val_files = sorted(glob.glob(split_pattern(a.data_dir, "val")))
-        self.train_files = sorted(glob.glob(split_pattern(a.data_dir, "train")))
+        self.val_files = split_files(a.data_dir, "val")  # without the byte sidecars (*_val_bytes_*.bin)
+        self.train_files = split_files(a.data_dir, "train")
         if not self.val_files:
             raise UsageError(f"{a.data_dir}: no *_val_*.bin shards")
         self.manifest, self.manifest_path, self.manifest_problem = read_manifest(a.data_dir)
         # exact tables (the project's), sized to every uint16 id: ids past the tokenizer count 0 bytes
         self.tables = build_byte_tables(self.sp, 1 << 16, self.tokenizer_path)
         self.convention = convention_tables(self.sp, self.tables)
+        # a CaseOps tokenizer (its operators are pieces): the texts are compared through the transform
+        self.caseops = self.tables.has_caseops
+        self.sidecar_sums = None  # per validation document, when the dataset has a byte sidecar
 
     # -- passes --------------------------------------------------------------------------------------------------------
 
@@ -815,6 +826,7 @@ class Auditor:
         self.overlap(train_shards)
         self.near_overlap()
         self.bytes_check()
+        self.sidecar_check()
         self.texts_check()
         self.completeness()
         self.claims_check()
@@ -1018,9 +1030,10 @@ class Auditor:
                                              f"len(decode(ids)) (id {_ids(bad)})", details))
         else:
             extra = f" ({len(undecodable)} with ids beyond the tokenizer not decoded)" if undecodable else ""
+            what = (" (of the CaseOps text the tokens decode to; bits per byte counts the original's: the sidecar)"
+                    if self.caseops else f"; {per_byte:.6f} tokens/byte: val_bpb = val_loss x {per_byte / math.log(2):.6f}")
             self.add(Check("bytes", "ok", f"{fmt(total)} bytes in {fmt(n)} documents, tables == len(decode) for every "
-                                          f"document{extra}; {per_byte:.6f} tokens/byte: val_bpb = val_loss x "
-                                          f"{per_byte / math.log(2):.6f}", details))
+                                          f"document{extra}{what}", details))
         # the convention
         conv_total = int(self.conv_bytes.sum())
         diff = conv_total - total
@@ -1039,6 +1052,69 @@ class Auditor:
                                                  f"{diff:+,} ({diff / total:+.3%}) in {len(docs_off)} documents (id "
                                                  f"{_ids(docs_off)}): it would report val_bpb x {1 + rel:.6f}, "
                                                  f"{rel:+.6f} per 1.0 of BPB", cdetails))
+
+    def sidecar_check(self):
+        """The byte sidecar (*_val_bytes_*.bin), when the dataset has one: its structure (the loader's checks), per
+        document acting CaseOps operators at 0 bytes and, for a lossless tokenizer, the sum against what the tokens
+        stand for; its sums then are the exact bytes of the claim and completeness checks (texts: against the text)."""
+        if not any(glob.glob(os.path.join(self.data_dir, "*_val_bytes_*.bin"))):
+            if self.caseops and len(self.val_starts):  # as data.loader.document_bytes counts them then
+                derived = np.add.reduceat(token_original_bytes(self.tables, self.val), self.val_starts)
+                self.doc_bytes = derived
+                self.add(Check("sidecar", "info", f"a CaseOps tokenizer without a byte sidecar: {fmt(int(derived.sum()))}"
+                                                  " bytes, what the tokens stand for with every operator at 0 bytes "
+                                                  "(the loader's count)", {"bytes": int(derived.sum())}))
+            return
+        n = len(self.val_starts)
+        try:
+            sidecar = load_sidecar(TokenStream(split_pattern(self.data_dir, "val"), 1 << 16))
+        except DataError as e:
+            self.add(Check("sidecar", "fault", str(e)))
+            return
+        if sidecar is None or len(sidecar) != len(self.val) or n == 0:
+            self.add(Check("sidecar", "fault", f"{self.data_dir}: the sidecar files do not cover the validation split"))
+            return
+        counts = sidecar.astype(np.int64)
+        sums = np.add.reduceat(counts, self.val_starts)
+        derived = np.add.reduceat(token_original_bytes(self.tables, self.val), self.val_starts)
+        acting = acting_operators(self.tables, self.val)
+        op_docs = np.unique(np.searchsorted(self.val_starts, np.flatnonzero(acting & (counts != 0)), side="right") - 1)
+        off = np.flatnonzero(sums != derived)
+        total = int(sums.sum())
+        scored = int((self.val_lengths - 1).sum())
+        details = {"bytes": total, "tables_bytes": int(self.doc_bytes.sum()), "operators": int(acting.sum()),
+                   "tokens_per_byte": scored / max(total, 1), "lossless_tokenizer": self.tables.lossless,
+                   "operator_bytes_documents": op_docs.tolist(),
+                   "differs_from_tokens": [{"id": int(i), "sidecar": int(sums[i]), "tokens": int(derived[i])}
+                                           for i in off[:MAX_LISTED]]}
+        self.sidecar_sums = sums
+        self.doc_bytes = sums  # the claim and completeness checks count the sidecar's bytes
+        if len(op_docs):
+            self.add(Check("sidecar", "fault", f"CaseOps operators count bytes in {len(op_docs)} documents (id "
+                                               f"{_ids(op_docs.tolist())}): an operator stands for 0 bytes", details))
+        elif len(off) and self.tables.lossless:
+            self.add(Check("sidecar", "fault", f"{len(off)} of {n} documents: the sidecar's sum differs from the bytes "
+                                               f"their tokens stand for (id {_ids(off.tolist())}; e.g. "
+                                               f"{int(sums[off[0]])} against {int(derived[off[0]])})", details))
+        else:
+            lossy = (f"; the tokenizer is lossy, so {len(off)} documents' sums are checked against their texts only"
+                     f" (--texts)" if len(off) else "")
+            self.add(Check("sidecar", "ok", f"{fmt(total)} bytes in {fmt(n)} documents ({fmt(int(acting.sum()))} "
+                                            f"operators at 0 bytes); {scored / max(total, 1):.6f} tokens/byte: val_bpb "
+                                            f"= val_loss x {scored / max(total, 1) / math.log(2):.6f}{lossy}", details))
+
+    def to_model(self, text: str) -> str:
+        """The text the tokenizer read: CaseOps-encoded for a CaseOps tokenizer."""
+        return caseops.encode(text) if self.caseops else text
+
+    def from_model(self, decoded: str) -> str | None:
+        """The original text of a decoded document (None: not a CaseOps string)."""
+        if not self.caseops:
+            return decoded
+        try:
+            return caseops.decode(decoded)
+        except caseops.CaseOpsError:
+            return None
 
     def texts_check(self):
         a = self.args
@@ -1107,16 +1183,21 @@ class Auditor:
             return 0
         docs = {i: self._doc_tokens(i) for i, _ in in_val}
         decodable = [i for i, _ in in_val if not len(docs[i]) or int(docs[i].max()) < self.sp.vocab_size()]
-        decoded = dict(zip(decodable, self.sp.decode([docs[i][1:].tolist() for i in decodable], num_threads=threads)))
+        decoded = dict(zip(decodable, (self.from_model(t) for t in
+                                       self.sp.decode([docs[i][1:].tolist() for i in decodable], num_threads=threads))))
         following = dict(batch + ([after] if after else []))
         for i, text in in_val:
+            if self.sidecar_sums is not None and int(self.sidecar_sums[i]) != len(text.encode("utf-8")):
+                faults.append({"id": i, "problem": f"the sidecar counts {int(self.sidecar_sums[i])} bytes, its text "
+                                                   f"has {len(text.encode('utf-8'))}"})
+                continue
             if i in decoded and decoded[i] == text:
                 equal += 1
                 continue
-            ids = np.asarray(self.sp.encode(text), dtype=np.int64)
+            ids = np.asarray(self.sp.encode(self.to_model(text)), dtype=np.int64)
             have = docs[i][1:].astype(np.int64)
             if np.array_equal(ids, have):
-                lossy.append({"id": i, **_snippet(text, decoded.get(i, ""))} if len(lossy) < 1000 else {"id": i})
+                lossy.append({"id": i, **_snippet(text, decoded.get(i) or "")} if len(lossy) < 1000 else {"id": i})
                 continue
             if len(have) < len(ids) and np.array_equal(ids[:len(have)], have):
                 problem = f"truncated: {len(have)} of its text's {len(ids)} tokens"
@@ -1124,7 +1205,7 @@ class Auditor:
                 nxt = following.get(i + 1)
                 runs = ""
                 if nxt is not None:
-                    nxt_ids = np.asarray(self.sp.encode(nxt), dtype=np.int64)
+                    nxt_ids = np.asarray(self.sp.encode(self.to_model(nxt)), dtype=np.int64)
                     rest = have[len(ids):]
                     if np.array_equal(rest[:len(nxt_ids)], nxt_ids[:len(rest)]):
                         runs = f": those of validation document {i + 1}'s text, so the BOS before it is missing"
@@ -1144,14 +1225,16 @@ class Auditor:
         for i in range(n):
             want.setdefault(int(self.val_keys[i]), []).append(i)
         found: dict[int, int] = {}
-        lossy, equal = [], 0
+        lossy, equal, sidecar_off = [], 0, []
         for j, (text, _) in enumerate(texts):
-            ids = np.asarray([self.bos] + self.sp.encode(text), dtype=np.int64)
+            ids = np.asarray([self.bos] + self.sp.encode(self.to_model(text)), dtype=np.int64)
             key = int(doc_key(np.array([_plain_hash(ids)], dtype=U64), np.array([len(ids)]))[0])
             for i in want.get(key, []):
                 if i not in found and np.array_equal(self._doc_tokens(i), ids):
                     found[i] = j
-                    decoded = self.sp.decode(ids[1:].tolist())
+                    if self.sidecar_sums is not None and int(self.sidecar_sums[i]) != len(text.encode("utf-8")):
+                        sidecar_off.append(i)
+                    decoded = self.from_model(self.sp.decode(ids[1:].tolist())) or ""
                     if decoded == text:
                         equal += 1
                     else:
@@ -1160,8 +1243,13 @@ class Auditor:
         missing = [i for i in range(n) if i not in found]
         details = {"input": self.args.texts, "selection": selection, "equal": equal, "lossy": lossy,
                    "input_index": [{"id": i, "input": found[i]} for i in sorted(found)],
-                   "faults": [{"id": i, "problem": "no input text encodes to it"} for i in missing]}
-        if missing:
+                   "faults": [{"id": i, "problem": "no input text encodes to it"} for i in missing]
+                   + [{"id": i, "problem": "the sidecar's sum differs from its text's bytes"} for i in sidecar_off]}
+        if sidecar_off:
+            self.add(Check("texts", "fault", f"{len(sidecar_off)} of {n} validation documents: the sidecar's sum "
+                                             f"differs from the UTF-8 length of its text (id {_ids(sidecar_off)})",
+                           details))
+        elif missing:
             self.add(Check("texts", "fault", f"{len(missing)} of {n} validation documents are the encoding of no input "
                                              f"text (id {_ids(missing)}; selection {selection})", details))
         elif lossy:
