@@ -38,18 +38,30 @@ one-column-at-a-time update of W and of the inverse Hessian), unpack_int6 beside
 Only the standard library, torch and numpy are imported: a record embeds kernels/ and runs alone.
 """
 
+import bz2
+import hashlib
+import importlib
 import io
 import json
 import lzma
+import math
+import re
+import struct
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-CODECS = ("int8_zlib", "int6_lzma", "int6_gptq_lzma")
+LEGACY_CODECS = ("int8_zlib", "int6_lzma", "int6_gptq_lzma")
+# The frontier's codecs (parameter-golf, April 2026): a base "sdclip" and composable flags, in this order
+FRONTIER_CODECS = tuple(f"sdclip{gptq}{lqer}{grouped}" for gptq in ("", "_gptq") for lqer in ("", "_lqer")
+                        for grouped in ("", "_grouped"))
+CODECS = LEGACY_CODECS + FRONTIER_CODECS
 FORMAT = "kernels.artifact/1"
+GROUPED_FORMAT = "kernels.artifact.grouped/1"
 
 # A matrix is quantized per row when it has at least this many rows and columns. The float16 scale then costs at most
 # 16 bits per 64 values, and the model's control tensors (resid_mix has 2 rows, skip_weights num_layers / 2) stay
@@ -234,15 +246,24 @@ def quantize_int6_gptq(w: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
     return candidates_q[best, rows_index].to(torch.int8), candidates_scale[best, rows_index]
 
 
+# A tied head has no nn.Linear to hook: its input is the output of a method of the model (train_gpt.GPT.hidden_states:
+# the final norm's output, [B, T, D]), and its Hessian is that output's X^T X.
+TIED_HEAD_INPUTS = {"tok_emb.weight": "hidden_states"}
+
+
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches: Iterable, forward: Callable, names: Iterable[str]) -> dict[str, Tensor]:
+def collect_hessians(model: nn.Module, batches: Iterable, forward: Callable, names: Iterable[str],
+                     tied_head_inputs: dict[str, str] = TIED_HEAD_INPUTS) -> dict[str, Tensor]:
     """H = sum of x x^T over every input row x of each named Linear layer (by its weight's state-dict name, e.g.
     "blocks.0.attn.c_q.weight"), float64 on the layer's device, while forward(model, batch) runs each batch (forward
     pre-hooks, so any nn.Linear subclass works). Feed it training batches, never validation ones. Sums, not means: GPTQ
     does not care about H's scale, and ranks' sums all-reduce into the whole calibration set's. A layer whose forward
     never ran (a fused op that reads .weight directly, e.g. kernels' relu2_linear for mlp.fc) is an error."""
-    layers = {}
+    layers, tied = {}, {}
     for name in names:
+        if name in tied_head_inputs and callable(getattr(model, tied_head_inputs[name], None)):
+            tied[name] = tied_head_inputs[name]
+            continue
         module_name, _, leaf = name.rpartition(".")
         try:
             module = model.get_submodule(module_name)
@@ -253,22 +274,39 @@ def collect_hessians(model: nn.Module, batches: Iterable, forward: Callable, nam
         layers[name] = module
     hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
                 for name, m in layers.items()}
-    rows_seen = dict.fromkeys(layers, 0)
+    rows_seen = dict.fromkeys([*layers, *tied], 0)
+
+    def add(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        if name not in hessians:
+            hessians[name] = torch.zeros(x.size(1), x.size(1), dtype=torch.float64, device=x.device)
+        hessians[name].addmm_(x.T, x)
+        rows_seen[name] += x.size(0)
 
     def accumulator(name):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).double()
-            hessians[name].addmm_(x.T, x)
-            rows_seen[name] += x.size(0)
+            add(name, args[0])
         return hook
 
+    def wrapped(name, method):
+        def capture(*args, **kwargs):
+            out = method(*args, **kwargs)
+            add(name, out)
+            return out
+        return capture
+
     handles = [module.register_forward_pre_hook(accumulator(name)) for name, module in layers.items()]
+    for name, method_name in tied.items():  # an instance attribute shadows the method while the batches run
+        setattr(model, method_name, wrapped(name, getattr(model, method_name)))
     try:
         for batch in batches:
             forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
+        for method_name in tied.values():
+            if method_name in vars(model):
+                delattr(model, method_name)
     unseen = [name for name, rows in rows_seen.items() if rows == 0]
     if unseen:
         raise ValueError(f"collect_hessians: no input reached {', '.join(unseen)} (no batches, or the model does not "
@@ -316,14 +354,469 @@ def packed_int6_bytes(count: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The frontier codecs: SDClip scales, int7 embeddings, GPTQ on the tied embedding, small tensors in float16, LQER
+
+
+@dataclass(frozen=True)
+class CodecOptions:
+    sdclip: bool  # the frontier's plan (SDClip scales, int7 embedding, float16 small tensors, int8 gates)
+    gptq: bool
+    lqer: bool
+    grouped: bool
+
+
+def codec_options(codec: str) -> CodecOptions:
+    if codec not in CODECS:
+        raise ValueError(f"unknown artifact codec {codec!r} (one of {', '.join(CODECS)})")
+    return CodecOptions(codec.startswith("sdclip"), "gptq" in codec, "_lqer" in codec, codec.endswith("_grouped"))
+
+
+# SDClip (parameter-golf 2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2): a row's step is k std(row) / max_level,
+# with k by tensor family; the values beyond k standard deviations are clipped to the largest level.
+SDCLIP_SIGMAS = {"embedding": 14.0, "attention": 13.0, "mlp": 11.5, "other": 12.85}
+SDCLIP_BITS = {"embedding": 7, "attention": 6, "mlp": 6, "other": 6}
+SMALL_TENSOR_NUMEL = 65_536  # float tensors of at most this many values are stored as float16 (not quantized)
+FLOAT16_MAX = 65504.0
+LQER_TOP_K, LQER_RANK, LQER_GROUP = 3, 4, 64  # matrices corrected, rank of the correction, B's values per scale
+LQER_A_LEVELS, LQER_B_LEVELS = (-2, 1), (-8, 7)  # A int2 (one scale per matrix), B int4 (one scale per group)
+
+
+def tensor_family(name: str) -> str:
+    if "tok_emb" in name:
+        return "embedding"
+    if ".attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    return "other"
+
+
+def max_level(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def sdclip_scale(w: Tensor, sigmas: float, level: int) -> Tensor:
+    """Per-row float16 step k std(row) / level (std with Bessel's correction; rounded up as float16_scale does)."""
+    return float16_scale(sigmas * w.float().std(dim=1) / level)
+
+
+def quantize_sdclip(w: Tensor, sigmas: float, bits: int, hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(int8 values in [-L, L], float16 scales) at SDClip's scales; L = 2^(bits-1) - 1. With a Hessian: GPTQ at those
+    scales, and per row the least output error on the calibration inputs of GPTQ and plain rounding (the first of
+    equals: GPTQ), so that no row does worse than plain rounding at the same scale."""
+    w = w.float()
+    level = max_level(bits)
+    scale = sdclip_scale(w, sigmas, level)
+    plain = round_to_grid(w, scale, level)
+    if hessian is None:
+        return plain.to(torch.int8), scale
+    if hessian.shape != (w.size(1), w.size(1)):
+        raise ValueError(f"a Hessian of shape {tuple(hessian.shape)} for a matrix of {w.size(1)} columns")
+    hessian = hessian.to(w.device)
+    gptq = gptq_quantize(w, hessian, scale, level)
+    s = scale.double()[:, None]
+    better_plain = output_error(w, plain.double() * s, hessian) < output_error(w, gptq * s, hessian)
+    return torch.where(better_plain[:, None], plain.double(), gptq).to(torch.int8), scale
+
+
+def quantize_lqer(A: Tensor, B: Tensor, group: int = LQER_GROUP) -> dict:
+    """A [rows, r] as int2 in [-2, 1] with one float16 scale (|A|max / 1.5); B [r, cols] flattened, int4 in [-8, 7]
+    with one float16 scale per `group` values (|group|max / 7.5; the last group may be shorter)."""
+    a_low, a_high = LQER_A_LEVELS
+    b_low, b_high = LQER_B_LEVELS
+    a_scale = float16_scale(A.abs().max().reshape(1).float() / 1.5)
+    qa = torch.round(A.double() / a_scale.double()).clamp_(a_low, a_high).to(torch.int8)
+    flat = B.double().reshape(-1)
+    padded = torch.cat((flat, flat.new_zeros(-flat.numel() % group))).view(-1, group)
+    b_scale = float16_scale(padded.abs().amax(dim=1).float() / 7.5)
+    qb = torch.round(padded / b_scale.double()[:, None]).clamp_(b_low, b_high).reshape(-1)[:flat.numel()]
+    return {"a": qa, "a_scale": a_scale, "b": qb.to(torch.int8).view(B.shape), "b_scale": b_scale, "group": group}
+
+
+def lqer_correction(lqer: dict) -> Tensor:
+    """The correction A B [rows, cols], float64, summed over the rank one outer product at a time (a fixed order: the
+    same bits on every machine and thread count)."""
+    A = lqer["a"].double() * lqer["a_scale"].double()
+    r, cols = lqer["b"].shape
+    step = lqer["b_scale"].double().repeat_interleave(lqer["group"])[:r * cols].view(r, cols)
+    B = lqer["b"].double() * step
+    out = torch.zeros(A.size(0), cols, dtype=torch.float64, device=A.device)
+    for k in range(r):
+        out += torch.outer(A[:, k], B[k])
+    return out
+
+
+def lqer_correction_reference(lqer: dict) -> list[list[float]]:
+    """lqer_correction element by element, from the definition (slow; for the tests)."""
+    qa, qb = lqer["a"].tolist(), lqer["b"].tolist()
+    a_scale, b_scale, group = float(lqer["a_scale"][0]), lqer["b_scale"].tolist(), lqer["group"]
+    r, cols = len(qb), len(qb[0])
+    return [[sum(qa[i][k] * a_scale * (qb[k][j] * b_scale[(k * cols + j) // group]) for k in range(r))
+             for j in range(cols)] for i in range(len(qa))]
+
+
+def dequantize_q(entry: dict, dtype: torch.dtype) -> Tensor:
+    """A "q" entry's matrix: q x scale (exact in float32), plus the LQER correction (in float64) when there is one."""
+    if "lqer" not in entry:
+        return dequantize_rows(entry["q"], entry["scale"], dtype)
+    base = entry["q"].double() * entry["scale"].double()[:, None]
+    return (base + lqer_correction(entry["lqer"])).to(dtype)
+
+
+def lqer_factors(error: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The best rank-r approximation of the error, as U_r S_r [rows, r] and V_r^T [r, cols] (float64 SVD)."""
+    U, S, Vh = torch.linalg.svd(error.double(), full_matrices=False)
+    r = min(rank, S.numel())
+    return U[:, :r] * S[:r], Vh[:r]
+
+
+def add_lqer(entries: dict, state_dict: dict, hessians: dict | None, top_k: int = LQER_TOP_K,
+             rank: int = LQER_RANK) -> list[str]:
+    """LQER: for the top_k quantized matrices with the largest ||W - Wq||_F (ties: state-dict order), a rank-r
+    correction of the error, kept only if it lowers both the Frobenius error and, with a Hessian, the output error on
+    the calibration inputs. Returns the names corrected."""
+    errors = []
+    for index, (name, entry) in enumerate(entries.items()):
+        if entry["kind"] == "q":
+            e = state_dict[name].double() - dequantize_q(entry, torch.float64)
+            errors.append((-e.norm().item(), index, name, e))
+    corrected = []
+    for _, _, name, e in sorted(errors, key=lambda item: item[:2])[:top_k]:
+        lqer = quantize_lqer(*lqer_factors(e, rank))
+        residual = e - lqer_correction(lqer)
+        better = residual.norm() < e.norm()
+        hessian = (hessians or {}).get(name)
+        if better and hessian is not None:
+            H = hessian.double().to(e.device)
+            better = ((residual @ H) * residual).sum() <= ((e @ H) * e).sum()
+        if better:
+            entries[name]["lqer"] = lqer
+            corrected.append(name)
+    return corrected
+
+
+def to_float16(name: str, t: Tensor) -> Tensor:
+    t = t.detach()
+    if not torch.isfinite(t).all() or (t.numel() and t.abs().max() > FLOAT16_MAX):
+        raise ValueError(f"tensor {name}: values beyond float16's range (or not finite)")
+    return t.cpu().to(torch.float16).contiguous()
+
+
+def frontier_plan(state_dict: dict[str, Tensor], options: CodecOptions,
+                  small_numel: int = SMALL_TENSOR_NUMEL) -> dict[str, str]:
+    plan = {}
+    for name, t in state_dict.items():
+        if not t.is_floating_point():
+            plan[name] = "keep"
+        elif t.ndim == 2 and "gate" in name:
+            plan[name] = "int8"
+        elif t.ndim == 2 and t.numel() > small_numel and min(t.shape) >= MIN_QUANTIZED_DIM:
+            family = tensor_family(name)
+            plan[name] = f"int{SDCLIP_BITS[family]}_sdclip" + ("_gptq" if options.gptq else "")
+        else:
+            plan[name] = "fp16"
+    return plan
+
+
+def frontier_entry(name: str, t: Tensor, how: str, hessian: Tensor | None) -> dict:
+    if how == "keep":
+        return {"kind": "keep", "data": t.detach().cpu().clone().contiguous()}
+    if how == "fp16":
+        return {"kind": "fp16", "dtype": dtype_name(t.dtype), "data": to_float16(name, t)}
+    if how == "int8":
+        q, scale = quantize_int8_rows(t.detach())
+        return {"kind": "q", "dtype": dtype_name(t.dtype), "bits": 8, "q": q.cpu(), "scale": scale.cpu()}
+    family = tensor_family(name)
+    q, scale = quantize_sdclip(t.detach(), SDCLIP_SIGMAS[family], SDCLIP_BITS[family],
+                               hessian if how.endswith("_gptq") else None)
+    return {"kind": "q", "dtype": dtype_name(t.dtype), "bits": SDCLIP_BITS[family], "q": q.cpu(), "scale": scale.cpu()}
+
+
+def needs_calibration(codec: str) -> bool:
+    """Whether the codec needs GPTQ's Hessians (calibrate_artifact in train_gpt.py)."""
+    return codec in CODECS and "gptq" in codec
+
+
+def hessian_names(state_dict: dict[str, Tensor], codec: str, small_numel: int = SMALL_TENSOR_NUMEL) -> list[str]:
+    """The state-dict names whose Hessians the codec needs (collect_hessians' names; the tied embedding's comes from
+    the input of the tied head, TIED_HEAD_INPUTS)."""
+    return [name for name, how in quantization_plan(state_dict, codec, small_numel=small_numel).items()
+            if how.endswith("gptq")]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Grouped compression: every array of the entries goes into a group by role (one group per block matrix family across
+# the layers, one for the embedding, scales, float16 tensors, LQER factors, kept tensors, row orders), each laid out
+# as rows, columns (transposed) or reordered rows (the order stored), and each group through the smallest of the
+# compressors installed; the layout and compressor of every group are recorded in the file.
+#
+# File: GROUPED_MAGIC, a little-endian uint32 n, n bytes of zlib-compressed JSON header
+#     {"format": GROUPED_FORMAT, "codec": codec, "meta": meta_json,
+#      "groups": [{"name", "compressor", "bytes", "raw_bytes", "sha256"}],            (of the raw group bytes)
+#      "tensors": [[name, {fields without arrays, "arrays": {field: [group, offset, dtype, shape, layout]}}]]}
+# then the groups' compressed streams one after another, and nothing else.
+
+GROUPED_MAGIC = b"KAGRP\x00\x01\n"
+COMPRESSOR_ORDER = ("lzma", "zlib", "bz2", "brotli", "zstd")  # ties go to the earlier
+COMPRESSOR_PACKAGES = {"brotli": "brotli", "zstd": "zstandard"}
+LAYOUTS = ("rows", "columns", "sorted_rows")
+SORT_LIMIT = 2 ** 30  # reordering rows costs rows^2 x cols operations: only matrices up to this
+
+
+def _optional_module(compressor: str):
+    try:
+        return importlib.import_module(COMPRESSOR_PACKAGES[compressor])
+    except ImportError:
+        return None
+
+
+def available_compressors() -> tuple[str, ...]:
+    """The compressors this machine can run: lzma, zlib and bz2 always (standard library), brotli and zstd when their
+    PyPI packages (brotli, zstandard) are installed."""
+    return tuple(c for c in COMPRESSOR_ORDER if c not in COMPRESSOR_PACKAGES or _optional_module(c) is not None)
+
+
+def compress_with(compressor: str, raw: bytes) -> bytes:
+    if compressor == "lzma":
+        return lzma.compress(raw, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+    if compressor == "zlib":
+        return zlib.compress(raw, 9)
+    if compressor == "bz2":
+        return bz2.compress(raw, 9)
+    module = _optional_module(compressor) if compressor in COMPRESSOR_PACKAGES else None
+    if module is None:
+        raise ValueError(f"compressor {compressor!r} is not available here (one of {', '.join(available_compressors())}"
+                         + (f"; pip install {COMPRESSOR_PACKAGES[compressor]}" if compressor in COMPRESSOR_PACKAGES
+                            else "") + ")")
+    if compressor == "brotli":
+        return module.compress(raw, quality=11, lgwin=24)
+    return module.ZstdCompressor(level=22, write_checksum=True).compress(raw)
+
+
+def decompress_with(compressor: str, data: bytes, size: int) -> bytes:
+    """The group's raw bytes; ValueError (one line) if the compressor is unknown, not installed, or the data damaged."""
+    if compressor not in COMPRESSOR_ORDER:
+        raise ValueError(f"unknown compressor {compressor!r}")
+    module = None
+    if compressor in COMPRESSOR_PACKAGES:
+        module = _optional_module(compressor)
+        if module is None:
+            raise ValueError(f"it was compressed with {compressor}, which is not installed here "
+                             f"(pip install {COMPRESSOR_PACKAGES[compressor]})")
+    try:
+        if compressor == "lzma":
+            return lzma.decompress(data, format=lzma.FORMAT_XZ)
+        if compressor == "zlib":
+            return zlib.decompress(data)
+        if compressor == "bz2":
+            return bz2.decompress(data)
+        if compressor == "brotli":
+            return module.decompress(data)
+        return module.ZstdDecompressor().decompress(data, max_output_size=size)
+    except Exception as e:  # each library has its own error class
+        raise ValueError(f"its {compressor} stream does not decompress ({type(e).__name__})") from None
+
+
+def similarity_order(q: np.ndarray) -> np.ndarray:
+    """A greedy nearest-neighbour chain of the rows (L1 distance): start at row 0, then always the closest row not yet
+    taken (the lowest index of equals). int32 [rows]."""
+    rows = q.shape[0]
+    x = q.astype(np.int32)
+    taken = np.zeros(rows, dtype=bool)
+    order = np.empty(rows, dtype=np.int32)
+    current = 0
+    for i in range(rows):
+        order[i] = current
+        taken[current] = True
+        if i + 1 == rows:
+            break
+        distance = np.abs(x - x[current]).sum(axis=1)
+        distance[taken] = np.iinfo(np.int64).max
+        current = int(np.argmin(distance))
+    return order
+
+
+def similarity_order_reference(q: np.ndarray) -> list[int]:
+    """similarity_order row by row in plain Python (slow; for the tests)."""
+    rows = [list(map(int, r)) for r in q]
+    order, left = [0], set(range(1, len(rows)))
+    while left:
+        last = rows[order[-1]]
+        best = min(left, key=lambda j: (sum(abs(a - b) for a, b in zip(rows[j], last)), j))
+        order.append(best)
+        left.remove(best)
+    return order
+
+
+def array_group(name: str, field: str, entry: dict) -> str:
+    """The group of one array of an entry, by role: the layers' copies of a matrix share a group."""
+    role = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
+    if entry["kind"] == "keep":
+        return "keep"
+    if entry["kind"] == "fp16":
+        return "float16"
+    if field == "q":
+        return f"{role}.q"
+    if field == "scale":
+        return "scales"
+    return "lqer"
+
+
+def entry_arrays(entry: dict) -> dict[str, Tensor]:
+    arrays = {k: v for k, v in entry.items() if isinstance(v, Tensor)}
+    arrays.update({f"lqer.{k}": v for k, v in entry.get("lqer", {}).items() if isinstance(v, Tensor)})
+    return arrays
+
+
+def tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def layout_candidates(group: str, arrays: list[Tensor]) -> dict[str, tuple[bytes, list]]:
+    """{layout: (the group's raw bytes, per array its row order or None)} of the layouts worth trying."""
+    candidates = {"rows": (b"".join(tensor_bytes(a) for a in arrays), [None] * len(arrays))}
+    if group.endswith(".q") and all(a.ndim == 2 for a in arrays):
+        candidates["columns"] = (b"".join(tensor_bytes(a.T) for a in arrays), [None] * len(arrays))
+        if all(a.size(0) ** 2 * a.size(1) <= SORT_LIMIT for a in arrays):
+            orders = [similarity_order(a.numpy()) for a in arrays]
+            candidates["sorted_rows"] = (b"".join(tensor_bytes(a[torch.from_numpy(o).long()])
+                                                  for a, o in zip(arrays, orders)), orders)
+    return candidates
+
+
+def encode_grouped(codec: str, meta_json: str, entries: dict[str, dict],
+                   compressors: Iterable[str] | None = None) -> bytes:
+    compressors = tuple(compressors) if compressors is not None else available_compressors()
+    if not compressors:
+        raise ValueError("no compressor to choose from")
+    for c in compressors:
+        if c not in available_compressors():
+            compress_with(c, b"")  # the one clear error
+    members: dict[str, list[tuple[str, str, Tensor]]] = {}
+    for name, entry in entries.items():
+        for field, t in entry_arrays(entry).items():
+            members.setdefault(array_group(name, field, entry), []).append((name, field, t))
+    described = [[name, {k: v for k, v in entry.items() if not isinstance(v, (Tensor, dict))} | {"arrays": {}}]
+                 for name, entry in entries.items()]
+    by_name = {name: d for name, d in described}
+    for name, entry in entries.items():
+        if "lqer" in entry:
+            by_name[name]["lqer_group"] = entry["lqer"]["group"]
+    groups, streams = [], []
+    orders_raw = []  # the row orders, a group of their own (int32)
+    for group, items in members.items():
+        arrays = [t for _, _, t in items]
+        candidates = layout_candidates(group, arrays)
+        # the layout by the size under a fast compressor, then every compressor on that layout
+        layout = min(candidates, key=lambda k: (len(zlib.compress(candidates[k][0], 6)), LAYOUTS.index(k)))
+        raw, orders = candidates[layout]
+        offset = 0
+        for (name, field, t), order in zip(items, orders):
+            shape = list(t.shape)
+            record = [group, offset, dtype_name(t.dtype), shape, layout]
+            if order is not None:
+                record.append(len(b"".join(orders_raw)))
+                orders_raw.append(order.astype("<i4").tobytes())
+            by_name[name]["arrays"][field] = record
+            offset += t.numel() * t.element_size()
+        groups.append((group, raw))
+    if orders_raw:
+        groups.append(("row_orders", b"".join(orders_raw)))
+    for group, raw in groups:
+        compressed = {c: compress_with(c, raw) for c in compressors}
+        best = min(compressors, key=lambda c: (len(compressed[c]), COMPRESSOR_ORDER.index(c)))
+        streams.append(({"name": group, "compressor": best, "bytes": len(compressed[best]), "raw_bytes": len(raw),
+                         "sha256": hashlib.sha256(raw).hexdigest()}, compressed[best]))
+    header = {"format": GROUPED_FORMAT, "codec": codec, "meta": meta_json,
+              "groups": [m for m, _ in streams], "tensors": described}
+    header_bytes = zlib.compress(json.dumps(header, sort_keys=True, allow_nan=False).encode(), 9)
+    return GROUPED_MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + b"".join(d for _, d in streams)
+
+
+def decode_grouped(data: bytes) -> tuple[str, str, dict[str, dict]]:
+    """(codec, meta_json, entries) of encode_grouped's bytes; ValueError (one line) if damaged."""
+    if len(data) < len(GROUPED_MAGIC) + 4:
+        raise ValueError("damaged artifact: its grouped header is truncated")
+    (size,) = struct.unpack_from("<I", data, len(GROUPED_MAGIC))
+    start = len(GROUPED_MAGIC) + 4
+    try:
+        header = json.loads(zlib.decompress(data[start:start + size]))
+    except (zlib.error, ValueError) as e:
+        raise ValueError(f"damaged artifact: its grouped header does not read ({type(e).__name__})") from None
+    if not isinstance(header, dict) or header.get("format") != GROUPED_FORMAT:
+        raise ValueError(f"not an artifact of this format (expected {GROUPED_FORMAT!r})")
+    try:
+        offset, raws = start + size, {}
+        expected = offset + sum(g["bytes"] for g in header["groups"])
+        if len(data) != expected:
+            raise ValueError(f"{len(data)} bytes where its header accounts for {expected} "
+                             f"({'truncated' if len(data) < expected else 'bytes after the end'})")
+        for g in header["groups"]:
+            try:
+                raw = decompress_with(g["compressor"], data[offset:offset + g["bytes"]], g["raw_bytes"])
+            except ValueError as e:
+                raise ValueError(f"group {g['name']}: {e}") from None
+            if len(raw) != g["raw_bytes"] or hashlib.sha256(raw).hexdigest() != g["sha256"]:
+                raise ValueError(f"group {g['name']}: its bytes do not match their sha256")
+            raws[g["name"]] = raw
+            offset += g["bytes"]
+        entries = {}
+        for name, described in header["tensors"]:
+            entry = {k: v for k, v in described.items() if k not in ("arrays", "lqer_group")}
+            lqer = {}
+            for field, record in described["arrays"].items():
+                group, start_byte, dtype, shape, layout = record[:5]
+                torch_dtype = getattr(torch, dtype)
+                count = math.prod(shape)
+                itemsize = torch.empty((), dtype=torch_dtype).element_size()
+                chunk = raws[group][start_byte:start_byte + count * itemsize]
+                if len(chunk) != count * itemsize:
+                    raise ValueError(f"tensor {name}: {field} runs past the end of group {group}")
+                flat = torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(torch_dtype) if count else \
+                    torch.empty(0, dtype=torch_dtype)
+                if layout == "columns":
+                    t = flat.view(shape[::-1]).T.contiguous()
+                elif layout == "sorted_rows":
+                    order_bytes = raws["row_orders"][record[5]:record[5] + 4 * shape[0]]
+                    order = torch.from_numpy(np.frombuffer(order_bytes, dtype="<i4").astype(np.int64))
+                    if sorted(order.tolist()) != list(range(shape[0])):
+                        raise ValueError(f"tensor {name}: its row order is not a permutation")
+                    t = torch.empty(shape, dtype=torch_dtype)
+                    t[order] = flat.view(shape)
+                elif layout == "rows":
+                    t = flat.view(shape)
+                else:
+                    raise ValueError(f"tensor {name}: unknown layout {layout!r}")
+                if field.startswith("lqer."):
+                    lqer[field.removeprefix("lqer.")] = t
+                else:
+                    entry[field] = t
+            if lqer:
+                entry["lqer"] = {**lqer, "group": described["lqer_group"]}
+            entries[name] = entry
+    except ValueError as e:
+        raise ValueError(f"damaged artifact: {e}") from None
+    except (KeyError, TypeError, AttributeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"damaged artifact: malformed grouped header ({type(e).__name__}: {e})") from None
+    return header["codec"], header["meta"], entries
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The artifact
 
 
 def quantization_plan(state_dict: dict[str, Tensor], codec: str,
-                      int8_names: Iterable[str] = INT8_IN_INT6_CODECS) -> dict[str, str]:
-    """How each tensor is stored: "keep" (exactly), "int8", "int6" (plain rounding) or "int6_gptq"."""
-    if codec not in CODECS:
-        raise ValueError(f"unknown artifact codec {codec!r} (one of {', '.join(CODECS)})")
+                      int8_names: Iterable[str] = INT8_IN_INT6_CODECS,
+                      small_numel: int = SMALL_TENSOR_NUMEL) -> dict[str, str]:
+    """How each tensor is stored. The first codecs: "keep" (exactly), "int8", "int6" (plain rounding) or "int6_gptq".
+    The sdclip codecs: "keep" (non-float tensors), "fp16" (float tensors of at most small_numel values, and any float
+    tensor that is not a matrix of at least MIN_QUANTIZED_DIM rows and columns), "int8" (gates: 2-D with "gate" in the
+    name, per row as int8_zlib), "int7_sdclip" (the embedding), "int6_sdclip" (the other matrices), each with
+    "_gptq" under a gptq codec."""
+    options = codec_options(codec)
+    if options.sdclip:
+        return frontier_plan(state_dict, options, small_numel)
     int8_names = set(int8_names)
     plan = {}
     for name, t in state_dict.items():
@@ -353,11 +846,16 @@ def encode_entry(t: Tensor, how: str, hessian: Tensor | None) -> dict:
 
 def encode_artifact(state_dict: dict[str, Tensor], codec: str, meta: dict,
                     hessians: dict[str, Tensor] | None = None,
-                    int8_names: Iterable[str] = INT8_IN_INT6_CODECS) -> bytes:
+                    int8_names: Iterable[str] = INT8_IN_INT6_CODECS, small_numel: int = SMALL_TENSOR_NUMEL,
+                    compressors: Iterable[str] | None = None) -> bytes:
     """The artifact's bytes (module docstring: format). meta: a small JSON-able dict (model config, run id, ...) that
-    decode_artifact returns. hessians: for int6_gptq_lzma, collect_hessians' output for every int6 matrix. Quantization
-    runs on the tensors' device (a GPU's is much faster for GPTQ); the same inputs on the same device give the same
-    bytes."""
+    decode_artifact returns. hessians: for int6_gptq_lzma and the sdclip_gptq codecs, collect_hessians' output for
+    every matrix of hessian_names(state_dict, codec). Quantization runs on the tensors' device (a GPU's is much faster
+    for GPTQ); the same inputs on the same device give the same bytes. small_numel (sdclip codecs): float tensors of
+    at most this many values are stored as float16. compressors (grouped codecs): those to choose from for each group
+    (default: every one installed, available_compressors())."""
+    if codec_options(codec).sdclip:
+        return encode_frontier(state_dict, codec, meta, hessians, small_numel, compressors)
     plan = quantization_plan(state_dict, codec, int8_names)
     if codec == "int6_gptq_lzma":
         missing = [name for name, how in plan.items() if how == "int6_gptq" and name not in (hessians or {})]
@@ -372,6 +870,34 @@ def encode_artifact(state_dict: dict[str, Tensor], codec: str, meta: dict,
     torch.save({"format": FORMAT, "codec": codec, "meta": meta_json, "tensors": tensors}, buffer)
     raw = buffer.getvalue()
     return zlib.compress(raw, ZLIB_LEVEL) if codec == "int8_zlib" else lzma.compress(raw, preset=LZMA_PRESET)
+
+
+def meta_to_json(meta: dict) -> str:
+    try:
+        return json.dumps(meta, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"artifact meta must be JSON-able ({e})") from None
+
+
+def encode_frontier(state_dict: dict[str, Tensor], codec: str, meta: dict, hessians: dict[str, Tensor] | None,
+                    small_numel: int, compressors: Iterable[str] | None) -> bytes:
+    options = codec_options(codec)
+    plan = quantization_plan(state_dict, codec, small_numel=small_numel)
+    if options.gptq:
+        missing = [name for name, how in plan.items() if how.endswith("_gptq") and name not in (hessians or {})]
+        if missing:
+            raise ValueError(f"{codec} needs a Hessian for every GPTQ matrix; missing: {', '.join(missing)}")
+    meta_json = meta_to_json(meta)
+    entries = {name: frontier_entry(name, state_dict[name], how, (hessians or {}).get(name))
+               for name, how in plan.items()}
+    if options.lqer:
+        add_lqer(entries, {name: t.detach().cpu() for name, t in state_dict.items()},
+                 {name: h.cpu() for name, h in (hessians or {}).items()} if options.gptq else None)
+    if options.grouped:
+        return encode_grouped(codec, meta_json, entries, compressors)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "codec": codec, "meta": meta_json, "tensors": entries}, buffer)
+    return lzma.compress(buffer.getvalue(), preset=LZMA_PRESET)
 
 
 def decompress(data: bytes) -> tuple[bytes, str]:
@@ -402,7 +928,7 @@ def decode_entry(name: str, entry: dict) -> Tensor:
     dtype = getattr(torch, entry["dtype"])
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"tensor {name}: dtype {entry['dtype']!r}")
-    scale = entry["scale"]
+    scale = entry.get("scale")
     if kind == "int8":
         q = entry["q"]
         if q.dtype != torch.int8 or q.ndim != 2 or scale.shape != (q.size(0),):
@@ -416,12 +942,45 @@ def decode_entry(name: str, entry: dict) -> Tensor:
                              f"shape {[rows, cols]}")
         q = torch.from_numpy(unpack_int6(packed.numpy(), rows * cols)).view(rows, cols)
         return dequantize_rows(q, scale, dtype)
+    if kind == "fp16":
+        data = entry["data"]
+        if not isinstance(data, Tensor) or data.dtype != torch.float16:
+            raise ValueError(f"tensor {name}: float16 data expected")
+        return data.to(dtype)
+    if kind == "q":
+        q, bits = entry["q"], entry["bits"]
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"tensor {name}: {bits!r} bits")
+        if q.dtype != torch.int8 or q.ndim != 2 or scale.dtype != torch.float16 or scale.shape != (q.size(0),):
+            raise ValueError(f"tensor {name}: int{bits} values {tuple(q.shape)} and scales {tuple(scale.shape)}")
+        if q.numel() and q.abs().max() > max_level(bits):
+            raise ValueError(f"tensor {name}: values outside int{bits}'s range")
+        if "lqer" in entry:
+            check_lqer(name, entry["lqer"], q.shape)
+        return dequantize_q(entry, dtype)
     raise ValueError(f"tensor {name}: unknown kind {kind!r}")
+
+
+def check_lqer(name: str, lqer: dict, shape) -> None:
+    a, b, group = lqer["a"], lqer["b"], lqer["group"]
+    rows, cols = shape
+    ok = (a.dtype == b.dtype == torch.int8 and a.ndim == b.ndim == 2 and a.size(0) == rows and b.size(1) == cols
+          and a.size(1) == b.size(0) and isinstance(group, int) and group > 0
+          and lqer["a_scale"].shape == (1,) and lqer["b_scale"].shape == (-(-b.numel() // group),)
+          and (a.numel() == 0 or LQER_A_LEVELS[0] <= a.min() and a.max() <= LQER_A_LEVELS[1])
+          and (b.numel() == 0 or LQER_B_LEVELS[0] <= b.min() and b.max() <= LQER_B_LEVELS[1]))
+    if not ok:
+        raise ValueError(f"tensor {name}: a malformed LQER correction")
 
 
 def decode_artifact(data: bytes) -> tuple[dict[str, Tensor], dict]:
     """(state dict in the original names, shapes and dtypes, meta) of encode_artifact's bytes. Anything else, damaged
     or truncated: ValueError with one line saying what is wrong (the caller adds the file's name)."""
+    if bytes(data[:len(GROUPED_MAGIC)]) == GROUPED_MAGIC:
+        codec, meta_json, entries = decode_grouped(bytes(data))
+        if codec not in CODECS or not codec_options(codec).grouped:
+            raise ValueError(f"damaged artifact: codec {codec!r} in a grouped file")
+        return decode_payload({"codec": codec, "meta": meta_json, "tensors": entries})
     raw, stream = decompress(data)
     try:
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -430,8 +989,12 @@ def decode_artifact(data: bytes) -> tuple[dict[str, Tensor], dict]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"not an artifact of this format (expected {FORMAT!r})")
     codec = payload.get("codec")
-    if codec not in CODECS or (stream == "zlib") != (codec == "int8_zlib"):
+    if codec not in CODECS or (stream == "zlib") != (codec == "int8_zlib") or codec_options(codec).grouped:
         raise ValueError(f"damaged artifact: codec {codec!r} in a {stream} stream")
+    return decode_payload(payload)
+
+
+def decode_payload(payload: dict) -> tuple[dict[str, Tensor], dict]:
     try:
         meta = json.loads(payload["meta"])
         state_dict = {name: decode_entry(name, entry) for name, entry in payload["tensors"].items()}

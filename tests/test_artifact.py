@@ -210,7 +210,7 @@ def check_int6_bound(original: dict, decoded: dict, data: bytes, names) -> None:
         assert ((w - w_hat).square().sum(1) <= (w - plain).square().sum(1) * (1 + 1e-6)).all(), name
 
 
-@pytest.mark.parametrize("codec", A.CODECS)
+@pytest.mark.parametrize("codec", A.LEGACY_CODECS)
 def test_random_matrices_round_trip_within_bound(codec):
     state_dict = random_matrices(0)
     data = encode(state_dict, codec)
@@ -241,7 +241,7 @@ def check_gptq_bound(original: dict, decoded: dict, data: bytes, hessians: dict)
         assert (gptq <= plain * (1 + 1e-9)).all(), name
 
 
-@pytest.mark.parametrize("codec", A.CODECS)
+@pytest.mark.parametrize("codec", A.LEGACY_CODECS)
 def test_trained_model_round_trip_within_bound(codec, trained, trained_hessians):
     model, state_dict, _, held_out = trained
     hessians = trained_hessians if codec == "int6_gptq_lzma" else None
@@ -271,7 +271,7 @@ def test_trained_model_round_trip_within_bound(codec, trained, trained_hessians)
 # Exactness, determinism, sizes
 
 
-@pytest.mark.parametrize("codec", A.CODECS)
+@pytest.mark.parametrize("codec", A.LEGACY_CODECS)
 def test_kept_tensors_come_back_exactly_in_their_dtype(codec):
     state_dict = {**small_tensors(), "big.weight": torch.randn(64, 64).bfloat16()}
     data = encode(state_dict, codec)
@@ -283,7 +283,7 @@ def test_kept_tensors_come_back_exactly_in_their_dtype(codec):
         assert decoded[name].dtype == t.dtype and decoded[name].shape == t.shape and torch.equal(decoded[name], t), name
 
 
-@pytest.mark.parametrize("codec", A.CODECS)
+@pytest.mark.parametrize("codec", A.LEGACY_CODECS)
 def test_same_weights_same_bytes(codec):
     state_dict = mixed_tensors()
     data = encode(state_dict, codec)
@@ -300,7 +300,7 @@ def test_same_weights_same_bytes(codec):
 
 def test_reported_size_is_the_file_size(tmp_path):
     state_dict = random_matrices(2)
-    for codec in A.CODECS:
+    for codec in A.LEGACY_CODECS:
         data = encode(state_dict, codec)
         path = tmp_path / f"model_{codec}.ptz"
         write_atomic(str(path), data)  # as train_gpt.py writes the .ptz
@@ -314,11 +314,11 @@ def test_reported_size_is_the_file_size(tmp_path):
 def test_same_bytes_in_a_fresh_process(tmp_path):
     script = ("import sys\n"
               "import test_artifact as t\n"
-              "for codec in t.A.CODECS:\n"
+              "for codec in t.A.LEGACY_CODECS:\n"
               "    open(sys.argv[1] + codec, 'wb').write(t.encode(t.mixed_tensors(), codec))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "x_")], check=True, cwd=ROOT, env=env)
-    for codec in A.CODECS:  # (the child runs with torch's default thread count, this process with one)
+    for codec in A.LEGACY_CODECS:  # (the child runs with torch's default thread count, this process with one)
         assert (tmp_path / f"x_{codec}").read_bytes() == encode(mixed_tensors(), codec)
 
 
@@ -399,10 +399,10 @@ def test_collect_hessians_sums_the_inputs_of_each_linear_layer():
 @pytest.fixture(scope="module")
 def artifacts():
     state_dict = {**random_matrices(0), **small_tensors()}
-    return {codec: encode(state_dict, codec) for codec in A.CODECS}
+    return {codec: encode(state_dict, codec) for codec in A.LEGACY_CODECS}
 
 
-@pytest.mark.parametrize("codec", A.CODECS)
+@pytest.mark.parametrize("codec", A.LEGACY_CODECS)
 def test_damaged_artifacts_are_one_value_error(codec, artifacts):
     data = artifacts[codec]
     flipped = bytearray(data)
