@@ -220,6 +220,9 @@ class Hyperparameters(ModelConfig):
         need(self.warmdown_shape in WARMDOWN_SHAPES, "warmdown_shape", f"must be one of {', '.join(WARMDOWN_SHAPES)}")
         need(self.artifact in ("none",) + ARTIFACT_CODECS, "artifact",
              f"must be none or one of {', '.join(ARTIFACT_CODECS)}")
+        need(self.artifact in ("none", "int6_gptq_lzma") or "gptq" not in self.artifact, "artifact",
+             "its GPTQ calibration is not wired into training yet (the other sdclip codecs are; `speedrun bench "
+             "artifact` measures every codec on a checkpoint)")
         need(self.artifact_limit_bytes > 0, "artifact_limit_bytes", "must be a positive integer")
         need(self.artifact_calibration_batches > 0, "artifact_calibration_batches", "must be a positive integer")
         head_dim = self.model_dim // self.num_heads

@@ -342,8 +342,9 @@ def test_log_starts_with_the_exact_source_and_ends_with_the_final_line(baseline_
     assert log.startswith(header)
     body_start = log.index("\n") + 1
     assert log.encode()[body_start: body_start + len(source)] == source
-    for kernel_file in sorted((ROOT / "kernels").glob("*.py")):
-        assert f"#### file kernels/{kernel_file.name} bytes=" in log
+    for name in tg.PAYLOAD:  # every file of the payload, and only those
+        assert f"#### file {name} bytes=" in log
+    assert len(re.findall(r"^#### file \S+ bytes=\d+ sha256=", log, re.M)) == len(tg.PAYLOAD)
     assert "hparam seed=5" in log and "attention_backend: reference" in log and "fused_ops: none" in log
     overrides = dict(item.split("=", 1) for item in shlex.split(re.search(r"^env_overrides: (.*)$", log, re.M).group(1)))
     assert TINY_RUN.items() <= overrides.items() and overrides["RUN_ID"] == "base"  # exactly what the run was given
