@@ -47,7 +47,7 @@ from data.loader import (IGNORE_INDEX, ConfigError, DataError, DocumentLoader, L
                          split_pattern)
 from eval_ttt import EvalResult, EvalSpec, compile_counts, evaluate, is_distributed, sum_over_processes, synchronize
 from kernels.artifact import CODECS as ARTIFACT_CODECS
-from kernels.artifact import collect_hessians, encode_artifact, quantization_plan, read_artifact
+from kernels.artifact import collect_hessians, encode_artifact, needs_calibration, quantization_plan, read_artifact
 from kernels.attention import (REFERENCE_VARLEN, VARLEN_BACKENDS, BackendError, sdpa_causal, segment_ids,
                                select_gist_attention, select_varlen_attention)
 from kernels.newton_schulz import NS_COEFFICIENTS, NS_SCHEDULES, coefficients_at
@@ -220,7 +220,7 @@ class Hyperparameters(ModelConfig):
         need(self.warmdown_shape in WARMDOWN_SHAPES, "warmdown_shape", f"must be one of {', '.join(WARMDOWN_SHAPES)}")
         need(self.artifact in ("none",) + ARTIFACT_CODECS, "artifact",
              f"must be none or one of {', '.join(ARTIFACT_CODECS)}")
-        need(self.artifact in ("none", "int6_gptq_lzma") or "gptq" not in self.artifact, "artifact",
+        need(not needs_calibration(self.artifact) or self.artifact == "int6_gptq_lzma", "artifact",
              "its GPTQ calibration is not wired into training yet (the other sdclip codecs are; `speedrun bench "
              "artifact` measures every codec on a checkpoint)")
         need(self.artifact_limit_bytes > 0, "artifact_limit_bytes", "must be a positive integer")
@@ -243,13 +243,14 @@ class Hyperparameters(ModelConfig):
             parse_fused_ops(self.fused)
         except ValueError as e:
             raise ConfigError(f"FUSED={self.fused!r}: {e}") from None
+        layer_sets = {}
         for name in ("xsa_layers", "recur_layers"):
             try:
-                parse_layer_set(getattr(self, name), self.num_layers)
+                layer_sets[name] = parse_layer_set(getattr(self, name), self.num_layers)
             except ValueError as e:
                 need(False, name, f"{e} (NUM_LAYERS={self.num_layers})")
-        recurring = parse_layer_set(self.recur_layers, self.num_layers)
-        need(recurring == tuple(range(recurring[0], recurring[-1] + 1)) if recurring else True, "recur_layers",
+        recurring = layer_sets["recur_layers"]
+        need(not recurring or recurring == tuple(range(recurring[0], recurring[-1] + 1)), "recur_layers",
              "must be one range of consecutive layers, e.g. 3-5")
         need(self.recur_loops > 0, "recur_loops", "must be a positive integer")
         need(0 <= self.parallel_start_layer < self.num_layers, "parallel_start_layer",
@@ -317,16 +318,22 @@ def preset_values(name: str, num_layers: int = 0) -> dict:
         values["xsa_layers"] = scale_layer_set(values["xsa_layers"], depth, layers)
         values["recur_layers"] = scale_layer_set(values["recur_layers"], depth, layers)
         start = values["parallel_start_layer"]
-        values["parallel_start_layer"] = min(max(1, round(start * layers / depth)), layers - 1) if start else 0
+        values["parallel_start_layer"] = min(max(1, scaled_layer(start, depth, layers)), layers - 1) if start else 0
     return values
 
 
+def scaled_layer(index: int, depth: int, layers: int) -> int:
+    """Layer `index` of a depth-`depth` model in a `layers`-deep one: round(index * layers / depth), at most the
+    last."""
+    return min(round(index * layers / depth), layers - 1)
+
+
 def scale_layer_set(spec: str, depth: int, layers: int) -> str:
-    """A layer set of a depth-`depth` model, each index mapped to round(i * layers / depth)."""
+    """A layer set of a depth-`depth` model with each index scaled (scaled_layer)."""
     if spec in ("", "all"):
         return spec
-    scale = lambda i: min(round(int(i) * layers / depth), layers - 1)  # noqa: E731
-    return ",".join("-".join(str(scale(i)) for i in part.split("-")) for part in spec.split(","))
+    return ",".join("-".join(str(scaled_layer(int(i), depth, layers)) for i in part.split("-"))
+                    for part in spec.split(","))
 
 
 def parse_layer_set(spec: str, num_layers: int) -> tuple[int, ...]:

@@ -308,22 +308,29 @@ def slow_muon_step(params, grads, buffers, lr, momentum, steps):
         p.sub_(lr * update)
 
 
-def test_muon_step_equals_the_slow_loop():
-    gen = torch.Generator().manual_seed(3)
-    shapes = [(32, 16), (16, 32), (32, 16), (16, 16), (32, 16), (8, 24)]
+def assert_muon_equals_slow_loop(muon_options: dict, slow_step, shapes, seed: int) -> None:
+    """Three steps of tg.Muon(params, **muon_options) on fresh random gradients give what slow_step(params, grads,
+    momentum_buffers) gives on a copy of the parameters."""
+    gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
     copies = [p.detach().clone() for p in params]
     buffers = [torch.zeros_like(p) for p in copies]
-    muon = tg.Muon(params, lr=0.02, momentum=0.9, backend_steps=5)
+    muon = tg.Muon(params, **muon_options)
     for _ in range(3):
         grads = [torch.randn(*s, generator=gen) for s in shapes]
         for p, g in zip(params, grads):
             p.grad = g.clone()
         muon.step()
         with torch.no_grad():
-            slow_muon_step(copies, grads, buffers, 0.02, 0.9, 5)
+            slow_step(copies, grads, buffers)
     for p, expected in zip(params, copies):
         torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_step_equals_the_slow_loop():
+    assert_muon_equals_slow_loop(dict(lr=0.02, momentum=0.9, backend_steps=5),
+                                 lambda p, g, buf: slow_muon_step(p, g, buf, 0.02, 0.9, 5),
+                                 [(32, 16), (16, 32), (32, 16), (16, 16), (32, 16), (8, 24)], seed=3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

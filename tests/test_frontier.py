@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import train_gpt as tg
 from data.loader import ConfigError
 from kernels import newton_schulz as ns
-from test_cuda_path import assert_one_dtype, cuda_autocast_policy, cuda_kernels  # noqa: F401  (a fixture)
+from test_cuda_path import (assert_muon_equals_slow_loop, assert_one_dtype, cuda_autocast_policy,  # noqa: F401
+                             cuda_kernels)  # (cuda_autocast_policy is a fixture)
 
 FRONTIER = dict(vocab_size=96, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=4,
                 mlp_act="leaky_relu2", rope_dims=4, qk_gain_init=5.0, xsa_layers="all", smear_gate=True,
@@ -261,22 +262,10 @@ def slow_frontier_muon(params, grads, buffers, lr, momentum, wd, schedule):
 
 
 def test_muon_with_row_norm_weight_decay_and_polar_express_equals_the_slow_loop():
-    gen = torch.Generator().manual_seed(6)
-    shapes = [(32, 16), (16, 32), (32, 16), (8, 24)]
-    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
-    copies = [p.detach().clone() for p in params]
-    buffers = [torch.zeros_like(p) for p in copies]
-    muon = tg.Muon(params, lr=0.02, momentum=0.9, backend_steps=5, weight_decay=0.1, row_norm=True,
-                   schedule=ns.POLAR_EXPRESS)
-    for _ in range(3):
-        grads = [torch.randn(*s, generator=gen) for s in shapes]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        muon.step()
-        with torch.no_grad():
-            slow_frontier_muon(copies, grads, buffers, 0.02, 0.9, 0.1, ns.POLAR_EXPRESS)
-    for p, expected in zip(params, copies):
-        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert_muon_equals_slow_loop(dict(lr=0.02, momentum=0.9, backend_steps=5, weight_decay=0.1, row_norm=True,
+                                      schedule=ns.POLAR_EXPRESS),
+                                 lambda p, g, buf: slow_frontier_muon(p, g, buf, 0.02, 0.9, 0.1, ns.POLAR_EXPRESS),
+                                 [(32, 16), (16, 32), (32, 16), (8, 24)], seed=6)
 
 
 def test_adam_groups_decay_only_when_asked():

@@ -228,12 +228,12 @@ def build_plan(budget_s: float, data: DataChoice, work_dir: Path, run_id: str, e
                           BUDGETS[key], kind="eval", condition="needs the checkpoint of (1)",
                           info={"json": out, "checkpoint": checkpoint}))
 
+    preset_shape = "with --env's settings" if user_env else "(its 11x512 shape, vocabulary 8192)"
     preset_env = {**train_env, **PRESET_ENV, "RUN_ID": f"{run_id}_{PRESET_ENV['PRESET']}", **user_env}
     parts.append(Part("10_train_preset", f"(5) PRESET={PRESET_ENV['PRESET']}, compiled: both graphs' warm-up, first "
                       "steps", [python, "train_gpt.py"], BUDGETS["10_train_preset"], env=preset_env, kind="train",
                       info={"log": Path(preset_env["LOG_DIR"], f"{preset_env['RUN_ID']}.txt"),
-                            "model": f"PRESET={PRESET_ENV['PRESET']} "
-                                     + ("with --env's settings" if user_env else "(its 11x512 shape, vocabulary 8192)")}))
+                            "model": f"PRESET={PRESET_ENV['PRESET']} " + preset_shape}))
 
     backends = [b for b in attention_backends() if b not in CPU_ONLY_BACKENDS]
     bench_common = ["--data", str(data.path), "--steps", str(MATRIX_STEPS)]
@@ -698,10 +698,13 @@ def build_report(parts: list[Part], outcomes: dict[str, Outcome], info: dict, co
         return outcome.status.startswith(("skipped", "cut", "not ", "running"))
 
     # (1) the training runs: the default model's (its checkpoint feeds the evaluations) and the preset's
+    steps_done = "?"  # of the default model's run, whose checkpoint the evaluations score
     for part in [p for p in parts if p.kind == "train"]:
         outcome = outcome_of(part.key)
         log_path, body = part.info["log"], read_log(part, outcome)
         train = parse_train_log(body)
+        if part.key == "03_train":
+            steps_done = train["steps"] or "?"
         model = f"{part.info.get('model', context['model'])}, {context['data'].name}"
         if train["last_step"]:
             last = train["last_step"]
@@ -776,7 +779,6 @@ def build_report(parts: list[Part], outcomes: dict[str, Outcome], info: dict, co
 
     # (4) evaluation
     eval_table = []
-    steps_done = parse_train_log(read_log(by_key["03_train"], outcome_of("03_train")))["steps"] or "?"
     for part in parts:
         if part.kind != "eval":
             continue
