@@ -32,8 +32,10 @@ import eval_ttt
 import train_gpt as tg
 from data.loader import DocumentLoader, TokenStream, ValidationSet, build_byte_tables, load_tokenizer, split_pattern
 from kernels import artifact as A
+from kernels import bundle as code_bundle
 
 BASELINE = tg.ModelConfig()  # parameter-golf's baseline: 9 layers x 512, vocabulary 1024
+FRONTIER = tg.ModelConfig(num_layers=11, model_dim=512, mlp_mult=4, vocab_size=8192)  # the frontier preset's shape
 CPU_MODEL = tg.ModelConfig(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2)  # run.sh without a GPU
 
 
@@ -67,6 +69,19 @@ def quality(model: tg.GPT, hyperparameters: dict, data: str, eval_docs: int):
     loader = DocumentLoader(stream, tg.loader_config(hp))
     start = time.perf_counter()
     hessians = tg.gptq_hessians(model, loader, hp, device)
+    if "tok_emb.weight" not in hessians:  # the sdclip_gptq codecs also need the tied head's (its input: hidden_states)
+        twin = tg.build_model(model.config)
+        twin.load_state_dict(model.state_dict())
+        batches = []
+        while len(batches) < hp.artifact_calibration_batches:
+            batches += loader.next_step()
+
+        def forward(net, batch):
+            inputs, targets, cu_seqlens = tg.to_device(batch, device)
+            net.eval()(inputs, targets, cu_seqlens, hp.train_seq_len)
+
+        hessians.update(A.collect_hessians(twin, batches[:hp.artifact_calibration_batches], forward,
+                                           ["tok_emb.weight"]))
     hessian_s = time.perf_counter() - start
     tokenizer = str(Path(data) / "tokenizer.model")
     val = ValidationSet.load(data, hp.vocab_size, build_byte_tables(load_tokenizer(tokenizer), hp.vocab_size, tokenizer),
@@ -82,46 +97,61 @@ def quality(model: tg.GPT, hyperparameters: dict, data: str, eval_docs: int):
     return hessians, hessian_s, strided_bpb
 
 
-def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: int, scoring=None) -> None:
+def code_bytes() -> tuple[int, int]:
+    """(raw, bundled) bytes of the payload (train_gpt.PAYLOAD, no experiment files)."""
+    names = [f.relative_to(tg.ROOT).as_posix() for f in tg.payload_files()]
+    return sum((tg.ROOT / n).stat().st_size for n in names), len(code_bundle.build_bundle(tg.ROOT, names))
+
+
+def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: int, scoring=None,
+          small_numel: int = A.SMALL_TENSOR_NUMEL) -> None:
     model.eval()
     state_dict = {name: t.detach().clone() for name, t in model.state_dict().items()}
     plan = A.quantization_plan(state_dict, "int6_gptq_lzma")
     counts = {how: sum(state_dict[n].numel() for n, h in plan.items() if h == how) for how in set(plan.values())}
     raw = sum(t.numel() * t.element_size() for t in state_dict.values())
+    raw_code, bundled_code = code_bytes()
     print(f"\n{label}: {raw:,} bytes as stored in training; values by how the int6 codecs store them: "
           + ", ".join(f"{how} {n:,}" for how, n in sorted(counts.items())))
+    print(f"code bytes: raw {raw_code:,}, bundled {bundled_code:,}; sdclip small tensors: at most {small_numel:,} values;"
+          f" compressors here: {', '.join(A.available_compressors())}")
     if scoring:
         base_bpb = scoring[2](state_dict)
         print(f"strided BPB of the checkpoint's own weights: {base_bpb:.4f}")
-    print("| codec | bytes | encode s | decode s | Hessians s | max rel. error | int6 one per byte | BPB | Δ BPB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| codec | model bytes | total (raw code) | total (bundled code) | encode s | decode s | Hessians s | "
+          "max rel. error | int6 one per byte | BPB | Δ BPB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    random_hessians = None
     for codec in codecs:
         hessians, hessian_s = None, 0.0
-        if codec == "int6_gptq_lzma" and scoring:
+        if A.needs_calibration(codec) and scoring:
             hessians, hessian_s = scoring[0], scoring[1]
-        elif codec == "int6_gptq_lzma":
-            g = torch.Generator().manual_seed(0)
-            batches = [torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
-                       for _ in range(calibration_batches)]
-            names = [n for n, how in plan.items() if how == "int6_gptq"]
-            start = time.perf_counter()
-            hessians = A.collect_hessians(model, batches, lambda m, batch: m(batch[:, :-1], batch[:, 1:]), names)
-            hessian_s = time.perf_counter() - start
+        elif A.needs_calibration(codec):
+            if random_hessians is None:
+                g = torch.Generator().manual_seed(0)
+                batches = [torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
+                           for _ in range(calibration_batches)]
+                names = sorted({n for c in ("int6_gptq_lzma", "sdclip_gptq") for n in A.hessian_names(state_dict, c, small_numel)})
+                start = time.perf_counter()
+                random_hessians = (A.collect_hessians(model, batches, lambda m, b: m(b[:, :-1], b[:, 1:]), names),
+                                   time.perf_counter() - start)
+            hessians, hessian_s = random_hessians
+        kwargs = {"small_numel": small_numel} if A.codec_options(codec).sdclip else {}
         start = time.perf_counter()
-        data = A.encode_artifact(state_dict, codec, {"model_config": vars(model.config)}, hessians)
+        data = A.encode_artifact(state_dict, codec, {"model_config": vars(model.config)}, hessians, **kwargs)
         encode_s = time.perf_counter() - start
         start = time.perf_counter()
         decoded, _ = A.decode_artifact(data)
         decode_s = time.perf_counter() - start
         error = max(((decoded[n].float() - t.float()).abs().max() / t.float().abs().max()).item()
                     for n, t in state_dict.items() if t.is_floating_point() and t.abs().max() > 0)
-        unpacked = f"{unpacked_int6_bytes(data):,}" if codec != "int8_zlib" else ""
-        scores = ""
+        unpacked = f"{unpacked_int6_bytes(data):,}" if codec in ("int6_lzma", "int6_gptq_lzma") else ""
+        scores = " | |"
         if scoring:
             bpb = scoring[2](decoded)
             scores = f" {bpb:.4f} | {bpb - base_bpb:+.4f} |"
-        print(f"| {codec} | {len(data):,} | {encode_s:.2f} | {decode_s:.2f} | {hessian_s:.2f} | {error:.4f} | "
-              f"{unpacked} |{scores}", flush=True)
+        print(f"| {codec} | {len(data):,} | {len(data) + raw_code:,} | {len(data) + bundled_code:,} | {encode_s:.2f} | "
+              f"{decode_s:.2f} | {hessian_s:.2f} | {error:.4f} | {unpacked} |{scores}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -133,6 +163,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--data", help="with --checkpoint: its dataset folder, for real calibration and the BPB columns")
     p.add_argument("--eval-docs", type=int, default=20, help="validation documents scored for the BPB columns")
+    p.add_argument("--small-numel", type=int, default=A.SMALL_TENSOR_NUMEL,
+                   help="sdclip codecs: float tensors of at most this many values stay float16")
+    p.add_argument("--frontier-shape", action="store_true",
+                   help="without --checkpoint: only a random model of the frontier preset's shape (11 x 512, MLP 4x, "
+                        "vocabulary 8192)")
     args = p.parse_args(argv)
     codecs = [c for c in args.codecs.split(",") if c]
     unknown = [c for c in codecs if c not in A.CODECS]
@@ -145,11 +180,14 @@ def main(argv=None) -> int:
         model, state = tg.load_model(args.checkpoint, torch.device("cpu"))
         scoring = quality(model, state["hyperparameters"], args.data, args.eval_docs) if args.data else None
         bench(f"{args.checkpoint} ({model.config.num_layers} x {model.config.model_dim})", model, codecs,
-              args.calibration_batches, args.seq_len, scoring)
+              args.calibration_batches, args.seq_len, scoring, args.small_numel)
         return 0
-    for label, config in (("random baseline shape (9 x 512, vocab 1024)", BASELINE),
-                          ("random run.sh CPU model (4 x 128, 4 heads, 2 kv heads)", CPU_MODEL)):
-        bench(label, random_model(config, seed=0), codecs, args.calibration_batches, args.seq_len)
+    models = ((("random frontier shape (11 x 512, MLP 4x, vocab 8192)", FRONTIER),) if args.frontier_shape else
+              (("random baseline shape (9 x 512, vocab 1024)", BASELINE),
+               ("random run.sh CPU model (4 x 128, 4 heads, 2 kv heads)", CPU_MODEL)))
+    for label, config in models:
+        bench(label, random_model(config, seed=0), codecs, args.calibration_batches, args.seq_len,
+              small_numel=args.small_numel)
     return 0
 
 
