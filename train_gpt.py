@@ -47,7 +47,9 @@ from data.loader import (IGNORE_INDEX, ConfigError, DataError, DocumentLoader, L
                          split_pattern)
 from eval_ttt import EvalResult, EvalSpec, compile_counts, evaluate, is_distributed, sum_over_processes, synchronize
 from kernels.artifact import CODECS as ARTIFACT_CODECS
-from kernels.artifact import collect_hessians, encode_artifact, needs_calibration, quantization_plan, read_artifact
+from kernels.artifact import (SMALL_TENSOR_NUMEL, collect_hessians, encode_artifact, hessian_names, needs_calibration,
+                              read_artifact)
+from kernels.bundle import bundle_bytes
 from kernels.attention import (REFERENCE_VARLEN, VARLEN_BACKENDS, BackendError, sdpa_causal, segment_ids,
                                select_gist_attention, select_varlen_attention)
 from kernels.newton_schulz import NS_COEFFICIENTS, NS_SCHEDULES, coefficients_at
@@ -55,8 +57,9 @@ from kernels.newton_schulz import NS_COEFFICIENTS, NS_SCHEDULES, coefficients_at
 # The files a record needs to run and be scored: embedded in every log, counted as the artifact's code bytes, and
 # what a record's verification reads back. A file of EXPERIMENT_PAYLOAD joins them when its switch is on.
 PAYLOAD = ("train_gpt.py", "eval_ttt.py", "data/__init__.py", "data/files.py", "data/loader.py", "kernels/__init__.py",
-           "kernels/_common.py", "kernels/artifact.py", "kernels/attention.py", "kernels/newton_schulz.py",
-           "kernels/relu2_linear.py", "kernels/rms_norm.py", "kernels/rotary_qk.py", "kernels/softcap_cross_entropy.py")
+           "kernels/_common.py", "kernels/artifact.py", "kernels/attention.py", "kernels/bundle.py",
+           "kernels/newton_schulz.py", "kernels/relu2_linear.py", "kernels/rms_norm.py", "kernels/rotary_qk.py",
+           "kernels/softcap_cross_entropy.py")
 EXPERIMENT_PAYLOAD = {"gist.py": "gist_tokens"}  # file -> the hyperparameter that, when non-zero, imports it
 ROOT = Path(__file__).resolve().parent
 
@@ -162,10 +165,17 @@ class Hyperparameters(ModelConfig):
     checkpoint_dir: str = "checkpoints"
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps; 0 means none
     resume: str = ""  # path of a resumable checkpoint to continue from
-    # the size-limited artifact (track_10min_16mb): none | int8_zlib | int6_lzma | int6_gptq_lzma (kernels/artifact.py)
+    # the size-limited artifact (track_10min_16mb): none | a codec of kernels/artifact.py (int8_zlib, int6_lzma,
+    # int6_gptq_lzma, sdclip[_gptq][_lqer][_grouped]) | auto: the first of ARTIFACT_CANDIDATES whose total fits
     artifact: str = "none"
     artifact_limit_bytes: int = 16_000_000  # code bytes + compressed model bytes; a larger artifact fails the run
-    artifact_calibration_batches: int = 8  # int6_gptq_lzma: training micro-batches per process that calibrate GPTQ
+    artifact_calibration_batches: int = 8  # the *gptq* codecs: training micro-batches per process that calibrate GPTQ
+    artifact_code: str = "raw"  # code bytes: raw (the payload's files) | bundle (their self-extracting RUN_ID.pyz)
+    artifact_small_numel: int = SMALL_TENSOR_NUMEL  # sdclip codecs: float tensors of at most this many values: float16
+    # ARTIFACT=auto: codecs tried in order (least lossy first); the first whose total is at most the limit less the
+    # margin is kept, else the last one (and the run fails if that one is over the limit)
+    artifact_candidates: str = "int8_zlib,int6_gptq_lzma,sdclip_gptq_lqer_grouped"
+    artifact_margin_bytes: int = 100_000
     # speed
     compile: bool = True
     fused: str = "0"  # 0 (plain torch) | 1 (every Triton kernel) | comma-separated kernel names (kernels/__init__.py)
@@ -218,12 +228,16 @@ class Hyperparameters(ModelConfig):
         need(self.vocab_size <= 65536, "vocab_size", "shards hold uint16 tokens, so at most 65536")
         need(self.mlp_act in MLP_ACTIVATIONS, "mlp_act", f"must be one of {', '.join(MLP_ACTIVATIONS)}")
         need(self.warmdown_shape in WARMDOWN_SHAPES, "warmdown_shape", f"must be one of {', '.join(WARMDOWN_SHAPES)}")
-        need(self.artifact in ("none",) + ARTIFACT_CODECS, "artifact",
-             f"must be none or one of {', '.join(ARTIFACT_CODECS)}")
-        need(not needs_calibration(self.artifact) or self.artifact == "int6_gptq_lzma", "artifact",
-             "its GPTQ calibration is not wired into training yet (the other sdclip codecs are; `speedrun bench "
-             "artifact` measures every codec on a checkpoint)")
+        need(self.artifact in ("none", "auto") + ARTIFACT_CODECS, "artifact",
+             f"must be none, auto or one of {', '.join(ARTIFACT_CODECS)}")
+        candidates = self.artifact_candidates.split(",")
+        need(len(candidates) == len(set(candidates)) and all(c in ARTIFACT_CODECS for c in candidates),
+             "artifact_candidates", f"must be distinct codecs, comma-separated, of {', '.join(ARTIFACT_CODECS)}")
+        need(self.artifact_code in ("raw", "bundle"), "artifact_code", "must be raw or bundle")
         need(self.artifact_limit_bytes > 0, "artifact_limit_bytes", "must be a positive integer")
+        need(self.artifact_small_numel >= 0, "artifact_small_numel", "must be >= 0")
+        need(0 <= self.artifact_margin_bytes < self.artifact_limit_bytes, "artifact_margin_bytes",
+             "must be >= 0 and less than ARTIFACT_LIMIT_BYTES")
         need(self.artifact_calibration_batches > 0, "artifact_calibration_batches", "must be a positive integer")
         head_dim = self.model_dim // self.num_heads
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "rope_dims",
@@ -1298,9 +1312,9 @@ def train(hp: Hyperparameters, env: DistributedEnv, model_kernels: Kernels, log)
     if weight_average and resumed_average is not None:
         weight_average.load_state_dict(resumed_average)
 
-    # int6_gptq_lzma: the calibration's forward passes, in training steps (a forward costs less than a step: generous)
+    # the *gptq* codecs: the calibration's forward passes, in training steps (a forward costs less than a step)
     calibration_share = (hp.artifact_calibration_batches / (hp.train_micro_batches // env.world_size)
-                         if hp.artifact == "int6_gptq_lzma" else 0.0)
+                         if any(map(needs_calibration, artifact_codecs(hp))) else 0.0)
     stop_signal = StopRequested()
     stop_signal.install()
     last_checkpoint = hp.resume or None
@@ -1393,10 +1407,10 @@ def finish(model, val: ValidationSet, hp: Hyperparameters, env, tokenizer_sha256
     log(f"checkpoint: {path}")
     total_bytes = 0
     if hp.artifact != "none":  # the headline becomes the score of the model read back from the artifact
-        roundtrip, total_bytes = export_artifact(model, hp, tokenizer_sha256, hessians, env, log)
+        roundtrip, total_bytes, codec = export_artifact(model, hp, tokenizer_sha256, hessians, env, log)
         results = [evaluate(roundtrip, val, hp.eval_spec(mode)) for mode in modes]
         for result in results:
-            log(f"final_roundtrip codec:{hp.artifact} mode:{result.mode} {window_text(hp, result.mode)} "
+            log(f"final_roundtrip codec:{codec} mode:{result.mode} {window_text(hp, result.mode)} "
                 f"val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} eval_time:{1000 * result.seconds:.0f}ms")
     log(f"peak_memory: {peak_memory_mib(env.device):.0f}MiB")
     log(f"final val_loss:{results[-1].loss:.8f} val_bpb:{results[-1].bpb:.8f} mode:{results[-1].mode} steps:{step} "
@@ -1491,12 +1505,22 @@ def check_resume_settings(state: dict, hp: Hyperparameters, tokenizer_sha256: st
                               "it cannot change in the middle of a run")
 
 
+def artifact_codecs(hp: Hyperparameters) -> list[str]:
+    """The codecs the export may write: ARTIFACT, or ARTIFACT_CANDIDATES for auto; none without an artifact."""
+    if hp.artifact == "none":
+        return []
+    return hp.artifact_candidates.split(",") if hp.artifact == "auto" else [hp.artifact]
+
+
 def calibrate_artifact(model: GPT, loader, hp: Hyperparameters, env, train_ms: float, log) -> tuple[dict | None, float]:
-    """int6_gptq_lzma: GPTQ's Hessians, timed and counted as training time; (None, train_ms) for the other codecs."""
-    if hp.artifact != "int6_gptq_lzma":
+    """The *gptq* codecs: GPTQ's Hessians for every codec the export may write, timed and counted as training time;
+    (None, train_ms) when none needs them."""
+    names = sorted({name for codec in artifact_codecs(hp) if needs_calibration(codec)
+                    for name in hessian_names(model.state_dict(), codec, hp.artifact_small_numel)})
+    if not names:
         return None, train_ms
     start = time.perf_counter()
-    hessians = gptq_hessians(model, loader, hp, env.device)
+    hessians = gptq_hessians(model, loader, hp, env.device, names)
     synchronize(env.device)
     calibration_ms = slowest_rank_ms(1000 * (time.perf_counter() - start), env.device)
     log(f"artifact_calibration: batches:{hp.artifact_calibration_batches * env.world_size} "
@@ -1505,14 +1529,15 @@ def calibrate_artifact(model: GPT, loader, hp: Hyperparameters, env, train_ms: f
 
 
 @torch.no_grad()
-def gptq_hessians(model: GPT, loader, hp: Hyperparameters, device: torch.device) -> dict[str, torch.Tensor]:
-    """X^T X of the inputs of every matrix GPTQ quantizes, over the next ARTIFACT_CALIBRATION_BATCHES training
-    micro-batches of this process (never validation data), summed over processes. Computed on an unfused twin of the
-    model: a fused relu2_linear reads mlp.fc.weight without calling the layer, so its inputs would go unseen."""
+def gptq_hessians(model: GPT, loader, hp: Hyperparameters, device: torch.device, names: list[str]
+                  ) -> dict[str, torch.Tensor]:
+    """X^T X of the inputs of the named matrices (the tied embedding's: of the head's input), over the next
+    ARTIFACT_CALIBRATION_BATCHES training micro-batches of this process (never validation data), summed over
+    processes. Computed on an unfused twin of the model: a fused relu2_linear reads mlp.fc.weight without calling the
+    layer, so its inputs would go unseen."""
     twin = build_model(model.config, dataclasses.replace(model.kernels, fused=frozenset())).to(device)
     twin.load_state_dict(model.state_dict())
     twin.eval()
-    names = [name for name, how in quantization_plan(model.state_dict(), hp.artifact).items() if how == "int6_gptq"]
     batches = []
     while len(batches) < hp.artifact_calibration_batches:
         batches += loader.next_step()
@@ -1527,27 +1552,50 @@ def gptq_hessians(model: GPT, loader, hp: Hyperparameters, device: torch.device)
     return hessians
 
 
-def export_artifact(model: GPT, hp: Hyperparameters, tokenizer_sha256: str, hessians, env, log) -> tuple[GPT, int]:
-    """Write CHECKPOINT_DIR/<RUN_ID>.ptz (rank 0), log its size with the record's code, and return the model read
-    back from the file (every rank reads it: the round trip is through the bytes that would be submitted) and the
-    total bytes."""
+def export_artifact(model: GPT, hp: Hyperparameters, tokenizer_sha256: str, hessians, env, log
+                    ) -> tuple[GPT, int, str]:
+    """Write CHECKPOINT_DIR/<RUN_ID>.ptz (rank 0) in the chosen codec, and with ARTIFACT_CODE=bundle the code as it
+    runs, <RUN_ID>.pyz; log the sizes; return the model read back from the file (every rank reads it: the round trip
+    is through the bytes that would be submitted), the total bytes and the codec."""
     path = os.path.join(hp.checkpoint_dir, f"{hp.run_id}.ptz")
+    files = {f.relative_to(ROOT).as_posix(): f.read_bytes() for f in payload_files(hp)}
+    names, raw_code_bytes = list(files), sum(map(len, files.values()))
+    bundle = bundle_bytes(files) if hp.artifact_code == "bundle" else None
+    code_bytes = raw_code_bytes if bundle is None else len(bundle)
     if env.is_main:
-        start = time.perf_counter()
-        meta = {**checkpoint_metadata(hp, tokenizer_sha256), "codec": hp.artifact, "run_id": hp.run_id}
-        write_atomic(path, encode_artifact(model.state_dict(), hp.artifact, meta, hessians))
-        log(f"artifact_encode: codec:{hp.artifact} time:{1000 * (time.perf_counter() - start):.0f}ms")
+        meta = {**checkpoint_metadata(hp, tokenizer_sha256), "run_id": hp.run_id}
+        write_atomic(path, encode_fitting(model.state_dict(), hp, meta, hessians, code_bytes, log))
+        if bundle is not None:
+            names.insert(0, os.path.join(hp.checkpoint_dir, f"{hp.run_id}.pyz"))
+            write_atomic(names[0], bundle)
     if is_distributed():
         dist.barrier()
-    code = payload_files(hp)
-    model_bytes, code_bytes = os.path.getsize(path), sum(f.stat().st_size for f in code)
+    state = load_checkpoint(path, model.tok_emb.weight.device)
+    model_bytes = os.path.getsize(path)
     total = model_bytes + code_bytes
-    log(f"artifact: codec:{hp.artifact} model_bytes:{model_bytes} code_bytes:{code_bytes} total_bytes:{total} "
-        f"limit:{hp.artifact_limit_bytes} files:{path}," + ",".join(f.relative_to(ROOT).as_posix() for f in code))
-    device = model.tok_emb.weight.device
-    roundtrip = build_model(model.config, model.kernels).to(device)  # same shape and kernels, weights from the file
-    roundtrip.load_state_dict(load_checkpoint(path, device)["model"])
-    return roundtrip, total
+    log(f"artifact: codec:{state['codec']} model_bytes:{model_bytes} code_bytes:{code_bytes} total_bytes:{total} "
+        f"limit:{hp.artifact_limit_bytes} code:{hp.artifact_code} raw_code_bytes:{raw_code_bytes} "
+        f"files:{','.join([path] + names)}")
+    roundtrip = build_model(model.config, model.kernels).to(model.tok_emb.weight.device)  # same shape and kernels
+    roundtrip.load_state_dict(state["model"])
+    return roundtrip, total, state["codec"]
+
+
+def encode_fitting(state_dict, hp: Hyperparameters, meta: dict, hessians, code_bytes: int, log) -> bytes:
+    """The artifact's bytes in ARTIFACT's codec; for auto, in the first of ARTIFACT_CANDIDATES whose total is at most
+    ARTIFACT_LIMIT_BYTES - ARTIFACT_MARGIN_BYTES, else in the last."""
+    codecs = artifact_codecs(hp)
+    room = hp.artifact_limit_bytes - (hp.artifact_margin_bytes if hp.artifact == "auto" else 0)
+    for codec in codecs:
+        start = time.perf_counter()
+        data = encode_artifact(state_dict, codec, {**meta, "codec": codec}, hessians,
+                               small_numel=hp.artifact_small_numel)
+        fits = len(data) + code_bytes <= room
+        log(f"artifact_encode: codec:{codec} time:{1000 * (time.perf_counter() - start):.0f}ms "
+            f"model_bytes:{len(data)} total_bytes:{len(data) + code_bytes} "
+            + ("fits" if fits else f"over:{len(data) + code_bytes - room}") + f" room:{room}")
+        if fits or codec == codecs[-1]:
+            return data
 
 
 def load_checkpoint(path: str, device) -> dict:

@@ -3,6 +3,7 @@ runs exactly as `python train_gpt.py [args]` runs from the raw files. The 16 MB 
 record's code bytes.
 
     data = build_bundle(root, ["train_gpt.py", "eval_ttt.py", ...])   # bytes: the bundle file (deterministic)
+    data = bundle_bytes({name: content, ...})                          # the same, from the files' bytes
     files = read_bundle(path)                                         # {name: bytes}; ValueError naming the file
 
 A bundle is a zip archive (Python runs a zip file given as its script: its __main__.py) of two stored members:
@@ -68,11 +69,10 @@ os.execv(sys.executable, [sys.executable, *options, script, *sys.argv[1:]])
 '''
 
 
-def payload_blob(root: Path, names: list[str]) -> bytes:
-    """The uncompressed payload: the JSON index line, a newline, the files' bytes in `names` order."""
-    contents = [(name, (Path(root) / name).read_bytes()) for name in names]
-    index = [[name, len(data), hashlib.sha256(data).hexdigest()] for name, data in contents]
-    return json.dumps(index, separators=(",", ":")).encode() + b"\n" + b"".join(data for _, data in contents)
+def payload_blob(files: dict[str, bytes]) -> bytes:
+    """The uncompressed payload: the JSON index line, a newline, the files' bytes in order."""
+    index = [[name, len(data), hashlib.sha256(data).hexdigest()] for name, data in files.items()]
+    return json.dumps(index, separators=(",", ":")).encode() + b"\n" + b"".join(files.values())
 
 
 def _stored(name: str, data: bytes) -> tuple[zipfile.ZipInfo, bytes]:
@@ -85,12 +85,17 @@ def _stored(name: str, data: bytes) -> tuple[zipfile.ZipInfo, bytes]:
 
 def build_bundle(root, names: list[str], entry: str = ENTRY) -> bytes:
     """The bundle's bytes for the files `names` (paths relative to root, "/"-separated); entry is the script it runs."""
-    if entry not in names:
+    return bundle_bytes({name: (Path(root) / name).read_bytes() for name in names}, entry)
+
+
+def bundle_bytes(files: dict[str, bytes], entry: str = ENTRY) -> bytes:
+    """The bundle of these files ({name: bytes}, in order), e.g. those a log embeds: its size is the code's count."""
+    if entry not in files:
         raise ValueError(f"build_bundle: the entry {entry} is not among the files")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, data in (("__main__.py", (BOOTSTRAP % {"entry": entry}).encode()),
-                           ("payload.xz", lzma.compress(payload_blob(root, names), preset=LZMA_PRESET))):
+                           ("payload.xz", lzma.compress(payload_blob(files), preset=LZMA_PRESET))):
             info, data = _stored(name, data)
             archive.writestr(info, data)
     return buffer.getvalue()

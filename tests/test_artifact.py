@@ -34,6 +34,7 @@ from data import loader as data_loader
 from data.files import write_atomic
 from data.shards import write_shard
 from kernels import artifact as A
+from kernels import bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 META = {"model_config": {"num_layers": 2, "model_dim": 128}, "run_id": "test", "note": "ünïcode"}
@@ -498,11 +499,14 @@ def training_loader(stream, hp) -> data_loader.PrefetchingLoader:
 
 
 def hessians_by_hand(model: tg.GPT, batches, hp, names) -> dict[str, torch.Tensor]:
-    """X^T X of the inputs of each named layer, captured by forward hooks on a plain (unfused) model."""
+    """X^T X of the inputs of each named layer, captured by forward hooks on a plain (unfused) model; the tied
+    embedding's: of the final hidden states, the head's input, computed by a second forward."""
     layers = dict(model.named_modules())
     sums = {name: 0 for name in names}
     handles = []
     for name in names:
+        if name == "tok_emb.weight":
+            continue
         def hook(module, args, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             sums[name] = sums[name] + x.T @ x
@@ -515,15 +519,32 @@ def hessians_by_hand(model: tg.GPT, batches, hp, names) -> dict[str, torch.Tenso
     finally:
         for h in handles:
             h.remove()
+    if "tok_emb.weight" in names:
+        with torch.no_grad():
+            for b in batches:
+                x = model.hidden_states(torch.as_tensor(b.inputs)[None].long(), torch.as_tensor(b.cu_seqlens),
+                                        hp.train_seq_len).reshape(-1, hp.model_dim).double()
+                sums["tok_emb.weight"] = sums["tok_emb.weight"] + x.T @ x
     return sums
 
 
-@pytest.mark.parametrize("fused", [frozenset(), frozenset({"relu2_linear"})], ids=["plain", "fused-relu2"])
-def test_calibration_hessians_are_those_of_the_next_training_batches(tmp_path, token_stream, fused):
-    """calibrate_artifact (int6_gptq_lzma): the Hessians of every GPTQ matrix over this process's next
-    ARTIFACT_CALIBRATION_BATCHES training micro-batches (never the ones before), also for a model whose fused
+CALIBRATED = {"int6_gptq_lzma": dict(ARTIFACT="int6_gptq_lzma"),
+              # the sdclip matrices are those above ARTIFACT_SMALL_NUMEL values: here every block matrix, and the
+              # tied embedding, whose Hessian is of the head's input
+              "sdclip_gptq": dict(ARTIFACT="sdclip_gptq", ARTIFACT_SMALL_NUMEL="0"),
+              # auto: the Hessians of every candidate that needs them
+              "auto": dict(ARTIFACT="auto", ARTIFACT_CANDIDATES="int8_zlib,int6_gptq_lzma,sdclip_gptq_lqer",
+                           ARTIFACT_SMALL_NUMEL="0")}
+
+
+@pytest.mark.parametrize("fused, codec", [(frozenset(), "int6_gptq_lzma"), (frozenset({"relu2_linear"}), "int6_gptq_lzma"),
+                                          (frozenset(), "sdclip_gptq"), (frozenset({"relu2_linear"}), "auto")],
+                         ids=["plain", "fused-relu2", "sdclip_gptq", "auto-fused-relu2"])
+def test_calibration_hessians_are_those_of_the_next_training_batches(tmp_path, token_stream, fused, codec):
+    """calibrate_artifact: the Hessians of every GPTQ matrix of the codecs the export may write, over this process's
+    next ARTIFACT_CALIBRATION_BATCHES training micro-batches (never the ones before), also for a model whose fused
     relu2_linear never calls mlp.fc; the time is logged and added to the training time."""
-    hp = run_hp(tmp_path, ARTIFACT="int6_gptq_lzma", FUSED=",".join(fused) or "0")
+    hp = run_hp(tmp_path, FUSED=",".join(fused) or "0", **CALIBRATED[codec])
     model = random_model(hp, fused)
     assert model.kernels.fused == fused
     loader = training_loader(token_stream, hp)
@@ -534,8 +555,10 @@ def test_calibration_hessians_are_those_of_the_next_training_batches(tmp_path, t
     reference_loader = training_loader(token_stream, hp)
     reference_loader.next_step()
     batches = reference_loader.next_step() + reference_loader.next_step()  # 2 micro-batches a step
-    names = [n for n, how in A.quantization_plan(model.state_dict(), hp.artifact).items() if how == "int6_gptq"]
+    names = [n for n, how in A.quantization_plan(model.state_dict(), "int6_gptq_lzma").items() if how == "int6_gptq"]
     assert "blocks.0.mlp.fc.weight" in names and len(names) == 2 * 6
+    if codec != "int6_gptq_lzma":
+        names.append("tok_emb.weight")
     plain = random_model(hp)
     expected = hessians_by_hand(plain, batches[:3], hp, names)
     assert sorted(hessians) == sorted(names)
@@ -550,9 +573,13 @@ def test_calibration_hessians_are_those_of_the_next_training_batches(tmp_path, t
     assert int(fields.group(2)) == round(train_ms)
 
 
-@pytest.mark.parametrize("codec", ["int8_zlib", "int6_lzma"])
+@pytest.mark.parametrize("codec", ["int8_zlib", "int6_lzma", "sdclip_lqer_grouped", "sdclip_gptq"])
 def test_calibration_is_nothing_for_other_codecs(tmp_path, token_stream, codec):
+    """No calibration without a GPTQ codec, nor for sdclip_gptq when every matrix is at most ARTIFACT_SMALL_NUMEL
+    values (all float16: nothing for GPTQ to quantize)."""
     hp = run_hp(tmp_path, ARTIFACT=codec)
+    if codec == "sdclip_gptq":
+        assert A.hessian_names(random_model(hp).state_dict(), codec, hp.artifact_small_numel) == []
     loader = training_loader(token_stream, hp)
     lines = []
     assert tg.calibrate_artifact(random_model(hp), loader, hp, CPU, 1234.5, lines.append) == (None, 1234.5)
@@ -574,17 +601,18 @@ def test_export_writes_the_artifact_counts_the_payload_and_round_trips(tmp_path,
     model = random_model(hp)
     hessians = None
     if codec == "int6_gptq_lzma":
-        hessians = tg.gptq_hessians(model, training_loader(token_stream, hp), hp, CPU.device)
+        hessians, _ = tg.calibrate_artifact(model, training_loader(token_stream, hp), hp, CPU, 0.0, print)
     lines = []
-    roundtrip, total = tg.export_artifact(model, hp, "f" * 64, hessians, CPU, lines.append)
+    roundtrip, total, written = tg.export_artifact(model, hp, "f" * 64, hessians, CPU, lines.append)
 
     path = tmp_path / "ckpt" / "art.ptz"
     assert lines[0].startswith(f"artifact_encode: codec:{codec} time:")
     fields = artifact_fields(lines[-1])
     code = tg.payload_files(hp)
     assert (ROOT / "gist.py" in code) == bool(gist_tokens)
-    assert fields["codec"] == codec and int(fields["model_bytes"]) == path.stat().st_size
-    assert int(fields["code_bytes"]) == sum(f.stat().st_size for f in code)
+    assert fields["codec"] == codec == written and int(fields["model_bytes"]) == path.stat().st_size
+    assert int(fields["code_bytes"]) == int(fields["raw_code_bytes"]) == sum(f.stat().st_size for f in code)
+    assert fields["code"] == "raw" and not (tmp_path / "ckpt" / "art.pyz").exists()
     assert int(fields["total_bytes"]) == total == path.stat().st_size + int(fields["code_bytes"])
     assert fields["limit"] == str(hp.artifact_limit_bytes)
     assert fields["files"].split(",") == [str(path)] + [f.relative_to(ROOT).as_posix() for f in code]
@@ -601,6 +629,67 @@ def test_export_writes_the_artifact_counts_the_payload_and_round_trips(tmp_path,
         before, after = model(ids, torch.roll(ids, -1, 1)), roundtrip.eval()(ids, torch.roll(ids, -1, 1))
     assert (after - before).abs().mean() < 0.05 * before.mean()  # close to the exported model, not equal
     assert not torch.equal(after, before)
+
+
+def test_export_with_bundled_code_counts_the_bundle_it_writes(tmp_path):
+    """ARTIFACT_CODE=bundle: RUN_ID.pyz beside the artifact is the bundle of payload_files (kernels/bundle.py among
+    them), its size is the line's code_bytes (raw_code_bytes the files' sizes), and the files list names it."""
+    hp = run_hp(tmp_path, ARTIFACT="int8_zlib", ARTIFACT_CODE="bundle")
+    lines = []
+    _, total, codec = tg.export_artifact(random_model(hp), hp, "f" * 64, None, CPU, lines.append)
+    fields = artifact_fields(lines[-1])
+    code = tg.payload_files(hp)
+    names = [f.relative_to(ROOT).as_posix() for f in code]
+    ptz, pyz = tmp_path / "ckpt" / "art.ptz", tmp_path / "ckpt" / "art.pyz"
+    assert "kernels/bundle.py" in names and codec == "int8_zlib"
+    assert pyz.read_bytes() == bundle.build_bundle(ROOT, names)
+    assert bundle.read_bundle(str(pyz)) == {name: (ROOT / name).read_bytes() for name in names}
+    assert fields["code"] == "bundle" and int(fields["code_bytes"]) == pyz.stat().st_size
+    assert int(fields["raw_code_bytes"]) == sum(f.stat().st_size for f in code) > 3 * pyz.stat().st_size
+    assert total == int(fields["total_bytes"]) == ptz.stat().st_size + pyz.stat().st_size
+    assert fields["files"].split(",") == [str(ptz), str(pyz)] + names
+
+
+def test_auto_keeps_the_first_candidate_whose_total_fits_with_the_margin(tmp_path):
+    """ARTIFACT=auto tries ARTIFACT_CANDIDATES in order and writes the first whose total is at most the limit less
+    ARTIFACT_MARGIN_BYTES; when none fits, the last one (the run then fails on the limit)."""
+    model = random_model(run_hp(tmp_path))
+    code_bytes, margin = sum(f.stat().st_size for f in tg.payload_files()), 1000
+
+    def export(limit):
+        hp = run_hp(tmp_path, ARTIFACT="auto", ARTIFACT_CANDIDATES="int8_zlib,int6_lzma",
+                    ARTIFACT_LIMIT_BYTES=str(limit), ARTIFACT_MARGIN_BYTES=str(margin))
+        lines = []
+        _, total, codec = tg.export_artifact(model, hp, "f" * 64, None, CPU, lines.append)
+        tried = [re.match(r"artifact_encode: codec:(\S+) time:\d+ms model_bytes:(\d+) total_bytes:(\d+) "
+                          r"(fits|over:\d+) room:(\d+)$", line).groups() for line in lines[:-1]]
+        assert codec == artifact_fields(lines[-1])["codec"] == tried[-1][0] == A.read_artifact(
+            str(tmp_path / "ckpt" / "art.ptz"))[1]["codec"]
+        assert [t[0] for t in tried] == ["int8_zlib", "int6_lzma"][:len(tried)] and total == int(tried[-1][2])
+        for _, model_bytes, line_total, verdict, room in tried:
+            assert int(room) == limit - margin and int(line_total) == int(model_bytes) + code_bytes
+            over = int(line_total) - int(room)
+            assert verdict == ("fits" if over <= 0 else f"over:{over}")
+        return codec, {t[0]: int(t[2]) for t in tried}
+
+    codec, totals = export(code_bytes + 10)  # nothing fits: both tried, the last one written
+    assert codec == "int6_lzma" and totals["int6_lzma"] < totals["int8_zlib"]
+    # (the limit is in the metadata, so a total moves by a byte or so with it)
+    assert export(totals["int8_zlib"] + margin + 100)[0] == "int8_zlib"
+    codec, tried = export(totals["int8_zlib"] + margin // 2)  # under the limit, but not with the margin
+    assert codec == "int6_lzma" and list(tried) == ["int8_zlib", "int6_lzma"]
+
+
+def test_artifact_settings_are_checked_in_one_line(tmp_path):
+    bad = {"ARTIFACT": ("sdclip_int4", "must be none, auto or one of"),
+           "ARTIFACT_CANDIDATES": ("int8_zlib,int8_zlib", "must be distinct codecs"),
+           "ARTIFACT_CODE": ("zip", "must be raw or bundle"),
+           "ARTIFACT_MARGIN_BYTES": ("16000000", "less than ARTIFACT_LIMIT_BYTES"),
+           "ARTIFACT_SMALL_NUMEL": ("-1", "must be >= 0")}
+    for name, (value, message) in bad.items():
+        with pytest.raises(tg.ConfigError, match=rf"^{name}=.*{message}") as e:
+            run_hp(tmp_path, **{name: value})
+        assert "\n" not in str(e.value)
 
 
 # The record's own modules, as import statements name them: everything reachable from train_gpt.py and eval_ttt.py.

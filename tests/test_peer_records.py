@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from kernels.bundle import bundle_bytes
 from speedrun.analysis import run_log, show_log
 from speedrun.records import check as record_check
 from speedrun.records import leaderboard, new as record_new, verify as record_verify
@@ -420,10 +421,12 @@ def test_modded_log_dialect():
 FIXTURES = REPO / "tests" / "fixtures" / "record_logs"
 
 
-def sized_log(src: Path, dest: Path, total: int = 15_000_000, eval_ms: int = 1000) -> Path:
-    """One of our tiny real logs as if run on 8 H100s with an artifact: the gpus line, the `artifact:` line and a
-    `final_roundtrip` line whose score the `final` line repeats."""
+def sized_log(src: Path, dest: Path, total: int = 15_000_000, eval_ms: int = 1000, counted: str = "raw") -> Path:
+    """One of our tiny real logs as if run on 8 H100s with an artifact: the gpus line, the `artifact:` line (its code
+    counted raw or bundled from the embedded files) and a `final_roundtrip` line whose score the `final` line repeats."""
     data = src.read_bytes()
+    embedded = run_log.parse_log(src).code
+    code = sum(map(len, embedded.values())) if counted == "raw" else len(bundle_bytes(embedded))
     head, _, tail = data.rpartition(b"#### end ")
     end = tail.index(b"\n") + 1
     lines = tail[end:].decode().split("\n")
@@ -435,8 +438,8 @@ def sized_log(src: Path, dest: Path, total: int = 15_000_000, eval_ms: int = 100
             line = line.replace(line.split("eval_time:")[1], f"{eval_ms}ms")
         if line.startswith("final "):
             f = dict(kv.split(":", 1) for kv in line.split()[1:])
-            out.append(f"artifact: codec:int8_zlib model_bytes:{total - 60000} code_bytes:60000 total_bytes:{total} "
-                       f"limit:16000000 files:train_gpt.py,kernels/__init__.py")
+            out.append(f"artifact: codec:int8_zlib model_bytes:{total - code} code_bytes:{code} total_bytes:{total} "
+                       f"limit:16000000 code:{counted} files:train_gpt.py,kernels/__init__.py")
             out.append(f"final_roundtrip codec:int8_zlib mode:{f['mode']} val_loss:{f['val_loss']} "
                        f"val_bpb:{f['val_bpb']}")
         out.append(line)
@@ -474,6 +477,16 @@ def test_track_10min_16mb_limits(sized_logs):
     assert "exceeds the track_10min_16mb limit of 16,000,000" in record_check.limit_problems(lg, track)["artifact_size"]
     lg.artifact = None
     assert "no `artifact:" in record_check.limit_problems(lg, track)["artifact_size"]
+    lg = run_log.parse_log(sized_logs[0])
+    lg.artifact["code_bytes"] -= 1
+    lg.artifact["model_bytes"] += 1
+    assert "code_bytes" in record_check.limit_problems(lg, track)["artifact_size"]  # the code is counted again here
+    for counted in ("bundle", "raw"):
+        lg = run_log.parse_log(sized_log(FIXTURES / "tiny_seed1.txt", sized_logs[0].with_name(f"{counted}.txt"),
+                                         counted=counted))
+        assert lg.artifact["code"] == counted and record_check.limit_problems(lg, track) == {}
+        lg.artifact["code"] = {"raw": "bundle", "bundle": "raw"}[counted]  # counted the other way: caught
+        assert f"is not the {lg.artifact['code']} count" in record_check.limit_problems(lg, track)["artifact_size"]
     lg = run_log.parse_log(sized_logs[0])
     lg.final["train_time"] = 601_000
     lg.hparams["max_wallclock_seconds"] = "0"

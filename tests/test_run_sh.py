@@ -12,7 +12,7 @@ from conftest import ROOT
 FAKE_PYTHON = """#!/usr/bin/env python3
 import json, os, sys
 if "torch.distributed.run" in sys.argv or "train_gpt.py" in sys.argv:
-    keys = ("TRAIN_MICRO_BATCHES", "TRAIN_BATCH_TOKENS", "RUN_ID", "DATA_PATH")
+    keys = ("TRAIN_MICRO_BATCHES", "TRAIN_BATCH_TOKENS", "RUN_ID", "DATA_PATH", "ARTIFACT", "ARTIFACT_CODE")
     with open(os.environ["RECORD"], "w") as f:
         json.dump({"argv": sys.argv[1:], **{k: os.environ.get(k) for k in keys}}, f)
 elif sys.argv[1:2] in (["-"], ["-c"]):
@@ -32,7 +32,7 @@ def run_sh(tmp_path, gpus: int, **env) -> tuple[subprocess.CompletedProcess, dic
     record = tmp_path / "started.json"
     run_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(python), "RECORD": str(record),
                **env}
-    for key in ("TRAIN_MICRO_BATCHES", "TRAIN_BATCH_TOKENS", "RUN_ID"):
+    for key in ("TRAIN_MICRO_BATCHES", "TRAIN_BATCH_TOKENS", "RUN_ID", "ARTIFACT", "ARTIFACT_CODE"):
         if key not in env:
             run_env.pop(key, None)
     proc = subprocess.run(["bash", str(ROOT / "run.sh")], env=run_env, capture_output=True, text=True, timeout=60)
@@ -53,6 +53,19 @@ def test_every_gpu_count_gets_a_batch_it_can_run(tmp_path, gpus):
         assert f"run.sh: {gpus} GPUs: TRAIN_MICRO_BATCHES={micro} TRAIN_BATCH_TOKENS={batch}" in proc.stderr
     else:
         assert started["TRAIN_MICRO_BATCHES"] is None and started["TRAIN_BATCH_TOKENS"] is None  # the defaults
+
+
+def test_gpu_runs_write_the_least_lossy_artifact_that_fits_with_the_code_bundled(tmp_path):
+    """On GPUs: ARTIFACT=auto (the first of ARTIFACT_CANDIDATES whose total fits with the margin) and the code counted
+    as its bundle, unless the user chose; on a CPU, no artifact."""
+    _, started = run_sh(tmp_path, 8)
+    assert (started["ARTIFACT"], started["ARTIFACT_CODE"]) == ("auto", "bundle")
+    hp = tg.Hyperparameters.from_env({"ARTIFACT": "auto", "ARTIFACT_CODE": "bundle"})
+    assert tg.artifact_codecs(hp)[0] == "int8_zlib" and hp.artifact_margin_bytes > 0
+    _, started = run_sh(tmp_path, 8, ARTIFACT="int6_lzma", ARTIFACT_CODE="raw")
+    assert (started["ARTIFACT"], started["ARTIFACT_CODE"]) == ("int6_lzma", "raw")
+    _, started = run_sh(tmp_path, 0)
+    assert (started["ARTIFACT"], started["ARTIFACT_CODE"]) == (None, None)
 
 
 def test_an_explicit_batch_is_left_to_the_user(tmp_path):

@@ -19,6 +19,8 @@ from conftest import ROOT
 from kernels import attention as attn
 from data.files import sha256_file
 from data.shards import write_shard
+from speedrun.analysis import run_log
+from speedrun.records import check as record_check
 
 # ----------------------------------------------------------------------------------------------------------------------
 # configuration
@@ -650,22 +652,30 @@ def artifact_line(log: str) -> dict:
 
 
 @pytest.mark.slow
-def test_artifact_run_scores_the_round_trip_and_eval_ttt_agrees(sample_data, tmp_path):
-    log, _ = run_training(tmp_path, sample_data, "gptq", ARTIFACT="int6_gptq_lzma", **ARTIFACT_RUN)
+@pytest.mark.parametrize("codec, code, extra", [
+    ("int6_gptq_lzma", "raw", {}),
+    # the frontier's codec with every matrix quantized (none is above the default 65,536 values at width 64)
+    ("sdclip_gptq_lqer_grouped", "bundle", {"ARTIFACT_SMALL_NUMEL": "0"})])
+def test_artifact_run_scores_the_round_trip_and_eval_ttt_agrees(sample_data, tmp_path, codec, code, extra):
+    log, _ = run_training(tmp_path, sample_data, "gptq", ARTIFACT=codec, ARTIFACT_CODE=code, **ARTIFACT_RUN, **extra)
     fields = artifact_line(log)
-    ptz = tmp_path / "ckpt" / "gptq.ptz"
-    code = tg.payload_files()
-    assert fields["codec"] == "int6_gptq_lzma" and int(fields["model_bytes"]) == ptz.stat().st_size
-    assert int(fields["code_bytes"]) == sum(f.stat().st_size for f in code)
+    ptz, pyz = tmp_path / "ckpt" / "gptq.ptz", tmp_path / "ckpt" / "gptq.pyz"
+    code_files = tg.payload_files()
+    assert fields["codec"] == codec and int(fields["model_bytes"]) == ptz.stat().st_size
+    assert int(fields["raw_code_bytes"]) == sum(f.stat().st_size for f in code_files)
+    assert int(fields["code_bytes"]) == (pyz.stat().st_size if code == "bundle" else int(fields["raw_code_bytes"]))
+    assert pyz.exists() == (code == "bundle") and fields["code"] == code
     assert int(fields["total_bytes"]) == int(fields["model_bytes"]) + int(fields["code_bytes"])
     assert fields["limit"] == "16000000" and "train_gpt.py" in fields["files"] and "kernels/artifact.py" in fields["files"]
     assert re.search(r"^artifact_calibration: batches:3 time:\d+ms train_time:\d+ms", log, re.M)
     fp32 = dict(re.findall(r"^final_eval mode:(\w+) .*? val_loss:(\S+)", log, re.M))
-    roundtrip = dict(re.findall(r"^final_roundtrip codec:int6_gptq_lzma mode:(\w+) .*? val_loss:(\S+)", log, re.M))
+    roundtrip = dict(re.findall(rf"^final_roundtrip codec:{codec} mode:(\w+) .*? val_loss:(\S+)", log, re.M))
     assert fp32.keys() == roundtrip.keys() == {"flat", "strided"}
     for mode in fp32:  # quantized, so not equal; close, since int6 with GPTQ loses little
         assert float(roundtrip[mode]) != float(fp32[mode])
         assert abs(float(roundtrip[mode]) - float(fp32[mode])) < 0.02
+    assert not record_check.limit_problems(run_log.parse_log(tmp_path / "logs" / "gptq.txt"),
+                                           record_check.get_track("track_10min_16mb")).get("artifact_size")
     final = re.search(r"^final val_loss:(\S+) val_bpb:\S+ mode:strided", log, re.M).group(1)
     assert final == roundtrip["strided"]  # the headline is the round trip
     out = tmp_path / "eval.json"

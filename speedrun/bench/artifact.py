@@ -61,27 +61,19 @@ def unpacked_int6_bytes(data: bytes) -> int:
     return len(lzma.compress(buffer.getvalue(), preset=A.LZMA_PRESET))
 
 
-def quality(model: tg.GPT, hyperparameters: dict, data: str, eval_docs: int):
+def calibration_names(state_dict: dict, small_numel: int) -> list[str]:
+    """Every matrix a *gptq* codec of the bench needs a Hessian for (the tied embedding's included)."""
+    return sorted({n for c in ("int6_gptq_lzma", "sdclip_gptq") for n in A.hessian_names(state_dict, c, small_numel)})
+
+
+def quality(model: tg.GPT, hyperparameters: dict, data: str, eval_docs: int, small_numel: int):
     """(GPTQ Hessians from training batches, function scoring a state dict's strided BPB) for a run's checkpoint."""
     hp = tg.Hyperparameters(**{**hyperparameters, "artifact": "int6_gptq_lzma", "data_path": data})
     device = torch.device("cpu")
     stream = TokenStream(split_pattern(data, "train"), hp.vocab_size)
     loader = DocumentLoader(stream, tg.loader_config(hp))
     start = time.perf_counter()
-    hessians = tg.gptq_hessians(model, loader, hp, device)
-    if "tok_emb.weight" not in hessians:  # the sdclip_gptq codecs also need the tied head's (its input: hidden_states)
-        twin = tg.build_model(model.config)
-        twin.load_state_dict(model.state_dict())
-        batches = []
-        while len(batches) < hp.artifact_calibration_batches:
-            batches += loader.next_step()
-
-        def forward(net, batch):
-            inputs, targets, cu_seqlens = tg.to_device(batch, device)
-            net.eval()(inputs, targets, cu_seqlens, hp.train_seq_len)
-
-        hessians.update(A.collect_hessians(twin, batches[:hp.artifact_calibration_batches], forward,
-                                           ["tok_emb.weight"]))
+    hessians = tg.gptq_hessians(model, loader, hp, device, calibration_names(model.state_dict(), small_numel))
     hessian_s = time.perf_counter() - start
     tokenizer = str(Path(data) / "tokenizer.model")
     val = ValidationSet.load(data, hp.vocab_size, build_byte_tables(load_tokenizer(tokenizer), hp.vocab_size, tokenizer),
@@ -131,9 +123,9 @@ def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: 
                 g = torch.Generator().manual_seed(0)
                 batches = [torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
                            for _ in range(calibration_batches)]
-                names = sorted({n for c in ("int6_gptq_lzma", "sdclip_gptq") for n in A.hessian_names(state_dict, c, small_numel)})
                 start = time.perf_counter()
-                random_hessians = (A.collect_hessians(model, batches, lambda m, b: m(b[:, :-1], b[:, 1:]), names),
+                random_hessians = (A.collect_hessians(model, batches, lambda m, b: m(b[:, :-1], b[:, 1:]),
+                                                      calibration_names(state_dict, small_numel)),
                                    time.perf_counter() - start)
             hessians, hessian_s = random_hessians
         kwargs = {"small_numel": small_numel} if A.codec_options(codec).sdclip else {}
@@ -178,7 +170,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.checkpoint:
         model, state = tg.load_model(args.checkpoint, torch.device("cpu"))
-        scoring = quality(model, state["hyperparameters"], args.data, args.eval_docs) if args.data else None
+        scoring = (quality(model, state["hyperparameters"], args.data, args.eval_docs, args.small_numel)
+                   if args.data else None)
         bench(f"{args.checkpoint} ({model.config.num_layers} x {model.config.model_dim})", model, codecs,
               args.calibration_batches, args.seq_len, scoring, args.small_numel)
         return 0

@@ -38,6 +38,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernels.bundle import bundle_bytes
 from speedrun.stats import mean_std, welch_test
 from speedrun.analysis.run_log import TrainLog, parse_log
 
@@ -347,7 +348,31 @@ def limit_problems(lg: TrainLog, track: Track) -> dict[str, str]:
                 and art["model_bytes"] + art["code_bytes"] != total:
             problems["artifact_size"] = (f"artifact total_bytes {total:,} is not model_bytes {art['model_bytes']:,} + "
                                          f"code_bytes {art['code_bytes']:,}")
+        elif code_count_problem(lg):
+            problems["artifact_size"] = code_count_problem(lg)
     return problems
+
+
+def code_count_problem(lg: TrainLog) -> str:
+    """The artifact line's code_bytes against the code the log embeds, counted as the line says (`code:raw`, the
+    default: the files' sizes; `code:bundle`: the size of kernels.bundle's bundle of them, rebuilt here); '' when they
+    agree or the log embeds no code."""
+    art, how = lg.artifact or {}, (lg.artifact or {}).get("code", "raw")
+    if not lg.code or not isinstance(art.get("code_bytes"), int):
+        return ""
+    if how == "raw":
+        counted = sum(map(len, lg.code.values()))
+    elif how == "bundle":
+        try:
+            counted = len(bundle_bytes(lg.code))
+        except ValueError as e:
+            return f"artifact code:bundle, but the embedded code cannot be bundled ({e})"
+    else:
+        return f"artifact code:{how} is not a way this toolkit counts code (raw or bundle)"
+    if counted != art["code_bytes"]:
+        return (f"artifact code_bytes {art['code_bytes']:,} is not the {how} count of the embedded code, {counted:,}"
+                + (" (a bundle built with another lzma may differ by a few bytes)" if how == "bundle" else ""))
+    return ""
 
 
 def our_eval_seconds(lg: TrainLog) -> float:
