@@ -294,9 +294,13 @@ def test_results_json_and_token_loss_dump(checkpoint, val, ttt, tmp_path, capsys
     line = stdout.strip().splitlines()[-1]
     assert line.startswith("eval mode:ttt window:64 chunk:16 lora_rank:4 lora_lr:0.05 lora_targets:q,v,o,mlp,head")
     results = json.loads(out.read_text())
-    assert set(results) == {"config", "bpb", "loss", "tokens", "bytes", "seconds", "tokens_per_s", "docs",
-                            "context_slots_per_token", "compile"}
+    assert set(results) == {"config", "bpb", "loss", "tokens", "bytes", "seconds", "setup_seconds", "tokens_per_s",
+                            "docs", "documents", "context_slots_per_token", "compile"}
     assert results["compile"] == {"graphs": 0, "graph_breaks": 0}  # TTT runs eagerly
+    assert results["documents"] == results["config"]["documents"] == "per-document" and line.endswith(
+        " documents:per-document")
+    # the evaluation's time and the time before it (loading the checkpoint, tokenizer and data), each on its own
+    assert results["seconds"] > 0 and results["setup_seconds"] > 0 and f" setup:{results['setup_seconds']:.2f}s" in line
     # the context of each scored token, one at a time: its chunk's window (W - C = 48 tokens before the chunk) up to it
     slots = [p - max(0, p // 16 * 16 - 48) + 1 for n in val.token_counts.tolist() for p in range(n)]
     assert results["context_slots_per_token"] == pytest.approx(np.mean(slots))
@@ -379,7 +383,10 @@ def test_command_line_defaults_are_evalspecs():
                 option
     options = {field: getattr(args, option) for option, field in eval_ttt.SPEC_OPTIONS.items() if option != "mode"}
     for mode in eval_ttt.MODES:
-        assert eval_ttt.spec_from_options(options, mode, {}) == EvalSpec(mode=mode)
+        if mode != "phased":  # (which needs its thresholds)
+            assert eval_ttt.spec_from_options(options, mode, {}) == EvalSpec(mode=mode)
+    phased = eval_ttt.spec_from_options({**options, "phase_docs": "3,5"}, "phased", {})
+    assert phased == EvalSpec(mode="phased", phase_docs=(3, 5))
     hp = tg.Hyperparameters(train_seq_len=128, eval_window=256, eval_batch_tokens=2048)
     hp.resolve_defaults()
     for mode in ("flat", "strided", "ttt"):
