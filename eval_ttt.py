@@ -591,7 +591,7 @@ def ttt_losses(model, data: ValidationSet, spec: EvalSpec, process: tuple[int, i
         mine = set(assign_documents(counts, world)[rank])
         parts, deal = [[d for d in order if d in mine]], slice(None)
     else:
-        bounds = [0] + [t for t in spec.phase_docs if t < len(order)] + [len(order)]
+        bounds = [0] + [t for t in spec.phase_docs if t < len(order) and spec.mode == "phased"] + [len(order)]
         parts, deal = [order[a:b] for a, b in zip(bounds, bounds[1:])], slice(rank, None, world)
     losses = {d: np.zeros(0) for d in range(data.num_docs) if counts[d] == 0}  # run_slots adds the others
     requires_grad = [p.requires_grad for p in model.parameters()]

@@ -61,47 +61,70 @@ def strided_losses(model, val, window: int, stride: int, **spec) -> dict:
 # legality
 
 
-def slow_ttt(model: tg.GPT, doc: np.ndarray, cfg: EvalSpec) -> np.ndarray:
-    """The obviously right loop: one document, its own fresh unbatched adapters and a plain torch.optim.Adam; for each
-    chunk, score it with the adapters trained on the chunks before it, then take one step on its loss. The adapters
-    are forward hooks on model.adaptable_linears() and, for the head, a head_correction over every position (the
-    model passes it the scored ones)."""
-    shapes = eval_ttt.lora_shapes(model, cfg.lora_targets)
-    a0 = eval_ttt.initial_lora_a(shapes, cfg.lora_rank, cfg.seed)
-    adapters = {name: (a0[name].clone().requires_grad_(), torch.zeros(fan_out, cfg.lora_rank, requires_grad=True))
-                for name, (_, fan_out) in shapes.items()}
-    optimizer = torch.optim.Adam([p for pair in adapters.values() for p in pair], lr=cfg.lora_lr,
-                                 betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+def slow_lane(model: tg.GPT, docs: list[np.ndarray], cfg: EvalSpec) -> list[np.ndarray]:
+    """The obviously right loop for one slot: its documents one after another, each with its own unbatched adapters
+    (B = 0; A = the seeded A0, or with warm_a the A the slot's previous document left) and a fresh
+    torch.optim.AdamW; for each chunk, score it with the adapters trained on the chunks before it, then, but after the
+    document's last chunk, take one step on its mean loss. The adapters are forward hooks on
+    model.adaptable_linears() that count each projection's calls in a forward (virtual_layers: call k has its own
+    adapter) and, for the head, a head_correction over every position (the model passes it the scored ones); their
+    output is times lora_alpha / rank (1 without lora_alpha)."""
+    shapes = eval_ttt.lora_shapes(model, cfg.lora_targets, cfg.virtual_layers)
+    carried = eval_ttt.initial_lora_a(shapes, cfg.lora_rank, cfg.seed)
+    scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_alpha else 1.0
+    adapters, calls = {}, {}
 
     def lora(name, x):
         a, b = adapters[name]
-        return x @ a.T @ b.T
+        return x @ a.T @ b.T * scale
+
+    def hook(projection):
+        def add_adapter(module, args, out):
+            call = calls[projection] = calls.get(projection, -1) + 1
+            return out + lora(f"{projection}@{call}" if cfg.virtual_layers and call else projection, args[0])
+        return add_adapter
 
     layers = model.adaptable_linears()
-    handles = [layers[name].register_forward_hook(lambda m, args, out, name=name: out + lora(name, args[0]))
-               for name in adapters if name != "head"]
-    head = (lambda x, index: lora("head", x)) if "head" in adapters else None
-    tokens = torch.from_numpy(doc.astype(np.int64))
-    n, scores = len(doc) - 1, []
+    handles = [layers[p].register_forward_hook(hook(p)) for p in {n.split("@")[0] for n in shapes} - {"head"}]
+    head = (lambda x, index: lora("head", x)) if "head" in shapes else None
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
+    results = []
     try:
-        for lo in range(0, n, cfg.chunk):
-            hi = min(lo + cfg.chunk, n)
-            start = max(0, lo - (cfg.window - cfg.chunk))
-            targets = tokens[start + 1: hi + 1].clone()
-            targets[: lo - start] = IGNORE_INDEX  # the context before the chunk is not scored
-            losses = model(tokens[start:hi][None], targets[None], head_correction=head)[0, lo - start:]
-            scores.append(losses.detach().double().numpy())
-            optimizer.zero_grad()
-            losses.mean().backward()
-            optimizer.step()
+        for doc in docs:
+            adapters = {name: (carried[name].clone().requires_grad_(), torch.zeros(fan_out, cfg.lora_rank,
+                                                                                   requires_grad=True))
+                        for name, (_, fan_out) in shapes.items()}
+            optimizer = torch.optim.AdamW([p for pair in adapters.values() for p in pair], lr=cfg.lora_lr,
+                                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+            tokens = torch.from_numpy(doc.astype(np.int64))
+            n, scores = len(doc) - 1, []
+            for lo in range(0, n, cfg.chunk):
+                hi = min(lo + cfg.chunk, n)
+                start = max(0, lo - (cfg.window - cfg.chunk))
+                targets = tokens[start + 1: hi + 1].clone()
+                targets[: lo - start] = IGNORE_INDEX  # the context before the chunk is not scored
+                calls.clear()
+                losses = model(tokens[start:hi][None], targets[None], head_correction=head)[0, lo - start:]
+                scores.append(losses.detach().double().numpy())
+                if hi < n:  # never a step on a document's last chunk
+                    optimizer.zero_grad()
+                    losses.mean().backward()
+                    optimizer.step()
+            results.append(np.concatenate(scores))
+            if cfg.warm_a:
+                carried = {name: a.detach().clone() for name, (a, _) in adapters.items()}
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
-    return np.concatenate(scores)
+    return results
+
+
+def slow_ttt(model: tg.GPT, doc: np.ndarray, cfg: EvalSpec) -> np.ndarray:
+    """One document on its own, fresh adapters (slow_lane)."""
+    return slow_lane(model, [doc], cfg)[0]
 
 
 def test_score_first_matches_the_slow_loop(model, val, ttt):
