@@ -455,6 +455,16 @@ def test_tokenizer_sha256_mismatch_is_one_line_error(checkpoint, val, small_dir,
     (["--rope-ntk-alpha", "0"], "--rope-ntk-alpha 0"),
     (["--window", "abc"], "--window"),
     (["--fused", "no_such_kernel"], "--fused no_such_kernel"),
+    (["--mode", "phased"], "--phase-docs (): phased mode needs at least one threshold"),
+    (["--mode", "phased", "--phase-docs", "4,2"], "--phase-docs 4,2: must be positive and increasing"),
+    (["--mode", "phased", "--phase-docs", "0,3"], "--phase-docs 0,3"),
+    (["--mode", "phased", "--phase-docs", "a,b"], "--phase-docs a,b"),
+    (["--mode", "ttt", "--warm-a", "maybe"], "--warm-a"),
+    (["--weight-decay", "-1"], "--weight-decay -1"),
+    (["--lora-alpha", "inf"], "--lora-alpha inf"),
+    (["--global-momentum", "1"], "--global-momentum 1"),
+    (["--global-chunk", "0"], "--global-chunk 0"),
+    (["--beta1", "1"], "--beta1 1"),
 ])
 def test_bad_arguments_are_one_line(checkpoint, argv, needle, capsys):
     code, stdout, err = run_cli(capsys, "--checkpoint", checkpoint, *argv)
@@ -483,20 +493,27 @@ def test_rope_ntk_alpha_one_changes_nothing(model, val):
 def test_ttt_two_processes_score_like_one(checkpoint, tmp_path, capsys):
     """Documents shared out over 2 gloo processes by eval_ttt.assign_documents, sums all-reduced: same per-document
     results and token losses as one process."""
-    code, _, err = run_cli(capsys, "--checkpoint", checkpoint, *TTT_ARGS, "--out", tmp_path / "one.json",
+    one, two, one_losses, two_losses = one_and_two_processes(checkpoint, TTT_ARGS, tmp_path, capsys)
+    assert [d["id"] for d in two["docs"]] == [d["id"] for d in one["docs"]]
+    np.testing.assert_allclose([d["nats"] for d in two["docs"]], [d["nats"] for d in one["docs"]], rtol=1e-5)
+    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-4, atol=1e-5)
+
+
+def one_and_two_processes(checkpoint, argv, tmp_path, capsys) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """The results and token losses of eval_ttt.py with `argv`, run in this process and under torchrun with 2 gloo
+    processes."""
+    code, _, err = run_cli(capsys, "--checkpoint", checkpoint, *argv, "--out", tmp_path / "one.json",
                            "--dump-token-losses", tmp_path / "one.npy")
     assert code == 0, err
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(eval_ttt.__file__)), "--checkpoint", str(checkpoint), *TTT_ARGS,
+                           str(Path(eval_ttt.__file__)), "--checkpoint", str(checkpoint), *argv,
                            "--out", str(tmp_path / "two.json"), "--dump-token-losses", str(tmp_path / "two.npy")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    assert two["config"]["world_size"] == 2
-    assert [d["id"] for d in two["docs"]] == [d["id"] for d in one["docs"]]
-    np.testing.assert_allclose([d["nats"] for d in two["docs"]], [d["nats"] for d in one["docs"]], rtol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-4, atol=1e-5)
+    assert (one["config"]["world_size"], two["config"]["world_size"]) == (1, 2)
+    return one, two, np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

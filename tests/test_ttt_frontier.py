@@ -11,10 +11,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +21,8 @@ import train_gpt as tg
 from data.loader import IGNORE_INDEX
 from eval_ttt import EvalSpec
 from kernels.artifact import encode_artifact
-from test_eval_modes import TINY, model, one_thread, small_dir, val  # noqa: F401  (the same fixtures)
-from test_eval_ttt import checkpoint, run_cli, slow_lane  # noqa: F401
+from test_eval_modes import model, one_thread, small_dir, tiny_model, val  # noqa: F401  (the same fixtures)
+from test_eval_ttt import checkpoint, one_and_two_processes, run_cli, slow_lane  # noqa: F401
 from test_gist import gist_model
 
 CPU = torch.device("cpu")
@@ -37,22 +33,10 @@ PHASED = dataclasses.replace(FRONTIER, mode="phased", phase_docs=(2, 4, 100), gl
                              global_clip=0.5, batch_tokens=300)
 
 
-def randomized(module: tg.GPT, seed: int) -> tg.GPT:
-    """Every matrix random and non-zero (as test_eval_modes.tiny_model), frozen, in eval mode."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.3 if name == "tok_emb.weight" else 1.0 / p.shape[1] ** 0.5)
-    module.requires_grad_(False)
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def looped() -> tg.GPT:
     """The tiny model with depth recurrence: block 1 runs three times (virtual layers 0 1 1 1)."""
-    torch.manual_seed(0)
-    net = randomized(tg.GPT(tg.ModelConfig(vocab_size=1024, recur_layers="1", recur_loops=2, **TINY)), 1)
+    net = tiny_model(1, recur_layers="1", recur_loops=2)
     assert net.loop_order == (0, 1, 1, 1)
     return net
 
@@ -249,8 +233,7 @@ def slow_global_sgd(net: tg.GPT, val, docs: list[int], spec: EvalSpec) -> None:
 
 def test_global_adaptation_is_sgd_with_momentum_clipping_and_cosine(val):
     docs = [4, 0, 2]  # 409 + 320 + 255 tokens: 4 chunks of 256 (windows of 64 cut at chunk boundaries)
-    fast = randomized(tg.GPT(tg.ModelConfig(vocab_size=1024, **TINY)), 3)
-    slow = randomized(tg.GPT(tg.ModelConfig(vocab_size=1024, **TINY)), 3)
+    fast, slow = tiny_model(3), tiny_model(3)
     before = [p.clone() for p in fast.parameters()]
     info = eval_ttt.global_adaptation(fast, val, docs, PHASED)
     slow_global_sgd(slow, val, docs, PHASED)
@@ -407,39 +390,12 @@ def test_phased_results_say_cross_document(model, checkpoint, val, tmp_path, cap
     assert results["bpb"] == pytest.approx(expected.bpb, rel=1e-6)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--mode", "phased"], "--phase-docs (): phased mode needs at least one threshold"),
-    (["--mode", "phased", "--phase-docs", "4,2"], "--phase-docs 4,2: must be positive and increasing"),
-    (["--mode", "phased", "--phase-docs", "0,3"], "--phase-docs 0,3"),
-    (["--mode", "phased", "--phase-docs", "a,b"], "--phase-docs a,b"),
-    (["--mode", "ttt", "--warm-a", "maybe"], "--warm-a"),
-    (["--weight-decay", "-1"], "--weight-decay -1"),
-    (["--lora-alpha", "inf"], "--lora-alpha inf"),
-    (["--global-momentum", "1"], "--global-momentum 1"),
-    (["--global-chunk", "0"], "--global-chunk 0"),
-    (["--beta1", "1"], "--beta1 1"),
-])
-def test_bad_frontier_arguments_are_one_line(checkpoint, argv, needle, capsys):
-    code, stdout, err = run_cli(capsys, "--checkpoint", checkpoint, *argv)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
-
-
 @pytest.mark.slow
 def test_phased_two_processes_score_like_one(checkpoint, tmp_path, capsys):
     """Phased with warm A and an adapter per virtual layer under 2 gloo processes: the slots dealt over the processes,
     the global steps' gradients summed over them; the same per-document results as one process."""
-    code, _, err = run_cli(capsys, "--checkpoint", checkpoint, *PHASED_ARGS, "--out", tmp_path / "one.json",
-                           "--dump-token-losses", tmp_path / "one.npy")
-    assert code == 0, err
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(eval_ttt.__file__)), "--checkpoint", str(checkpoint), *PHASED_ARGS,
-                           "--out", str(tmp_path / "two.json"), "--dump-token-losses", str(tmp_path / "two.npy")],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    assert two["config"]["world_size"] == 2 and two["documents"] == "cross-document"
+    one, two, one_losses, two_losses = one_and_two_processes(checkpoint, PHASED_ARGS, tmp_path, capsys)
+    assert two["documents"] == "cross-document"
     assert [p["docs"] for p in two["phases"]] == [p["docs"] for p in one["phases"]] == [2, 4]
     np.testing.assert_allclose([d["nats"] for d in two["docs"]], [d["nats"] for d in one["docs"]], rtol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-4, atol=1e-5)
