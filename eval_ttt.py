@@ -98,7 +98,7 @@ class EvalSpec:
     warm_a: bool = False  # ttt: a slot's next document starts from its trained A (B, Adam reset): cross-document
     virtual_layers: bool = False  # ttt: an adapter per virtual layer (each call of a block depth recurrence repeats)
     phase_docs: tuple[int, ...] = ()  # phased: global SGD once this many documents of the scoring order are scored
-    global_lr: float = 1e-3  # phased: SGD learning rate, cosine to 0 over the phase's chunks
+    global_lr: float = 1e-3  # phased: SGD learning rate at a phase's first chunk, cosine over its chunks (cosine_lr)
     global_momentum: float = 0.9
     global_clip: float = 1.0  # phased: gradient norm clipped to this (0: no clipping)
     global_chunk: int = 32_768  # phased: tokens per SGD step
