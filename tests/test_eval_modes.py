@@ -65,11 +65,12 @@ def load_val(data_dir: Path, max_docs: int = 0) -> ValidationSet:
     return ValidationSet.load(str(data_dir), 1024, build_byte_tables(load_tokenizer(tokenizer), 1024, tokenizer), max_docs)
 
 
-def tiny_model(seed: int = 0) -> tg.GPT:
+def tiny_model(seed: int = 0, **config) -> tg.GPT:
     """A tiny GPT whose every weight is random and non-zero (the zero-initialised output projections of a fresh model
-    would make every token's loss independent of its context, and the causality tests vacuous)."""
+    would make every token's loss independent of its context, and the causality tests vacuous); config: ModelConfig
+    settings beyond TINY's."""
     torch.manual_seed(seed)
-    model = tg.GPT(tg.ModelConfig(vocab_size=1024, **TINY))
+    model = tg.GPT(tg.ModelConfig(vocab_size=1024, **TINY, **config))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:

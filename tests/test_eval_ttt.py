@@ -61,47 +61,70 @@ def strided_losses(model, val, window: int, stride: int, **spec) -> dict:
 # legality
 
 
-def slow_ttt(model: tg.GPT, doc: np.ndarray, cfg: EvalSpec) -> np.ndarray:
-    """The obviously right loop: one document, its own fresh unbatched adapters and a plain torch.optim.Adam; for each
-    chunk, score it with the adapters trained on the chunks before it, then take one step on its loss. The adapters
-    are forward hooks on model.adaptable_linears() and, for the head, a head_correction over every position (the
-    model passes it the scored ones)."""
-    shapes = eval_ttt.lora_shapes(model, cfg.lora_targets)
-    a0 = eval_ttt.initial_lora_a(shapes, cfg.lora_rank, cfg.seed)
-    adapters = {name: (a0[name].clone().requires_grad_(), torch.zeros(fan_out, cfg.lora_rank, requires_grad=True))
-                for name, (_, fan_out) in shapes.items()}
-    optimizer = torch.optim.Adam([p for pair in adapters.values() for p in pair], lr=cfg.lora_lr,
-                                 betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+def slow_lane(model: tg.GPT, docs: list[np.ndarray], cfg: EvalSpec) -> list[np.ndarray]:
+    """The obviously right loop for one slot: its documents one after another, each with its own unbatched adapters
+    (B = 0; A = the seeded A0, or with warm_a the A the slot's previous document left) and a fresh
+    torch.optim.AdamW; for each chunk, score it with the adapters trained on the chunks before it, then, but after the
+    document's last chunk, take one step on its mean loss. The adapters are forward hooks on
+    model.adaptable_linears() that count each projection's calls in a forward (virtual_layers: call k has its own
+    adapter) and, for the head, a head_correction over every position (the model passes it the scored ones); their
+    output is times lora_alpha / rank (1 without lora_alpha)."""
+    shapes = eval_ttt.lora_shapes(model, cfg.lora_targets, cfg.virtual_layers)
+    carried = eval_ttt.initial_lora_a(shapes, cfg.lora_rank, cfg.seed)
+    scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_alpha else 1.0
+    adapters, calls = {}, {}
 
     def lora(name, x):
         a, b = adapters[name]
-        return x @ a.T @ b.T
+        return x @ a.T @ b.T * scale
+
+    def hook(projection):
+        def add_adapter(module, args, out):
+            call = calls[projection] = calls.get(projection, -1) + 1
+            return out + lora(f"{projection}@{call}" if cfg.virtual_layers and call else projection, args[0])
+        return add_adapter
 
     layers = model.adaptable_linears()
-    handles = [layers[name].register_forward_hook(lambda m, args, out, name=name: out + lora(name, args[0]))
-               for name in adapters if name != "head"]
-    head = (lambda x, index: lora("head", x)) if "head" in adapters else None
-    tokens = torch.from_numpy(doc.astype(np.int64))
-    n, scores = len(doc) - 1, []
+    handles = [layers[p].register_forward_hook(hook(p)) for p in {n.split("@")[0] for n in shapes} - {"head"}]
+    head = (lambda x, index: lora("head", x)) if "head" in shapes else None
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
+    results = []
     try:
-        for lo in range(0, n, cfg.chunk):
-            hi = min(lo + cfg.chunk, n)
-            start = max(0, lo - (cfg.window - cfg.chunk))
-            targets = tokens[start + 1: hi + 1].clone()
-            targets[: lo - start] = IGNORE_INDEX  # the context before the chunk is not scored
-            losses = model(tokens[start:hi][None], targets[None], head_correction=head)[0, lo - start:]
-            scores.append(losses.detach().double().numpy())
-            optimizer.zero_grad()
-            losses.mean().backward()
-            optimizer.step()
+        for doc in docs:
+            adapters = {name: (carried[name].clone().requires_grad_(), torch.zeros(fan_out, cfg.lora_rank,
+                                                                                   requires_grad=True))
+                        for name, (_, fan_out) in shapes.items()}
+            optimizer = torch.optim.AdamW([p for pair in adapters.values() for p in pair], lr=cfg.lora_lr,
+                                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+            tokens = torch.from_numpy(doc.astype(np.int64))
+            n, scores = len(doc) - 1, []
+            for lo in range(0, n, cfg.chunk):
+                hi = min(lo + cfg.chunk, n)
+                start = max(0, lo - (cfg.window - cfg.chunk))
+                targets = tokens[start + 1: hi + 1].clone()
+                targets[: lo - start] = IGNORE_INDEX  # the context before the chunk is not scored
+                calls.clear()
+                losses = model(tokens[start:hi][None], targets[None], head_correction=head)[0, lo - start:]
+                scores.append(losses.detach().double().numpy())
+                if hi < n:  # never a step on a document's last chunk
+                    optimizer.zero_grad()
+                    losses.mean().backward()
+                    optimizer.step()
+            results.append(np.concatenate(scores))
+            if cfg.warm_a:
+                carried = {name: a.detach().clone() for name, (a, _) in adapters.items()}
     finally:
         for handle in handles:
             handle.remove()
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
-    return np.concatenate(scores)
+    return results
+
+
+def slow_ttt(model: tg.GPT, doc: np.ndarray, cfg: EvalSpec) -> np.ndarray:
+    """One document on its own, fresh adapters (slow_lane)."""
+    return slow_lane(model, [doc], cfg)[0]
 
 
 def test_score_first_matches_the_slow_loop(model, val, ttt):
@@ -294,9 +317,13 @@ def test_results_json_and_token_loss_dump(checkpoint, val, ttt, tmp_path, capsys
     line = stdout.strip().splitlines()[-1]
     assert line.startswith("eval mode:ttt window:64 chunk:16 lora_rank:4 lora_lr:0.05 lora_targets:q,v,o,mlp,head")
     results = json.loads(out.read_text())
-    assert set(results) == {"config", "bpb", "loss", "tokens", "bytes", "seconds", "tokens_per_s", "docs",
-                            "context_slots_per_token", "compile"}
+    assert set(results) == {"config", "bpb", "loss", "tokens", "bytes", "seconds", "setup_seconds", "tokens_per_s",
+                            "docs", "documents", "context_slots_per_token", "compile"}
     assert results["compile"] == {"graphs": 0, "graph_breaks": 0}  # TTT runs eagerly
+    assert results["documents"] == results["config"]["documents"] == "per-document" and line.endswith(
+        " documents:per-document")
+    # the evaluation's time and the time before it (loading the checkpoint, tokenizer and data), each on its own
+    assert results["seconds"] > 0 and results["setup_seconds"] > 0 and f" setup:{results['setup_seconds']:.2f}s" in line
     # the context of each scored token, one at a time: its chunk's window (W - C = 48 tokens before the chunk) up to it
     slots = [p - max(0, p // 16 * 16 - 48) + 1 for n in val.token_counts.tolist() for p in range(n)]
     assert results["context_slots_per_token"] == pytest.approx(np.mean(slots))
@@ -379,7 +406,10 @@ def test_command_line_defaults_are_evalspecs():
                 option
     options = {field: getattr(args, option) for option, field in eval_ttt.SPEC_OPTIONS.items() if option != "mode"}
     for mode in eval_ttt.MODES:
-        assert eval_ttt.spec_from_options(options, mode, {}) == EvalSpec(mode=mode)
+        if mode != "phased":  # (which needs its thresholds)
+            assert eval_ttt.spec_from_options(options, mode, {}) == EvalSpec(mode=mode)
+    phased = eval_ttt.spec_from_options({**options, "phase_docs": "3,5"}, "phased", {})
+    assert phased == EvalSpec(mode="phased", phase_docs=(3, 5))
     hp = tg.Hyperparameters(train_seq_len=128, eval_window=256, eval_batch_tokens=2048)
     hp.resolve_defaults()
     for mode in ("flat", "strided", "ttt"):
@@ -425,6 +455,16 @@ def test_tokenizer_sha256_mismatch_is_one_line_error(checkpoint, val, small_dir,
     (["--rope-ntk-alpha", "0"], "--rope-ntk-alpha 0"),
     (["--window", "abc"], "--window"),
     (["--fused", "no_such_kernel"], "--fused no_such_kernel"),
+    (["--mode", "phased"], "--phase-docs (): phased mode needs at least one threshold"),
+    (["--mode", "phased", "--phase-docs", "4,2"], "--phase-docs 4,2: must be positive and increasing"),
+    (["--mode", "phased", "--phase-docs", "0,3"], "--phase-docs 0,3"),
+    (["--mode", "phased", "--phase-docs", "a,b"], "--phase-docs a,b"),
+    (["--mode", "ttt", "--warm-a", "maybe"], "--warm-a"),
+    (["--weight-decay", "-1"], "--weight-decay -1"),
+    (["--lora-alpha", "inf"], "--lora-alpha inf"),
+    (["--global-momentum", "1"], "--global-momentum 1"),
+    (["--global-chunk", "0"], "--global-chunk 0"),
+    (["--beta1", "1"], "--beta1 1"),
 ])
 def test_bad_arguments_are_one_line(checkpoint, argv, needle, capsys):
     code, stdout, err = run_cli(capsys, "--checkpoint", checkpoint, *argv)
@@ -453,20 +493,27 @@ def test_rope_ntk_alpha_one_changes_nothing(model, val):
 def test_ttt_two_processes_score_like_one(checkpoint, tmp_path, capsys):
     """Documents shared out over 2 gloo processes by eval_ttt.assign_documents, sums all-reduced: same per-document
     results and token losses as one process."""
-    code, _, err = run_cli(capsys, "--checkpoint", checkpoint, *TTT_ARGS, "--out", tmp_path / "one.json",
+    one, two, one_losses, two_losses = one_and_two_processes(checkpoint, TTT_ARGS, tmp_path, capsys)
+    assert [d["id"] for d in two["docs"]] == [d["id"] for d in one["docs"]]
+    np.testing.assert_allclose([d["nats"] for d in two["docs"]], [d["nats"] for d in one["docs"]], rtol=1e-5)
+    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-4, atol=1e-5)
+
+
+def one_and_two_processes(checkpoint, argv, tmp_path, capsys) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """The results and token losses of eval_ttt.py with `argv`, run in this process and under torchrun with 2 gloo
+    processes."""
+    code, _, err = run_cli(capsys, "--checkpoint", checkpoint, *argv, "--out", tmp_path / "one.json",
                            "--dump-token-losses", tmp_path / "one.npy")
     assert code == 0, err
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(eval_ttt.__file__)), "--checkpoint", str(checkpoint), *TTT_ARGS,
+                           str(Path(eval_ttt.__file__)), "--checkpoint", str(checkpoint), *argv,
                            "--out", str(tmp_path / "two.json"), "--dump-token-losses", str(tmp_path / "two.npy")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    assert two["config"]["world_size"] == 2
-    assert [d["id"] for d in two["docs"]] == [d["id"] for d in one["docs"]]
-    np.testing.assert_allclose([d["nats"] for d in two["docs"]], [d["nats"] for d in one["docs"]], rtol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-4, atol=1e-5)
+    assert (one["config"]["world_size"], two["config"]["world_size"]) == (1, 2)
+    return one, two, np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

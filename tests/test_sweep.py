@@ -70,8 +70,43 @@ def test_a_swept_window_brings_its_own_stride_and_chunk(given, expected):
                                                                         ("ttt", False)]
 
 
+def test_the_frontier_options_and_the_mode_are_grid_axes():
+    args, grid = sweep.parse_args(["--checkpoint", "x.pt", "--mode", "ttt", "--window", "64", "--chunk", "16",
+                                   "--sweep", "mode=ttt,phased", "--sweep", "phase-docs=2,4/3", "--sweep", "warm-a=0,1",
+                                   "--sweep", "beta1=0", "--sweep", "weight-decay=0.5", "--sweep", "lora-alpha=144",
+                                   "--sweep", "virtual-layers=1", "--sweep", "global-lr=0.01",
+                                   "--sweep", "global-chunk=512", "--sweep", "beta2=0.99"])
+    specs = [spec for spec, _ in sweep.sweep_specs(args, grid, {})]
+    assert [(s.mode, s.phase_docs, s.warm_a, s.documents) for s in specs[1:]] == [
+        ("ttt", (2, 4), False, "per-document"), ("ttt", (2, 4), True, "cross-document"),
+        ("ttt", (3,), False, "per-document"), ("ttt", (3,), True, "cross-document"),
+        ("phased", (2, 4), False, "cross-document"), ("phased", (2, 4), True, "cross-document"),
+        ("phased", (3,), False, "cross-document"), ("phased", (3,), True, "cross-document")]
+    assert {(s.beta1, s.weight_decay, s.lora_alpha, s.virtual_layers, s.global_lr, s.global_chunk, s.beta2)
+            for s in specs[1:]} == {(0.0, 0.5, 144.0, True, 0.01, 512, 0.99)}
+
+
+def test_a_sweep_over_modes_labels_the_cross_document_rows(checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "sweep"
+    code, stdout, err = run_sweep(capsys, "--checkpoint", checkpoint, *TTT_ARGS, "--max-docs", "3",
+                                  "--phase-docs", "1", "--global-chunk", "128", "--sweep", "mode=ttt,phased",
+                                  "--sweep-out", out_dir)
+    assert code == 0, err
+    rows = read_csv(out_dir / "sweep.csv")
+    assert [(r["mode"], r["documents"], r["phase_docs"]) for r in rows] == [
+        ("strided", "per-document", ""), ("ttt", "per-document", ""), ("phased", "cross-document", "1")]
+    assert float(rows[1]["setup_seconds"]) == float(rows[2]["setup_seconds"]) > 0
+    code, _, err = run_eval_ttt(capsys, "--checkpoint", checkpoint, *TTT_ARGS, "--max-docs", "3", "--mode", "phased",
+                                "--phase-docs", "1", "--global-chunk", "128", "--out", tmp_path / "one.json")
+    assert code == 0, err
+    assert float(rows[2]["bpb"]) == pytest.approx(json.loads((tmp_path / "one.json").read_text())["bpb"], rel=1e-9)
+    assert float(rows[2]["bpb"]) != pytest.approx(float(rows[1]["bpb"]), rel=1e-6)  # the global steps did something
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--sweep", "colour=1,2"], "--sweep"),
+    (["--sweep", "mode=ttt,sideways"], "modes are"),
+    (["--sweep", "warm-a=0,maybe"], "0/1 flags"),
     (["--sweep", "chunk=a,b"], "--sweep"),
     (["--sweep", "chunk=16", "--sweep", "chunk=32"], "swept twice"),
     (["--sweep", "chunk=16", "--dump-token-losses", "x.npy"], "--dump-token-losses"),
