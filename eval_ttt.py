@@ -1054,15 +1054,26 @@ def command_line(command) -> int:
     """`command()`'s exit status, as a command line: a bad argument or input is one `error:` line (under torchrun from
     process 0 only) and exit status 2; a process group that was set up is torn down in any case."""
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports
+    finished = False
     try:
-        return command()
+        status = command()
+        finished = True
+        return status
     except (UsageError, ConfigError, DataError, BackendError) as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if is_distributed():
-            dist.destroy_process_group()
+        leave_process_group(finished)
+
+
+def leave_process_group(finished: bool) -> None:
+    """Tear down the process group, if there is one: after a barrier when this process finished its work, so that no
+    process tears it down while another is still in a collective (gloo may then abort that one)."""
+    if is_distributed():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def compile_counts() -> tuple[int, int]:

@@ -45,7 +45,8 @@ from data.files import sha256_file, write_atomic
 from data.loader import (IGNORE_INDEX, ConfigError, DataError, DocumentLoader, LoaderConfig, MicroBatch,
                          PrefetchingLoader, TokenStream, ValidationSet, build_byte_tables, load_tokenizer,
                          split_pattern)
-from eval_ttt import EvalResult, EvalSpec, compile_counts, evaluate, is_distributed, sum_over_processes, synchronize
+from eval_ttt import (EvalResult, EvalSpec, compile_counts, evaluate, is_distributed, leave_process_group,
+                      sum_over_processes, synchronize)
 from kernels.artifact import CODECS as ARTIFACT_CODECS
 from kernels.artifact import (SMALL_TENSOR_NUMEL, collect_hessians, encode_artifact, hessian_names, needs_calibration,
                               read_artifact)
@@ -236,8 +237,9 @@ class Hyperparameters(ModelConfig):
         need(self.artifact_code in ("raw", "bundle"), "artifact_code", "must be raw or bundle")
         need(self.artifact_limit_bytes > 0, "artifact_limit_bytes", "must be a positive integer")
         need(self.artifact_small_numel >= 0, "artifact_small_numel", "must be >= 0")
-        need(0 <= self.artifact_margin_bytes < self.artifact_limit_bytes, "artifact_margin_bytes",
-             "must be >= 0 and less than ARTIFACT_LIMIT_BYTES")
+        need(self.artifact_margin_bytes >= 0 and (self.artifact != "auto" or self.artifact_margin_bytes <
+                                                  self.artifact_limit_bytes), "artifact_margin_bytes",
+             "must be >= 0, and with ARTIFACT=auto less than ARTIFACT_LIMIT_BYTES")
         need(self.artifact_calibration_batches > 0, "artifact_calibration_batches", "must be a positive integer")
         head_dim = self.model_dim // self.num_heads
         need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "rope_dims",
@@ -1718,7 +1720,7 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = setup_distributed()
-    log = Logger(None)
+    log, finished = Logger(None), False
     try:
         hp.run_id = rank0_string(hp.run_id)  # every rank names its files after rank 0's RUN_ID
         log = Logger(os.path.join(hp.log_dir, f"{hp.run_id}.txt") if env.is_main else None, append=bool(hp.resume))
@@ -1735,15 +1737,16 @@ def main() -> int:
             log(f"hparam {f.name}={getattr(hp, f.name)}")
         log(attention_line(model_kernels, gist))
         log(f"fused_ops: {','.join(sorted(model_kernels.fused)) or 'none'}")
-        return train(hp, env, model_kernels, log)
+        status = train(hp, env, model_kernels, log)
+        finished = True
+        return status
     except (ConfigError, DataError, BackendError) as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
             log.raw(f"error: {e}\n")
         return 2
     finally:
-        if is_distributed():
-            dist.destroy_process_group()
+        leave_process_group(finished)
 
 
 if __name__ == "__main__":

@@ -684,12 +684,15 @@ def test_artifact_settings_are_checked_in_one_line(tmp_path):
     bad = {"ARTIFACT": ("sdclip_int4", "must be none, auto or one of"),
            "ARTIFACT_CANDIDATES": ("int8_zlib,int8_zlib", "must be distinct codecs"),
            "ARTIFACT_CODE": ("zip", "must be raw or bundle"),
-           "ARTIFACT_MARGIN_BYTES": ("16000000", "less than ARTIFACT_LIMIT_BYTES"),
+           "ARTIFACT_MARGIN_BYTES": ("-1", "must be >= 0"),
            "ARTIFACT_SMALL_NUMEL": ("-1", "must be >= 0")}
     for name, (value, message) in bad.items():
         with pytest.raises(tg.ConfigError, match=rf"^{name}=.*{message}") as e:
             run_hp(tmp_path, **{name: value})
         assert "\n" not in str(e.value)
+    with pytest.raises(tg.ConfigError, match="^ARTIFACT_MARGIN_BYTES=16000000: .*with ARTIFACT=auto less than"):
+        run_hp(tmp_path, ARTIFACT="auto", ARTIFACT_MARGIN_BYTES="16000000")
+    assert run_hp(tmp_path, ARTIFACT="int8_zlib", ARTIFACT_LIMIT_BYTES="1000").artifact_margin_bytes == 100_000
 
 
 # The record's own modules, as import statements name them: everything reachable from train_gpt.py and eval_ttt.py.

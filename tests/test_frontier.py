@@ -364,7 +364,6 @@ def test_preset_at_another_depth_scales_its_layers_and_explicit_values_win():
     ({"PARALLEL_START_LAYER": "9"}, "PARALLEL_START_LAYER=9: must be in 0..8"),
     ({"MUON_NS": "cubic"}, "MUON_NS='cubic': must be one of quintic, polar_express"),
     ({"GIST_TOKENS": "2", "SMEAR_GATE": "1"}, "SMEAR_GATE=True: cannot be combined with GIST_TOKENS > 0"),
-    ({"ARTIFACT": "sdclip_gptq_lqer"}, "ARTIFACT='sdclip_gptq_lqer': its GPTQ calibration is not wired into training"),
 ])
 def test_bad_frontier_settings_are_one_clear_error(env, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace("[", r"\[")):

@@ -705,7 +705,7 @@ def test_artifact_over_the_limit_fails_after_writing_everything(sample_data, tmp
 
 
 def test_artifact_settings_are_checked():
-    with pytest.raises(tg.ConfigError, match="ARTIFACT='int4': must be none or one of int8_zlib"):
+    with pytest.raises(tg.ConfigError, match="ARTIFACT='int4': must be none, auto or one of int8_zlib"):
         tg.Hyperparameters.from_env({"ARTIFACT": "int4"})
     with pytest.raises(tg.ConfigError, match="ARTIFACT_LIMIT_BYTES"):
         tg.Hyperparameters.from_env({"ARTIFACT_LIMIT_BYTES": "0"})
