@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source speedrun/bootstrap.sh
-exec "$PYTHON" -m pytest tests "$@"
+# two worker processes (pytest-xdist): most tests run single-threaded subprocesses, so 2 cores do twice the work; a
+# later `-n N` in the arguments wins (`-n 0`: one process, e.g. for pdb)
+exec "$PYTHON" -m pytest -n 2 tests "$@"

@@ -17,9 +17,9 @@ text = open("pyproject.toml", encoding="utf-8").read()
 if tomllib:
     requirements = tomllib.loads(text)["project"]["dependencies"]
 else:
-    requirements = re.findall(r'^\s*"([^"]+)",?\s*$', text.split("dependencies = [", 1)[1].split("]", 1)[0], re.M)
+    requirements = re.findall(r'^\s*"([^"]+)",?\s*(?:#.*)?$', text.split("dependencies = [", 1)[1].split("]", 1)[0], re.M)
 # import names that differ from the distribution's
-module_of = {"huggingface_hub": "huggingface_hub"}
+module_of = {"huggingface_hub": "huggingface_hub", "pytest-xdist": "xdist"}
 missing = []
 for requirement in requirements:
     name = re.split(r"[<>=!~ \[;]", requirement, 1)[0]
