@@ -340,9 +340,9 @@ def pack_windows(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 def packed_forwards(model, docs: dict[int, np.ndarray], windows, batch_tokens: int):
     """Per batch of windows (doc, start, end, score_from) (pack_windows): (the batch's window indices, their offsets in
     the packed row, the per-token losses [tokens] of one varlen forward) where a window's inputs are its document's
-    tokens start..end-1 and its targets start+1..end (window_losses keeps those from score_from on). A model whose attention is compiled for one
-    shape (fixed_shapes) gets every batch padded to batch_tokens tokens, with a segment of its own whose targets are
-    ignored."""
+    tokens start..end-1 and its targets start+1..end (window_losses keeps those from score_from on). A model whose
+    attention is compiled for one shape (fixed_shapes) gets every batch padded to batch_tokens tokens, with a segment
+    of its own whose targets are ignored."""
     lengths = [end - start for _, start, end, _ in windows]
     device = next(model.parameters()).device
     batch_tokens = max(batch_tokens, max(lengths, default=1))
@@ -909,10 +909,10 @@ SPEC_OPTIONS = {"mode": "mode", "window": "window", "stride": "stride", "batch_t
                 "global_momentum": "global_momentum", "global_clip": "global_clip", "global_chunk": "global_chunk"}
 
 
-def flag(text: str) -> bool:
-    """An on/off option's value: 1/0, true/false, yes/no, on/off."""
+def parse_flag(text: str) -> bool:
+    """An on/off value (an option's, an environment variable's): 1/0, true/false, yes/no, on/off, in any case."""
     value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-             "off": False}.get(text.strip().lower())
+             "off": False}.get(text.lower())
     if value is None:
         raise ValueError(text)
     return value
@@ -938,9 +938,10 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta2", type=float, default=d.beta2, help="ttt: AdamW beta2 (the frontier: 0.99)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="ttt: AdamW decoupled weight decay of the adapters (the frontier: 0.5)")
-    p.add_argument("--warm-a", type=flag, default=d.warm_a, help="ttt: 1: a slot's next document starts from the A "
-                   "its last one trained (B and AdamW reset); reads other documents: CROSS-DOCUMENT")
-    p.add_argument("--virtual-layers", type=flag, default=d.virtual_layers,
+    p.add_argument("--warm-a", type=parse_flag, default=d.warm_a,
+                   help="ttt: 1: a slot's next document starts from the A its last one trained (B and AdamW reset); "
+                        "reads other documents: CROSS-DOCUMENT")
+    p.add_argument("--virtual-layers", type=parse_flag, default=d.virtual_layers,
                    help="ttt: 1: an adapter per virtual layer (each call of a block that depth recurrence repeats)")
     p.add_argument("--lora-targets", default=",".join(d.lora_targets),
                    help="comma-separated: q,k,v,o,fc,proj (mlp = fc,proj; attn = q,k,v,o),head, or all")

@@ -46,7 +46,7 @@ from data.loader import (IGNORE_INDEX, ConfigError, DataError, DocumentLoader, L
                          PrefetchingLoader, TokenStream, ValidationSet, build_byte_tables, load_tokenizer,
                          split_pattern)
 from eval_ttt import (EvalResult, EvalSpec, compile_counts, evaluate, is_distributed, leave_process_group,
-                      sum_over_processes, synchronize)
+                      parse_flag, sum_over_processes, synchronize)
 from kernels.artifact import CODECS as ARTIFACT_CODECS
 from kernels.artifact import (SMALL_TENSOR_NUMEL, collect_hessians, encode_artifact, hessian_names, needs_calibration,
                               read_artifact)
@@ -372,12 +372,7 @@ def parse_layer_set(spec: str, num_layers: int) -> tuple[int, ...]:
 
 def parse_env_value(raw: str, kind: type):
     if kind is bool:
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(raw)
+        return parse_flag(raw)
     if kind is int:
         return int(raw.replace("_", ""))
     if kind is float:
@@ -1514,11 +1509,16 @@ def artifact_codecs(hp: Hyperparameters) -> list[str]:
     return hp.artifact_candidates.split(",") if hp.artifact == "auto" else [hp.artifact]
 
 
+def calibration_names(state_dict: dict, codecs, small_numel: int) -> list[str]:
+    """Every matrix whose Hessian one of these codecs needs (the tied embedding's included), sorted."""
+    return sorted({name for codec in codecs if needs_calibration(codec)
+                   for name in hessian_names(state_dict, codec, small_numel)})
+
+
 def calibrate_artifact(model: GPT, loader, hp: Hyperparameters, env, train_ms: float, log) -> tuple[dict | None, float]:
     """The *gptq* codecs: GPTQ's Hessians for every codec the export may write, timed and counted as training time;
     (None, train_ms) when none needs them."""
-    names = sorted({name for codec in artifact_codecs(hp) if needs_calibration(codec)
-                    for name in hessian_names(model.state_dict(), codec, hp.artifact_small_numel)})
+    names = calibration_names(model.state_dict(), artifact_codecs(hp), hp.artifact_small_numel)
     if not names:
         return None, train_ms
     start = time.perf_counter()
@@ -1559,25 +1559,25 @@ def export_artifact(model: GPT, hp: Hyperparameters, tokenizer_sha256: str, hess
     """Write CHECKPOINT_DIR/<RUN_ID>.ptz (rank 0) in the chosen codec, and with ARTIFACT_CODE=bundle the code as it
     runs, <RUN_ID>.pyz; log the sizes; return the model read back from the file (every rank reads it: the round trip
     is through the bytes that would be submitted), the total bytes and the codec."""
-    path = os.path.join(hp.checkpoint_dir, f"{hp.run_id}.ptz")
-    files = {f.relative_to(ROOT).as_posix(): f.read_bytes() for f in payload_files(hp)}
-    names, raw_code_bytes = list(files), sum(map(len, files.values()))
-    bundle = bundle_bytes(files) if hp.artifact_code == "bundle" else None
-    code_bytes = raw_code_bytes if bundle is None else len(bundle)
+    path, bundle_path = (os.path.join(hp.checkpoint_dir, f"{hp.run_id}.{ext}") for ext in ("ptz", "pyz"))
+    files = payload_contents(hp)
+    raw_code_bytes = sum(map(len, files.values()))
+    bundled = hp.artifact_code == "bundle"
     if env.is_main:
+        if bundled:  # written first: the codec's choice needs its size
+            write_atomic(bundle_path, bundle_bytes(files))
+        code_bytes = os.path.getsize(bundle_path) if bundled else raw_code_bytes
         meta = {**checkpoint_metadata(hp, tokenizer_sha256), "run_id": hp.run_id}
         write_atomic(path, encode_fitting(model.state_dict(), hp, meta, hessians, code_bytes, log))
-        if bundle is not None:
-            names.insert(0, os.path.join(hp.checkpoint_dir, f"{hp.run_id}.pyz"))
-            write_atomic(names[0], bundle)
     if is_distributed():
         dist.barrier()
     state = load_checkpoint(path, model.tok_emb.weight.device)
     model_bytes = os.path.getsize(path)
+    code_bytes = os.path.getsize(bundle_path) if bundled else raw_code_bytes
     total = model_bytes + code_bytes
     log(f"artifact: codec:{state['codec']} model_bytes:{model_bytes} code_bytes:{code_bytes} total_bytes:{total} "
         f"limit:{hp.artifact_limit_bytes} code:{hp.artifact_code} raw_code_bytes:{raw_code_bytes} "
-        f"files:{','.join([path] + names)}")
+        f"files:{','.join([path] + ([bundle_path] if bundled else []) + list(files))}")
     roundtrip = build_model(model.config, model.kernels).to(model.tok_emb.weight.device)  # same shape and kernels
     roundtrip.load_state_dict(state["model"])
     return roundtrip, total, state["codec"]
@@ -1645,6 +1645,11 @@ def payload_files(hp: ModelConfig | None = None) -> list[Path]:
     """PAYLOAD, and the experiment files hp switches on, as paths."""
     names = list(PAYLOAD) + [name for name, switch in EXPERIMENT_PAYLOAD.items() if hp and getattr(hp, switch)]
     return [ROOT / name for name in names]
+
+
+def payload_contents(hp: ModelConfig | None = None) -> dict[str, bytes]:
+    """payload_files' bytes by repository path ("/"-separated), in order: the code the artifact counts."""
+    return {f.relative_to(ROOT).as_posix(): f.read_bytes() for f in payload_files(hp)}
 
 
 def embedded_source(files: list[Path]) -> str:

@@ -61,9 +61,7 @@ def unpacked_int6_bytes(data: bytes) -> int:
     return len(lzma.compress(buffer.getvalue(), preset=A.LZMA_PRESET))
 
 
-def calibration_names(state_dict: dict, small_numel: int) -> list[str]:
-    """Every matrix a *gptq* codec of the bench needs a Hessian for (the tied embedding's included)."""
-    return sorted({n for c in ("int6_gptq_lzma", "sdclip_gptq") for n in A.hessian_names(state_dict, c, small_numel)})
+GPTQ_CODECS = ("int6_gptq_lzma", "sdclip_gptq")  # one calibration serves every *gptq* codec of the bench
 
 
 def quality(model: tg.GPT, hyperparameters: dict, data: str, eval_docs: int, small_numel: int):
@@ -73,7 +71,8 @@ def quality(model: tg.GPT, hyperparameters: dict, data: str, eval_docs: int, sma
     stream = TokenStream(split_pattern(data, "train"), hp.vocab_size)
     loader = DocumentLoader(stream, tg.loader_config(hp))
     start = time.perf_counter()
-    hessians = tg.gptq_hessians(model, loader, hp, device, calibration_names(model.state_dict(), small_numel))
+    hessians = tg.gptq_hessians(model, loader, hp, device,
+                                tg.calibration_names(model.state_dict(), GPTQ_CODECS, small_numel))
     hessian_s = time.perf_counter() - start
     tokenizer = str(Path(data) / "tokenizer.model")
     val = ValidationSet.load(data, hp.vocab_size, build_byte_tables(load_tokenizer(tokenizer), hp.vocab_size, tokenizer),
@@ -91,8 +90,8 @@ def quality(model: tg.GPT, hyperparameters: dict, data: str, eval_docs: int, sma
 
 def code_bytes() -> tuple[int, int]:
     """(raw, bundled) bytes of the payload (train_gpt.PAYLOAD, no experiment files)."""
-    names = [f.relative_to(tg.ROOT).as_posix() for f in tg.payload_files()]
-    return sum((tg.ROOT / n).stat().st_size for n in names), len(code_bundle.build_bundle(tg.ROOT, names))
+    files = tg.payload_contents()
+    return sum(map(len, files.values())), len(code_bundle.bundle_bytes(files))
 
 
 def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: int, scoring=None,
@@ -105,8 +104,8 @@ def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: 
     raw_code, bundled_code = code_bytes()
     print(f"\n{label}: {raw:,} bytes as stored in training; values by how the int6 codecs store them: "
           + ", ".join(f"{how} {n:,}" for how, n in sorted(counts.items())))
-    print(f"code bytes: raw {raw_code:,}, bundled {bundled_code:,}; sdclip small tensors: at most {small_numel:,} values;"
-          f" compressors here: {', '.join(A.available_compressors())}")
+    print(f"code bytes: raw {raw_code:,}, bundled {bundled_code:,}; sdclip small tensors: at most {small_numel:,} "
+          f"values; compressors here: {', '.join(A.available_compressors())}")
     if scoring:
         base_bpb = scoring[2](state_dict)
         print(f"strided BPB of the checkpoint's own weights: {base_bpb:.4f}")
@@ -125,7 +124,7 @@ def bench(label: str, model: tg.GPT, codecs, calibration_batches: int, seq_len: 
                            for _ in range(calibration_batches)]
                 start = time.perf_counter()
                 random_hessians = (A.collect_hessians(model, batches, lambda m, b: m(b[:, :-1], b[:, 1:]),
-                                                      calibration_names(state_dict, small_numel)),
+                                                      tg.calibration_names(state_dict, GPTQ_CODECS, small_numel)),
                                    time.perf_counter() - start)
             hessians, hessian_s = random_hessians
         kwargs = {"small_numel": small_numel} if A.codec_options(codec).sdclip else {}

@@ -39,8 +39,8 @@ from data.files import write_atomic
 # --sweep KEY: the type of its values (the option of the same name sets the value when KEY is not swept)
 SWEEP_KEYS = {"mode": str, "chunk": int, "lora-rank": int, "lora-lr": float, "lora-targets": str, "window": int,
               "stride": int, "doc-batch": int, "rope-ntk-alpha": float, "lora-alpha": float, "beta1": float,
-              "beta2": float, "weight-decay": float, "warm-a": eval_ttt.flag, "virtual-layers": eval_ttt.flag,
-              "phase-docs": str, "global-lr": float, "global-chunk": int}
+              "beta2": float, "weight-decay": float, "warm-a": eval_ttt.parse_flag,
+              "virtual-layers": eval_ttt.parse_flag, "phase-docs": str, "global-lr": float, "global-chunk": int}
 ALTERNATIVES_BY_SLASH = ("lora-targets", "phase-docs")  # values that hold commas themselves
 CSV_FIELDS = ("mode", "documents", "window", "stride", "chunk", "lora_rank", "lora_lr", "lora_targets", "doc_batch",
               "rope_ntk_alpha", "lora_alpha", "beta1", "beta2", "weight_decay", "warm_a", "virtual_layers",
@@ -80,7 +80,7 @@ def parse_sweep(specs: list[str]) -> list[tuple[str, list]]:
         try:
             parsed = [SWEEP_KEYS[key](v.strip()) for v in parts if v.strip()]
         except ValueError:
-            kind = {"flag": "0/1 flags"}.get(SWEEP_KEYS[key].__name__, SWEEP_KEYS[key].__name__ + "s")
+            kind = {"parse_flag": "0/1 flags"}.get(SWEEP_KEYS[key].__name__, SWEEP_KEYS[key].__name__ + "s")
             raise eval_ttt.UsageError(f"--sweep {spec!r}: values must be {kind}") from None
         if key == "mode" and any(v not in eval_ttt.MODES for v in parsed):
             raise eval_ttt.UsageError(f"--sweep {spec!r}: modes are {', '.join(eval_ttt.MODES)}")

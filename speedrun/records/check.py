@@ -348,8 +348,8 @@ def limit_problems(lg: TrainLog, track: Track) -> dict[str, str]:
                 and art["model_bytes"] + art["code_bytes"] != total:
             problems["artifact_size"] = (f"artifact total_bytes {total:,} is not model_bytes {art['model_bytes']:,} + "
                                          f"code_bytes {art['code_bytes']:,}")
-        elif code_count_problem(lg):
-            problems["artifact_size"] = code_count_problem(lg)
+        elif problem := code_count_problem(lg):
+            problems["artifact_size"] = problem
     return problems
 
 
